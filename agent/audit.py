@@ -1,0 +1,594 @@
+"""`tdn audit`: do TinyDefectNet's heatmaps point at the annotated defects, and do those pixels drive it?"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.data import Box, Sample, file_list_hash, load_arrays, scan, stratified_split
+from agent.errors import ConfigError, DataError, ModelError
+from agent.explain import METHODS, Explainer, heatmap_u8, overlay, png
+from agent.logging import get_logger
+from protocol import CLASSES
+
+log = get_logger("agent.audit")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tinydefectnet.keras"
+FRACS = (0.05, 0.10, 0.20)
+CONFIDENCE_FLOOR = 0.5  # Lin et al.'s impact counts a drop of the original class below this as a change
+BLUR_SIGMA = 8.0  # for --fill blur: wide enough to wipe a scratch or pit, narrow enough to keep the shading
+GAP = 4  # pixels between panels of a grid row
+CAPTION = 18  # height of a grid row's caption band
+
+
+# --- metrics: pure -------------------------------------------------------------------------------------------
+
+
+def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:
+    """Union of the boxes as a bool [h,w] mask.
+
+    VOC boxes are 1-based and inclusive (NEU-DET's reach 200 on a 200-pixel image), so (1,1,200,200) is the
+    whole image.
+    """
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = max(int(x0) - 1, 0), max(int(y0) - 1, 0)
+        c1, r1 = min(int(x1), w), min(int(y1), h)
+        if c1 > c0 and r1 > r0:
+            mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def pointing_hit(heatmap: np.ndarray, boxes: Sequence[Box]) -> bool:
+    """Pointing game: is the heatmap's maximum inside one of the boxes? An all-zero map points nowhere."""
+    h = np.asarray(heatmap)
+    if not boxes or not (h > 0).any():
+        return False
+    r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+    return bool(box_mask(boxes, (h.shape[0], h.shape[1]))[r, c])
+
+
+def energy_in_boxes(heatmap: np.ndarray, boxes: Sequence[Box]) -> float:
+    """Share of the heatmap's mass inside the union of the boxes (0 for an all-zero map)."""
+    h = np.maximum(np.asarray(heatmap, np.float64), 0.0)
+    total = h.sum()
+    if total <= 0 or not boxes:
+        return 0.0
+    return float(h[box_mask(boxes, (h.shape[0], h.shape[1]))].sum() / total)
+
+
+def box_area_share(boxes: Sequence[Box], shape: tuple[int, int] = (200, 200)) -> float:
+    """Share of the image the union of the boxes covers: what a uniform heatmap scores on energy_in_boxes."""
+    return float(box_mask(boxes, shape).mean())
+
+
+def top_mask(heatmap: np.ndarray, frac: float) -> np.ndarray:
+    """Bool mask of exactly round(frac * pixels) pixels with the highest heatmap values."""
+    h = np.asarray(heatmap).ravel()
+    k = round(frac * h.size)
+    mask = np.zeros(h.size, bool)
+    if k > 0:
+        # argpartition is O(n) and deterministic for a given map; ties at the threshold are broken arbitrarily.
+        mask[np.argpartition(-h, k - 1)[:k]] = True
+    return mask.reshape(np.shape(heatmap))
+
+
+def _apply(image: np.ndarray, mask: np.ndarray, fill: float | np.ndarray) -> np.ndarray:
+    out = np.array(image, copy=True)
+    out[mask] = fill[mask] if isinstance(fill, np.ndarray) else fill
+    return out
+
+
+def mask_top(image: np.ndarray, heatmap: np.ndarray, frac: float, fill: float | np.ndarray) -> np.ndarray:
+    """A copy of image [h,w] or [h,w,1] with its top-frac heatmap pixels replaced by fill (scalar or image)."""
+    return _apply(image, top_mask(heatmap, frac), fill)
+
+
+def mask_random(image: np.ndarray, frac: float, rng: np.random.Generator, fill: float | np.ndarray) -> np.ndarray:
+    """A copy of image with round(frac * pixels) uniformly random pixels replaced by fill: the control."""
+    h, w = np.shape(image)[:2]
+    k = round(frac * h * w)
+    mask = np.zeros(h * w, bool)
+    mask[rng.choice(h * w, size=k, replace=False)] = True
+    return _apply(image, mask.reshape(h, w), fill)
+
+
+def neutral_fill(image: np.ndarray, mode: str = "mean") -> float | np.ndarray:
+    """What masked pixels become: the image mean, or ("blur") a heavily blurred copy of the image."""
+    if mode == "mean":
+        return float(np.mean(image))
+    if mode == "blur":
+        img = np.asarray(image, np.float32)
+        blurred = cv2.GaussianBlur(img.reshape(img.shape[0], img.shape[1]), (0, 0), BLUR_SIGMA)
+        return blurred.reshape(img.shape)
+    raise ValueError(f"unknown fill {mode!r}; expected 'mean' or 'blur'")
+
+
+def decision_changed(orig_class: int, probs: np.ndarray) -> tuple[bool, bool]:
+    """(impact, flipped): the argmax left orig_class, or (impact only) its probability fell below 0.5."""
+    flipped = int(np.argmax(probs)) != orig_class
+    return flipped or float(probs[orig_class]) < CONFIDENCE_FLOOR, flipped
+
+
+def interleave_by_class(samples: Sequence[Sample]) -> list[Sample]:
+    """Samples reordered round-robin over classes, so a --limit prefix covers every class evenly."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    out: list[Sample] = []
+    for i in range(max((len(v) for v in by_class.values()), default=0)):
+        out += [group[i] for _, group in sorted(by_class.items()) if i < len(group)]
+    return out
+
+
+def _mean(values: Sequence[float] | np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+# --- the audit -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageResult:
+    """What the audit learned about one image."""
+
+    index: int
+    file: str
+    label: int
+    pred: int
+    confidence: float
+    boxes: tuple[Box, ...]
+    hit: bool | None = None
+    energy: float | None = None
+    share: float | None = None
+    impact: dict[str, bool] = field(default_factory=dict)  # "top5", "random5@seed0", ...
+    flipped: dict[str, bool] = field(default_factory=dict)
+
+
+def _key(frac: float) -> str:
+    return f"{round(frac * 100)}"
+
+
+def measure_batch(
+    explainer: Explainer,
+    images: np.ndarray,
+    samples: Sequence[Sample],
+    first_index: int,
+    *,
+    target: str,
+    fill: str,
+    seeds: int,
+    use_boxes: bool,
+) -> tuple[list[ImageResult], np.ndarray]:
+    """Explain a batch, score its heatmaps against the boxes, and re-run the masked variants in one go."""
+    class_idx = [s.label for s in samples] if target == "true" else None
+    probs, heat = explainer.explain(images, class_idx)
+    preds = probs.argmax(1)
+    explained = np.array(class_idx) if class_idx is not None else preds
+    results: list[ImageResult] = []
+    variants: list[np.ndarray] = []
+    tags: list[tuple[int, str]] = []
+    for j, s in enumerate(samples):
+        r = ImageResult(first_index + j, s.path.name, s.label, int(preds[j]), float(probs[j, preds[j]]), s.boxes)
+        if use_boxes and s.boxes:
+            r.hit = pointing_hit(heat[j], s.boxes)
+            r.energy = energy_in_boxes(heat[j], s.boxes)
+            r.share = box_area_share(s.boxes, heat[j].shape)
+        f = neutral_fill(images[j], fill)
+        for frac in FRACS:
+            variants.append(mask_top(images[j], heat[j], frac, f))
+            tags.append((j, f"top{_key(frac)}"))
+            for seed in range(seeds):
+                # Seeded by (seed, image) so results do not depend on batch size or order.
+                rng = np.random.default_rng([seed, r.index])
+                variants.append(mask_random(images[j], frac, rng, f))
+                tags.append((j, f"random{_key(frac)}@{seed}"))
+        results.append(r)
+    masked_probs = explainer.predict(np.stack(variants)) if variants else np.zeros((0, len(CLASSES)))
+    for (j, tag), p in zip(tags, masked_probs, strict=True):
+        # The decision being tested is the one the heatmap explains: the prediction, or the true class.
+        impact, flipped = decision_changed(int(explained[j]), p)
+        results[j].impact[tag] = impact
+        results[j].flipped[tag] = flipped
+    return results, heat
+
+
+def _rates(results: Sequence[ImageResult], attr: str, seeds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Impact (or flip) rates per masking, random ones averaged over seeds, plus the seeds' std."""
+    rates: dict[str, float] = {}
+    std: dict[str, float] = {}
+    if not results:
+        return rates, std
+    for frac in FRACS:
+        k = _key(frac)
+        rates[f"top{k}"] = float(np.mean([getattr(r, attr)[f"top{k}"] for r in results]))
+        if seeds:  # --seeds 0 skips the random control rather than reporting NaN
+            per_seed = [np.mean([getattr(r, attr)[f"random{k}@{s}"] for r in results]) for s in range(seeds)]
+            rates[f"random{k}"] = float(np.mean(per_seed))
+            std[f"random{k}"] = float(np.std(per_seed))
+    return rates, std
+
+
+def summarize(results: Sequence[ImageResult], seeds: int, use_boxes: bool) -> dict[str, Any]:
+    """Overall and per-class metrics of an audit as a JSON-ready dict."""
+
+    def block(rs: Sequence[ImageResult]) -> dict[str, Any]:
+        boxed = [r for r in rs if r.hit is not None]
+        d: dict[str, Any] = {
+            "n": len(rs),
+            "accuracy": _mean([r.pred == r.label for r in rs]),
+            "pointing_game": _mean([bool(r.hit) for r in boxed]) if use_boxes else None,
+            "energy_in_boxes": _mean([r.energy or 0.0 for r in boxed]) if use_boxes else None,
+            "box_area_share": _mean([r.share or 0.0 for r in boxed]) if use_boxes else None,
+            "n_with_boxes": len(boxed),
+        }
+        d["impact"], _ = _rates(rs, "impact", seeds)
+        return d
+
+    overall = block(results)
+    impact, impact_std = _rates(results, "impact", seeds)
+    flips, _ = _rates(results, "flipped", seeds)
+    cm = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    for r in results:
+        cm[r.label, r.pred] += 1
+    return {
+        **overall,
+        "impact": impact,
+        "impact_random_std": impact_std,
+        "decision_flip": flips,
+        "confusion_matrix": cm.tolist(),
+        "per_class": {c: block([r for r in results if r.label == i]) for i, c in enumerate(CLASSES)},
+        "errors": [
+            {"file": r.file, "true": CLASSES[r.label], "pred": CLASSES[r.pred], "confidence": round(r.confidence, 4)}
+            for r in results
+            if r.pred != r.label
+        ],
+    }
+
+
+# --- pictures and the report ---------------------------------------------------------------------------------
+
+
+def render_row(gray: np.ndarray, heatmap: np.ndarray, boxes: Sequence[Box], caption: str) -> np.ndarray:
+    """One grid row, BGR uint8: input | heatmap overlay | input with boxes (green) and the heatmap's maximum."""
+    g = np.round(np.clip(np.asarray(gray, np.float32).reshape(heatmap.shape), 0, 255)).astype(np.uint8)
+    left = cv2.cvtColor(g, cv2.COLOR_GRAY2BGR)
+    mid = overlay(g, heatmap)
+    right = left.copy()
+    for x0, y0, x1, y1 in boxes:
+        cv2.rectangle(right, (int(x0) - 1, int(y0) - 1), (int(x1) - 1, int(y1) - 1), (0, 220, 0), 1)
+    if (heatmap > 0).any():
+        r, c = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+        hit = pointing_hit(heatmap, boxes)
+        colour = (0, 220, 0) if hit else (0, 0, 255)
+        cv2.drawMarker(right, (int(c), int(r)), colour, cv2.MARKER_CROSS, 14, 2)
+        cv2.drawMarker(mid, (int(c), int(r)), (255, 255, 255), cv2.MARKER_CROSS, 14, 1)
+    h, w = g.shape
+    row = np.full((h + CAPTION, 3 * w + 2 * GAP, 3), 255, np.uint8)
+    for i, panel in enumerate((left, mid, right)):
+        row[CAPTION:, i * (w + GAP) : i * (w + GAP) + w] = panel
+    cv2.putText(row, caption[:90], (2, CAPTION - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return row
+
+
+def stack_rows(rows: Sequence[np.ndarray], title: str) -> np.ndarray:
+    """Rows under a header naming the columns."""
+    width = rows[0].shape[1]
+    header = np.full((CAPTION + 4, width, 3), 235, np.uint8)
+    cv2.putText(header, title[:100], (2, CAPTION - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    gap = np.full((GAP, width, 3), 255, np.uint8)
+    parts = [header]
+    for r in rows:
+        parts += [r, gap]
+    return np.vstack(parts)
+
+
+def _caption(r: ImageResult) -> str:
+    verdict = "ok" if r.pred == r.label else "WRONG"
+    point = "" if r.hit is None else (" | hit" if r.hit else " | miss")
+    energy = "" if r.energy is None else f" | E={r.energy:.2f}/{r.share:.2f}"
+    return f"{r.file}: {CLASSES[r.pred]} {r.confidence:.2f} ({verdict}){point}{energy}"
+
+
+def _b64(img: np.ndarray) -> str:
+    return base64.b64encode(png(img)).decode("ascii")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def write_report(
+    out: Path,
+    summary: dict[str, Any],
+    class_grids: dict[str, np.ndarray],
+    error_rows: list[tuple[ImageResult, np.ndarray]],
+) -> Path:
+    """A single-file HTML report with every picture embedded as a base64 PNG."""
+    s = summary
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>TinyDefectNet explanation audit</title><style>",
+        "body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+        "td:first-child{text-align:left}img{display:block;margin:.3em 0}.note{color:#555;font-size:90%}",
+        "</style></head><body>",
+        "<h1>TinyDefectNet explanation audit</h1>",
+        f"<p>Model <code>{e(str(s['model']))}</code>, data <code>{e(str(s['data']))}</code> "
+        f"(split <b>{e(s['split'])}</b>), method <b>{e(s['method'])}</b> on layer <code>{e(s['layer'])}</code>, "
+        f"heatmaps of the <b>{'predicted' if s['target'] == 'pred' else 'true'}</b> class; "
+        f"{s['n']} images in {s['seconds']:.1f} s.</p>",
+        "<h2>Overall</h2><table><tr><th>metric</th><th>value</th><th>uninformative heatmap</th></tr>",
+        f"<tr><td>accuracy</td><td>{_pct(s['accuracy'])}</td><td></td></tr>",
+        f"<tr><td>pointing game (max inside a box)</td><td>{_pct(s['pointing_game'])}</td>"
+        f"<td>{_pct(s['box_area_share'])} (random point)</td></tr>",
+        f"<tr><td>energy in boxes</td><td>{_pct(s['energy_in_boxes'])}</td>"
+        f"<td>{_pct(s['box_area_share'])} (box area share)</td></tr></table>",
+        "<h2>Decision impact</h2><p class='note'>Share of images whose decision changes (argmax leaves the "
+        f"explained class, or its probability drops below {CONFIDENCE_FLOOR}) when the top-k% heatmap pixels "
+        f"are replaced by the {e(s['fill'])} fill, against k% random pixels ({s['seeds']} seeds; ± is the std "
+        "over seeds). Lin et al. 2019. Random pixels are scattered, top pixels contiguous: the control measures "
+        "how much any k% perturbation hurts.</p>",
+        "<table><tr><th>k</th><th>top-k impact</th><th>random-k impact</th><th>top-k flip</th>"
+        "<th>random-k flip</th></tr>",
+    ]
+    for frac in FRACS:
+        k = _key(frac)
+        parts.append(
+            f"<tr><td>{k}%</td><td>{_pct(s['impact'].get('top' + k))}</td>"
+            f"<td>{_pct(s['impact'].get('random' + k))} ± {_pct(s['impact_random_std'].get('random' + k))}</td>"
+            f"<td>{_pct(s['decision_flip'].get('top' + k))}</td>"
+            f"<td>{_pct(s['decision_flip'].get('random' + k))}</td></tr>"
+        )
+    parts.append(
+        "</table><h2>Per class</h2><table><tr><th>class</th><th>n</th><th>accuracy</th><th>pointing game</th>"
+        "<th>energy in boxes</th><th>box area share</th><th>top-10% impact</th><th>random-10% impact</th></tr>"
+    )
+    for c, d in s["per_class"].items():
+        parts.append(
+            f"<tr><td>{e(c)}</td><td>{d['n']}</td><td>{_pct(d['accuracy'])}</td><td>{_pct(d['pointing_game'])}</td>"
+            f"<td>{_pct(d['energy_in_boxes'])}</td><td>{_pct(d['box_area_share'])}</td>"
+            f"<td>{_pct(d['impact'].get('top10'))}</td><td>{_pct(d['impact'].get('random10'))}</td></tr>"
+        )
+    parts.append(
+        "</table><p class='note'>Grid columns: input | heatmap overlay | ground-truth boxes (green) with the "
+        "heatmap maximum (green cross: inside a box, red: outside). E = energy in boxes / box area share.</p>"
+    )
+    parts.append("<h2>Samples per class</h2>")
+    for c, grid in class_grids.items():
+        parts.append(f"<h3>{e(c)}</h3><img alt='{e(c)}' src='data:image/png;base64,{_b64(grid)}'>")
+    parts.append(f"<h2>Misclassified images ({len(s['errors'])})</h2>")
+    if not s["errors"]:
+        parts.append("<p>None.</p>")
+    else:
+        parts.append("<table><tr><th>file</th><th>true</th><th>predicted</th><th>confidence</th></tr>")
+        for err in s["errors"]:
+            parts.append(
+                f"<tr><td>{e(err['file'])}</td><td>{e(err['true'])}</td><td>{e(err['pred'])}</td>"
+                f"<td>{err['confidence']:.3f}</td></tr>"
+            )
+        parts.append("</table>")
+        for r, row in error_rows:
+            parts.append(f"<img alt='{e(r.file)}' src='data:image/png;base64,{_b64(row)}'>")
+        if len(error_rows) < len(s["errors"]):
+            parts.append(f"<p class='note'>Pictures of the first {len(error_rows)} errors only.</p>")
+    parts.append("</body></html>\n")
+    path = out / "report.html"
+    path.write_text("".join(parts))
+    return path
+
+
+# --- command line --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tdn audit`."""
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("TDN_DATA"),
+        help="NEU-DET folder (IMAGES/ + ANNOTATIONS/) (default: $TDN_DATA)",
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Keras model (default: the shipped one)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="cam",
+        help="heatmap method (default: cam, what the agent ships; gradcam gives the same maps "
+        "for the GAP + dense head)",
+    )
+    parser.add_argument("--layer", help="conv layer for gradcam/gradcampp (default: the last feature map)")
+    parser.add_argument(
+        "--target",
+        choices=("pred", "true"),
+        default="pred",
+        help="explain the predicted class (default) or the true one",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("all", "val", "train"),
+        default="all",
+        help="audit every image, or only the model card's held-out (val) or training part",
+    )
+    parser.add_argument("--limit", type=int, help="audit only N images, spread evenly over the classes")
+    parser.add_argument(
+        "--no-boxes",
+        action="store_true",
+        help="annotation-free metrics only (accuracy, impact): for folders without ANNOTATIONS/",
+    )
+    parser.add_argument(
+        "--fill",
+        choices=("mean", "blur"),
+        default="mean",
+        help="what masked pixels become: the image mean (default) or a blurred copy",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="random-mask repetitions (default: 3)")
+    parser.add_argument("--per-class", type=int, default=4, help="sample rows per class in the grids (default: 4)")
+    parser.add_argument("--max-error-images", type=int, default=200, help="cap on error pictures (all are listed)")
+    parser.add_argument("--batch", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--out", type=Path, default=Path("runs/audit"), help="report folder (default: runs/audit)")
+    parser.add_argument("--json", type=Path, help="also write the metrics as JSON to FILE")
+
+
+def load_model(path: Path) -> Any:
+    """The Keras model at path, or ModelError."""
+    if not path.is_file():
+        raise ModelError(f"model file {path} not found; train one with `tdn train` or pass --model")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises a zoo of types for a corrupt or foreign file
+        raise ModelError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc})") from exc
+
+
+def select_split(samples: list[Sample], model_path: Path, split: str) -> list[Sample]:
+    """The model card's held-out or training part of the samples (checked against the card's file hash)."""
+    if split == "all":
+        return samples
+    card_path = model_path.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text())
+        val_fraction = float(card["training"]["config"]["val_fraction"])
+        seed = int(card["training"]["seed"])
+        expected = card["validation" if split == "val" else "training"]["files_hash"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"--split {split} needs the model card {card_path} with its split ({exc})") from exc
+    train, val = stratified_split(samples, val_fraction, seed)
+    part = val if split == "val" else train
+    if file_list_hash(part) != expected:
+        raise DataError(
+            f"the {split} split of this folder does not match the model card's (files_hash "
+            f"{file_list_hash(part)} != {expected}): --split needs the folder the model was trained from"
+        )
+    return part
+
+
+def _scan(data: str | None, no_boxes: bool) -> list[Sample]:
+    if not data:
+        raise DataError("no dataset folder: pass --data DIR or set TDN_DATA")
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} not found")
+    if not no_boxes and not (root / "ANNOTATIONS").is_dir():
+        raise DataError(
+            f"{root}: no ANNOTATIONS/ folder, so no boxes for the pointing game and energy metrics; "
+            "pass --no-boxes to audit accuracy and decision impact only"
+        )
+    return scan(root, require_boxes=not no_boxes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Audit the heatmaps of every labelled image in --data and write the report (and --json)."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    for name, least in (("batch", 1), ("seeds", 0), ("per_class", 0), ("max_error_images", 0)):
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be >= 1")
+    if args.layer and args.method not in ("gradcam", "gradcampp"):
+        raise ConfigError(f"--layer needs --method gradcam or gradcampp ({args.method} has a fixed input)")
+    use_boxes = not args.no_boxes
+    samples = select_split(_scan(args.data, args.no_boxes), args.model, args.split)
+    if args.limit is not None:
+        samples = sorted(interleave_by_class(samples)[: args.limit], key=lambda s: s.path)
+    model = load_model(args.model)
+    explainer = Explainer(model, args.method, layer=args.layer, batch=args.batch)
+    log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split)
+
+    shown: dict[int, list[int]] = {}  # class -> indices of its first --per-class samples
+    for i, s in enumerate(samples):
+        if len(shown.setdefault(s.label, [])) < args.per_class:
+            shown[s.label].append(i)
+    wanted = {i for v in shown.values() for i in v}
+    keep: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> (gray u8, heatmap) for the pictures
+    results: list[ImageResult] = []
+    kept_errors = 0
+    with tqdm(total=len(samples), desc=f"audit ({args.method})", unit="img", disable=None) as bar:
+        for start in range(0, len(samples), args.batch):
+            chunk = samples[start : start + args.batch]
+            images, _ = load_arrays(chunk)
+            rs, heat = measure_batch(
+                explainer,
+                images,
+                chunk,
+                start,
+                target=args.target,
+                fill=args.fill,
+                seeds=args.seeds,
+                use_boxes=use_boxes,
+            )
+            for j, r in enumerate(rs):
+                is_shown_error = r.pred != r.label and kept_errors < args.max_error_images
+                kept_errors += is_shown_error
+                if r.index in wanted or is_shown_error:
+                    keep[r.index] = (images[j, :, :, 0].astype(np.uint8), heatmap_u8(heat[j]))
+            results += rs
+            bar.update(len(chunk))
+
+    summary = summarize(results, args.seeds, use_boxes)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"input | {args.method} overlay | boxes + heatmap max"
+
+    def row(r: ImageResult) -> np.ndarray:
+        gray, h8 = keep[r.index]
+        return render_row(gray, h8.astype(np.float32) / 255.0, r.boxes if use_boxes else (), _caption(r))
+
+    class_grids: dict[str, np.ndarray] = {}
+    for c, idxs in sorted(shown.items()):
+        grid = stack_rows([row(results[i]) for i in idxs], f"{CLASSES[c]}: {title}")
+        class_grids[CLASSES[c]] = grid
+        (out / f"samples_{CLASSES[c]}.png").write_bytes(png(grid))
+    error_rows = [(r, row(r)) for r in results if r.pred != r.label and r.index in keep][: args.max_error_images]
+    for old in out.glob("errors_*.png"):
+        old.unlink()  # a rerun with fewer errors must not leave stale pages behind
+    for page, i in enumerate(range(0, len(error_rows), 16)):
+        grid = stack_rows([rr for _, rr in error_rows[i : i + 16]], f"misclassified: {title}")
+        (out / f"errors_{page + 1:02d}.png").write_bytes(png(grid))
+
+    summary = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": args.split,
+        "method": args.method,
+        "layer": explainer.layer,
+        "target": args.target,
+        "fill": args.fill,
+        "seeds": args.seeds,
+        **summary,
+    }
+    summary["seconds"] = round(time.monotonic() - t0, 2)
+    report = write_report(out, summary, class_grids, error_rows)
+    summary["seconds"] = round(time.monotonic() - t0, 2)  # the report is part of the job
+    summary["report"] = str(report)
+    (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "audited",
+        n=summary["n"],
+        accuracy=summary["accuracy"],
+        pointing_game=summary["pointing_game"],
+        energy_in_boxes=summary["energy_in_boxes"],
+        box_area_share=summary["box_area_share"],
+        impact=summary["impact"],
+        errors=len(summary["errors"]),
+        seconds=summary["seconds"],
+        report=str(report),
+    )
+    return 0

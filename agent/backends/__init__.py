@@ -1,0 +1,249 @@
+"""Inference runtimes behind one small interface, with an `auto` chooser (tuned profile, else a short probe)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from agent.backends.base import Backend
+    from agent.config import AgentSettings
+
+NAMES = ("tensorflow", "zendnn", "litert", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+SUPPORTED = {"tensorflow": ("fp32",), "zendnn": ("fp32",), "litert": ("fp32", "int8"),
+             "openvino": ("fp32", "bf16", "int8")}
+LEAN = ("litert", "openvino")  # serve exported artifacts without importing TensorFlow
+PROBE_BATCH = 8
+PROBE_SECONDS = 0.3
+
+
+def parse(name: str) -> tuple[str, str | None]:
+    """"litert:int8" -> ("litert", "int8"); "openvino" -> ("openvino", None)."""
+    backend, _, precision = name.partition(":")
+    return backend, (precision or None)
+
+
+def installed(name: str) -> bool:
+    """Whether the runtime of backend `name` is importable here (without importing it)."""
+    if name == "zendnn":
+        from agent.backends.zendnn import zendnn_installed
+
+        return zendnn_installed()
+    module = {"tensorflow": "tensorflow", "litert": "ai_edge_litert", "openvino": "openvino"}.get(name)
+    return module is not None and importlib.util.find_spec(module) is not None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `auto` resolved to, and why (logged in the backend's identity)."""
+
+    backend: str
+    precision: str = "auto"
+    threads: int = 0
+    knobs: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+def create(name: str, model_path: str | Path, threads: int = 0, *, precision: str = "auto",
+           artifacts_dir: str | Path | None = None, profile_path: str | Path | None = None,
+           knobs: dict[str, Any] | None = None) -> Backend:
+    """The backend called `name` ("auto" picks; "litert:int8" also names a precision), not yet loaded."""
+    backend, named = parse(name)
+    if named is not None:
+        precision = named
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    reason = ""
+    if backend == "auto":
+        if profile_path is None:
+            from agent.backends.artifacts import default_profile_path
+
+            profile_path = default_profile_path()
+        choice = choose_auto(Path(model_path), threads, artifacts_dir, profile_path)
+        backend, reason = choice.backend, choice.reason
+        if precision == "auto":
+            precision = choice.precision
+        threads = threads or choice.threads
+        knobs = {**choice.knobs, **{k: v for k, v in (knobs or {}).items() if v is not None}}
+    if backend not in NAMES:
+        raise BackendError(f"unknown backend {backend!r}; choose auto or one of: {', '.join(NAMES)}")
+    if precision not in ("auto", *SUPPORTED[backend]):
+        raise BackendError(f"backend {backend} has no precision {precision}; it runs: {', '.join(SUPPORTED[backend])}")
+    b: Backend
+    if backend == "tensorflow":
+        from agent.backends.tensorflow import TensorFlowBackend
+
+        b = TensorFlowBackend(model_path, threads, precision)
+    elif backend == "zendnn":
+        from agent.backends.zendnn import ZenDNNBackend
+
+        b = ZenDNNBackend(model_path, threads, precision, knobs)
+    elif backend == "litert":
+        from agent.backends.litert import LiteRTBackend
+
+        b = LiteRTBackend(model_path, threads, precision, artifacts_dir)
+    else:
+        from agent.backends.openvino import OpenVINOBackend
+
+        b = OpenVINOBackend(model_path, threads, precision, artifacts_dir)
+    b.selected_by = reason
+    return b
+
+
+def from_settings(settings: AgentSettings) -> Backend:
+    """The backend the agent's settings ask for."""
+    from agent.backends.zendnn import KNOBS
+
+    return create(settings.backend, settings.model_path, settings.threads, precision=settings.precision,
+                  artifacts_dir=settings.artifacts_dir, profile_path=settings.profile_path,
+                  knobs={k: getattr(settings, k) for k in KNOBS})
+
+
+# --- variants: backend x precision, for benchmarks and tuning ---
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One backend at one precision."""
+
+    backend: str
+    precision: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.precision}"
+
+    def create(self, model_path: str | Path, threads: int = 0, artifacts_dir: str | Path | None = None,
+               knobs: dict[str, Any] | None = None) -> Backend:
+        return create(self.backend, model_path, threads, precision=self.precision, artifacts_dir=artifacts_dir,
+                      knobs=knobs)
+
+
+def variants(spec: str = "all", include_native: bool = False) -> list[Variant]:
+    """Variants named by `spec`: "all" (every installed backend x precision), "none", or "zendnn,litert:int8"."""
+    spec = spec.strip()
+    if spec in ("", "none"):
+        return []
+    if spec == "all":
+        names = [n for n in NAMES if (include_native or n != "tensorflow") and installed(n)]
+        return [Variant(n, p) for n in names for p in SUPPORTED[n]]
+    out = []
+    for item in spec.split(","):
+        backend, precision = parse(item.strip())
+        if backend not in NAMES:
+            raise BackendError(f"unknown backend {backend!r} in {spec!r}; choose from: {', '.join(NAMES)}")
+        for p in [precision] if precision else SUPPORTED[backend]:
+            if p not in SUPPORTED[backend]:
+                raise BackendError(f"backend {backend} has no precision {p}; it runs: {', '.join(SUPPORTED[backend])}")
+            out.append(Variant(backend, p))
+    return out
+
+
+# --- auto: the tuned profile, else a short probe ---
+
+
+def load_profile(path: str | Path | None) -> dict[str, Any] | None:
+    """The tuning profile written by `tdn tune`, or None when there is none; a malformed one is an error."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"profile {p}: invalid JSON ({exc}); re-run `tdn tune`") from None
+    choice = data.get("choice") if isinstance(data, dict) else None
+    if not isinstance(choice, dict) or choice.get("backend") not in NAMES:
+        raise ConfigError(f"profile {p}: no valid 'choice' (backend one of {', '.join(NAMES)}); re-run `tdn tune`")
+    if choice.get("precision", "fp32") not in SUPPORTED[choice["backend"]]:
+        raise ConfigError(f"profile {p}: {choice['backend']} has no precision {choice.get('precision')!r}")
+    return data
+
+
+def profile_choice(profile: dict[str, Any], model_sha256: str, cpu_model: str, cores: int) -> tuple[Choice | None, str]:
+    """The profile's choice when it was tuned for this model on this kind of host, else None and why not."""
+    if profile.get("model_sha256") != model_sha256:
+        return None, "profile was tuned for another model"
+    host = profile.get("host", {})
+    if host.get("cpu_model") != cpu_model or int(host.get("cores", -1)) != cores:
+        return None, f"profile was tuned on another host ({host.get('cpu_model')}, {host.get('cores')} cores)"
+    c = profile["choice"]
+    if not installed(c["backend"]):
+        return None, f"profile chose {c['backend']}, which is not installed"
+    return Choice(c["backend"], c.get("precision", "fp32"), int(c.get("threads", 0)), dict(c.get("knobs", {})),
+                  f"profile {profile.get('path', '')}".strip()), "ok"
+
+
+def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir: str | Path | None = None,
+                profile_path: str | Path | None = None) -> Choice:
+    """The tuned profile's choice if it fits this model and host; else the fastest exported lean variant by a
+    probe of a few seconds; else ZenDNN on AMD (where it pays) or native TensorFlow."""
+    from agent.backends.artifacts import file_sha256
+    from agent.hostinfo import cores, cpu_model, cpu_vendor
+    from agent.logging import get_logger
+
+    log = get_logger("backends")
+    profile = load_profile(profile_path)
+    if profile is not None and model_path is not None:
+        profile["path"] = str(profile_path)
+        choice, why = profile_choice(profile, file_sha256(model_path), cpu_model(), cores())
+        if choice is not None:
+            return choice
+        log.warning("tuning profile ignored", profile=str(profile_path), reason=why)
+    if model_path is not None:
+        probed = probe(model_path, threads, artifacts_dir)
+        if probed is not None:
+            return probed
+    if installed("zendnn") and cpu_vendor() == "AuthenticAMD":
+        return Choice("zendnn", "fp32", reason="no profile or exported artifacts; ZenDNN on an AMD CPU")
+    return Choice("tensorflow", "fp32", reason="no profile or exported artifacts; native TensorFlow")
+
+
+def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None = None) -> Choice | None:
+    """Time every lean variant already exported (and passing the gate) for a fraction of a second each.
+
+    Native TensorFlow is not probed: importing it alone takes seconds; `tdn tune` compares everything.
+    """
+    best: tuple[float, Variant] | None = None
+    for name in LEAN:
+        if not installed(name):
+            continue
+        for precision in SUPPORTED[name]:
+            v = Variant(name, precision)
+            rate = _probe_rate(v, model_path, threads, artifacts_dir)
+            if rate is not None and (best is None or rate > best[0]):
+                best = (rate, v)
+    if best is None:
+        return None
+    rate, v = best
+    return Choice(v.backend, v.precision, threads,
+                  reason=f"probe: fastest exported variant, {rate:.0f} img/s at batch {PROBE_BATCH}")
+
+
+def _probe_rate(v: Variant, model_path: Path, threads: int, artifacts_dir: str | Path | None) -> float | None:
+    import numpy as np
+
+    from agent.backends.artifacts import ArtifactBackend
+
+    try:
+        b = v.create(model_path, threads, artifacts_dir)
+        if not isinstance(b, ArtifactBackend) or not b.exported(v.precision):
+            return None  # the probe never builds artifacts
+        b.load()
+        b.warmup((PROBE_BATCH,))
+    except BackendError:
+        return None
+    x = np.zeros((PROBE_BATCH, 200, 200, 1), np.float32)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < PROBE_SECONDS:
+        b.infer(x)
+        n += 1
+    return n * PROBE_BATCH / (time.perf_counter() - t0)

@@ -1,0 +1,336 @@
+"""Exported backend artifacts keyed by the model's sha256, the accuracy gate beside them, and the lean base class."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent.backends.base import Backend, model_id, read_card
+from agent.errors import BackendError
+from agent.hostinfo import cores
+
+if TYPE_CHECKING:
+    from agent.data import Sample
+
+FORMAT = 1  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt
+MAX_ACCURACY_DROP = 0.005  # a variant may lose at most 0.5 accuracy points against fp32 ...
+MAX_DISAGREEMENT = 0.01  # ... and change at most 1% of the fp32 model's top-1 decisions
+KERNEL_FILE = "cam_kernel.npy"
+MANIFEST = "manifest.json"
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory ($STATE_DIRECTORY) when run as the unit, else ~/.cache/tdn."""
+    env = os.environ.get("STATE_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    return Path.home() / ".cache" / "tdn"
+
+
+def default_artifacts_dir() -> Path:
+    """Where `tdn export` writes and the agent reads artifacts by default, as the agent's settings resolve it."""
+    if os.environ.get("TDN_ARTIFACTS_DIR"):
+        return Path(os.environ["TDN_ARTIFACTS_DIR"])
+    state = os.environ.get("TDN_STATE_DIR")
+    return (Path(state) if state else default_state_dir()) / "artifacts"
+
+
+def default_profile_path() -> Path:
+    """Where `tdn tune` writes and the agent reads the tuning profile by default, as the settings resolve it."""
+    if os.environ.get("TDN_PROFILE_PATH"):
+        return Path(os.environ["TDN_PROFILE_PATH"])
+    state = os.environ.get("TDN_STATE_DIR")
+    return (Path(state) if state else default_state_dir()) / "profile.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_dir(artifacts_dir: Path, model_path: Path) -> Path:
+    """The folder of one model's artifacts: a new model (new hash) never reuses another's."""
+    return Path(artifacts_dir) / f"tinydefectnet-{file_sha256(Path(model_path))[:16]}"
+
+
+def gate_path(folder: Path, backend: str, precision: str) -> Path:
+    return folder / f"{backend}-{precision}.gate.json"
+
+
+# --- the accuracy gate (pure) ---
+
+
+def gate_record(pred: np.ndarray, ref_pred: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy of `pred`, of the fp32 reference `ref_pred`, and their top-1 agreement, over labelled images."""
+    pred, ref_pred, labels = (np.asarray(a).reshape(-1) for a in (pred, ref_pred, labels))
+    if not len(labels) or not (len(pred) == len(ref_pred) == len(labels)):
+        raise ValueError(f"need equal, non-empty predictions and labels, got {len(pred)}, {len(ref_pred)}, "
+                         f"{len(labels)}")
+    return {
+        "accuracy": float((pred == labels).mean()),
+        "fp32_accuracy": float((ref_pred == labels).mean()),
+        "agreement": float((pred == ref_pred).mean()),
+        "n": len(labels),
+    }
+
+
+def gate_decision(record: dict[str, Any], max_drop: float = MAX_ACCURACY_DROP,
+                  max_disagreement: float = MAX_DISAGREEMENT) -> tuple[bool, str]:
+    """Whether a reduced-precision variant may be chosen, and why, from its gate record."""
+    drop = float(record["fp32_accuracy"]) - float(record["accuracy"])
+    flips = 1.0 - float(record["agreement"])
+    eps = 1e-9  # the bounds are inclusive; float noise must not flip an exact 0.5-point loss
+    summary = (f"accuracy {record['accuracy']:.4f} vs fp32 {record['fp32_accuracy']:.4f}, "
+               f"agreement {record['agreement']:.4f} on {record['n']} images")
+    if drop > max_drop + eps:
+        return False, f"loses {100 * drop:.2f} points (> {100 * max_drop:.1f}): {summary}"
+    if flips > max_disagreement + eps:
+        return False, f"changes {100 * flips:.2f}% of top-1 decisions (> {100 * max_disagreement:.1f}%): {summary}"
+    return True, f"passes: {summary}"
+
+
+def read_gate(folder: Path, backend: str, precision: str) -> dict[str, Any] | None:
+    p = gate_path(folder, backend, precision)
+    if not p.is_file():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data
+
+
+def write_gate(folder: Path, backend: str, precision: str, record: dict[str, Any]) -> dict[str, Any]:
+    ok, reason = gate_decision(record)
+    out = {"backend": backend, "precision": precision, **record, "passed": ok, "decision": reason,
+           "max_accuracy_drop": MAX_ACCURACY_DROP, "max_disagreement": MAX_DISAGREEMENT}
+    gate_path(folder, backend, precision).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+# --- labelled images for calibration and the gate ---
+
+
+def stratified_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
+    """About n samples with every class equally represented (as far as each class has images), seeded."""
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    if not by_class or n <= 0:
+        return []
+    per = max(1, n // len(by_class))
+    rng = np.random.default_rng(seed)
+    out: list[Sample] = []
+    for label in sorted(by_class):
+        group = by_class[label]
+        out += [group[i] for i in sorted(rng.permutation(len(group))[:per])]
+    return sorted(out, key=lambda s: s.path)
+
+
+def card_split(card: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample], str]:
+    """(train, held-out, how) of the model card; a stratified 20% sample when the card names no split."""
+    from agent.data import file_list_hash, stratified_split
+
+    training = card.get("training", {})
+    cfg = training.get("config", {})
+    if "seed" in training and "val_fraction" in cfg:
+        train, val = stratified_split(samples, float(cfg["val_fraction"]), int(training["seed"]))
+        want = card.get("validation", {}).get("files_hash")
+        if want is None or want == file_list_hash(val):
+            return train, val, f"the model card's held-out split ({len(val)} images, seed {training['seed']})"
+    train, val = stratified_split(samples, 0.2, 0)
+    return train, val, (f"a stratified 20% sample ({len(val)} images, seed 0): the model card names no matching "
+                        "split, so these may include training images")
+
+
+# --- lean backends: serve an exported artifact without TensorFlow ---
+
+
+class ArtifactBackend(Backend):
+    """A backend serving artifacts exported by `tdn export`; never imports TensorFlow."""
+
+    precisions: tuple[str, ...] = ("fp32",)
+    auto_order: tuple[str, ...] = ("fp32",)  # tried in this order for precision "auto": the fastest first
+
+    def __init__(self, model_path: str | Path, threads: int = 0, precision: str = "auto",
+                 artifacts_dir: str | Path | None = None) -> None:
+        super().__init__(model_path, threads)
+        if precision not in ("auto", *self.precisions):
+            raise BackendError(f"backend {self.name} has no precision {precision!r}; "
+                               f"choose auto or one of: {', '.join(self.precisions)}")
+        self.requested = precision
+        self.precision = precision
+        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
+        self.folder = Path()
+        self.gate: dict[str, Any] | None = None
+        self.selected_by = ""
+        self._kernel: np.ndarray | None = None
+        self._runners: dict[int, Any] = {}
+        self._explain_runners: dict[int, Any] = {}
+        self._explain_lock = threading.Lock()
+        self._fresh = False
+
+    # Each runtime provides these three.
+    def artifact(self, precision: str) -> Path:
+        raise NotImplementedError
+
+    def supported_here(self, precision: str) -> bool:
+        """Whether this CPU runs `precision` natively (else the runtime would emulate or ignore it)."""
+        return True
+
+    def _runner(self, n: int, threads: int) -> Any:
+        """A callable batch [n,200,200,1] -> (probs, features), compiled for exactly n images."""
+        raise NotImplementedError
+
+    def exported(self, precision: str) -> bool:
+        """Whether `tdn export` built `precision` for this model (and, below fp32, it passed the gate here)."""
+        folder = model_dir(self.artifacts_dir, self.model_path)
+        if not manifest_ok(folder):
+            return False
+        self.folder = folder
+        if not self.artifact(precision).is_file():
+            return False
+        if precision == "fp32":
+            return True
+        rec = read_gate(folder, self.name, precision)
+        return bool(rec and rec.get("passed")) and self.supported_here(precision)
+
+    def open_ungated(self, precision: str) -> None:
+        """Open an exported artifact without consulting the gate: how `tdn export` measures it for the gate."""
+        self.card = read_card(self.model_path)
+        self.model_id = model_id(self.model_path)
+        self.folder = model_dir(self.artifacts_dir, self.model_path)
+        self.precision = precision
+        self._kernel = np.load(self.folder / KERNEL_FILE)
+
+    def load(self) -> None:
+        self.card = read_card(self.model_path)
+        self.model_id = model_id(self.model_path)
+        self.folder = model_dir(self.artifacts_dir, self.model_path)
+        self._fresh = manifest_ok(self.folder)
+        self.precision = self._resolve(self.requested)
+        if not self._fresh or not self.artifact(self.precision).is_file():
+            self._export_fp32()
+        kernel = self.folder / KERNEL_FILE
+        if not kernel.is_file():
+            raise BackendError(f"{kernel} is missing; rebuild the artifacts with `tdn export --force`")
+        self._kernel = np.load(kernel)
+        # Fail at load, not at warm-up, if the runtime rejects the artifact; the runner then serves explanations.
+        self._explain_runners[1] = self._runner(1, 1)
+
+    def _resolve(self, requested: str) -> str:
+        if requested != "auto":
+            if requested != "fp32":
+                self._require_gate(requested)
+            return requested
+        for p in self.auto_order:
+            if p == "fp32":
+                return p
+            rec = read_gate(self.folder, self.name, p) if self._fresh else None
+            if rec and rec.get("passed") and self.supported_here(p) and self.artifact(p).is_file():
+                self.gate = rec
+                return p
+        return "fp32"
+
+    def _require_gate(self, precision: str) -> None:
+        if not self.supported_here(precision):
+            raise BackendError(f"{self.name} {precision}: this CPU has no native {precision} support")
+        rec = read_gate(self.folder, self.name, precision) if self._fresh else None
+        if rec is None or not self.artifact(precision).is_file():
+            raise BackendError(f"{self.name} {precision} artifact not found in {self.folder}; build it with "
+                               f"`tdn export --model {self.model_path}` (it calibrates and gates on NEU-DET)")
+        if not rec.get("passed"):
+            raise BackendError(f"{self.name} {precision} fails the accuracy gate: {rec.get('decision')}")
+        self.gate = rec
+
+    def _export_fp32(self) -> None:
+        # fp32 needs no data: convert it now, in a child process, so this one never imports TensorFlow.
+        cmd = [sys.executable, "-m", "agent.export", "--model", str(self.model_path), "--artifacts-dir",
+               str(self.artifacts_dir), "--backends", self.name, "--precisions", "fp32", "--quiet"]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if out.returncode != 0 or not self.artifact("fp32").is_file():
+            tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BackendError(f"{self.name}: building the fp32 artifact failed ({tail}); run `tdn export`")
+
+    def warmup(self, batch_sizes: tuple[int, ...]) -> None:
+        for n in batch_sizes:
+            run = self._runner(n, self.threads or cores())
+            run(np.zeros((n, 200, 200, 1), np.float32))
+            self._runners[n] = run
+        self.features(np.zeros((1, 200, 200, 1), np.float32))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        run = self._runners.get(len(batch))
+        if run is None:
+            raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._runners)})")
+        probs: np.ndarray = run(batch)[0]
+        return probs
+
+    def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Explanations run on another thread than infer(); runtimes' compiled requests are not reentrant, so
+        # they get their own, single-threaded ones (off the hot path, and not competing with it for cores).
+        with self._explain_lock:
+            run = self._explain_runners.get(len(batch))
+            if run is None:
+                run = self._explain_runners[len(batch)] = self._runner(len(batch), 1)
+            probs, feats = run(batch)
+        return probs, feats
+
+    def cam_weights(self) -> np.ndarray:
+        if self._kernel is None:
+            raise RuntimeError("load() first")
+        return self._kernel
+
+    def _identity(self, runtime: str) -> dict[str, str]:
+        ident = {
+            "backend": self.name,
+            "runtime": runtime,
+            "precision": self.precision,
+            "threads": str(self.threads or cores()),
+            "artifact": str(self.artifact(self.precision).name),
+        }
+        if self.gate:
+            ident["gate"] = str(self.gate.get("decision", ""))
+        if self.selected_by:
+            ident["selected_by"] = self.selected_by
+        return ident
+
+
+def write_manifest(folder: Path, model_path: Path, versions: dict[str, str]) -> None:
+    data = {"format": FORMAT, "model": Path(model_path).name, "model_sha256": file_sha256(Path(model_path)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def manifest_ok(folder: Path) -> bool:
+    """Whether the folder holds artifacts of the current export format (else they are rebuilt)."""
+    try:
+        return bool(json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """Top-1 classes of x through `run` (a fixed-size [batch,...] -> probs callable); the last batch is padded."""
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        n = len(xb)
+        if n < batch:
+            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
+        out.append(np.argmax(np.asarray(run(xb))[:n], axis=1))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)

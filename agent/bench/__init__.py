@@ -1,0 +1,20 @@
+"""`tdn bench`: model (Table 1 / Figure 4), stream (the line under load) and soak benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from agent.bench import model, soak, stream
+
+    for name, module in (("model", model), ("stream", stream), ("soak", soak)):
+        doc = (module.__doc__ or "").strip().replace("%", "%%")  # argparse formats help with %
+        sp = sub.add_parser(name, help=doc.splitlines()[0], description=doc)
+        module.add_arguments(sp)
+        sp.set_defaults(bench_run=module.run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.bench_run(args))

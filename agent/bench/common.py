@@ -1,0 +1,49 @@
+"""Shared bench helpers: output folder, markdown tables, JSON, and the held-out images of the model card."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, stem: str, markdown: str, data: Any, json_path: Path | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown + "\n")
+    text = json.dumps(data, indent=2, default=float) + "\n"
+    (out / f"{stem}.json").write_text(text)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text)
+
+
+def percentile(xs: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else None
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray]:
+    """The model card's validation split of `data`: images the shipped model was never trained on."""
+    from agent.data import load_arrays, scan, stratified_split
+
+    cfg = card["training"]["config"]
+    _, val = stratified_split(scan(data), cfg["val_fraction"], card["training"]["seed"])
+    return load_arrays(val, progress=True)

@@ -1,0 +1,213 @@
+"""Table 1 / Figure 4 on this host: ResNet-50 vs TinyDefectNet, throughput, batch-1 latency, accuracy.
+
+All rows are timed in one run, alternately (round-robin over rows, several repetitions, medians), so the
+ratios hold on a shared, noisy machine even where absolute times drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bench.common import markdown_table, median, write_outputs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agent.cli import default_data
+    from agent.config import DEFAULT_MODEL
+
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--data", default=default_data(),
+                   help="evaluate accuracy on the model card's held-out split of this folder (else: card value)")
+    p.add_argument("--batch", type=int, default=64, help="batch size for throughput (paper: 1024)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (medians reported)")
+    p.add_argument("--seconds", type=float, default=1.0, help="minimum duration of one timed repetition")
+    p.add_argument("--backends", default="all",
+                   help="comma list of backend variants besides native TF (e.g. zendnn,litert:int8), or all/none")
+    p.add_argument("--resnet-eval", action="store_true", help="(not trained here) ResNet-50 accuracy is the paper's")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-model"))
+    p.add_argument("--json", type=Path, help="also write the JSON rows here")
+
+
+class Row:
+    """One model x runtime to time: a forward callable for a batch size and its metadata."""
+
+    def __init__(self, name: str, backend: str, precision: str, params: int | None, flops: int | None,
+                 accuracy: float | None, forward: Any, note: str = "") -> None:
+        self.name, self.backend, self.precision = name, backend, precision
+        self.params, self.flops, self.accuracy = params, flops, accuracy
+        self.forward = forward  # forward(x) -> probs for x of a prepared batch size
+        self.note = note
+        self.tput: list[float] = []
+        self.lat1: list[float] = []
+
+
+def _time(fn: Any, x: Any, min_s: float) -> float:
+    """Seconds per call: calls repeated for at least min_s."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn(x)
+        n += 1
+        el = time.perf_counter() - t0
+        if el >= min_s:
+            return el / n
+
+
+def tf_rows(model_path: Path, card: dict[str, Any], acc: float | None) -> list[Row]:
+    import keras
+
+    from agent.backends.tensorflow import TensorFlowBackend
+    from agent.model.flops import profiler_flops
+
+    resnet = keras.applications.ResNet50(weights=None, input_shape=(200, 200, 1), classes=6)
+    rflops = profiler_flops(resnet)
+    import tensorflow as tf
+
+    fns: dict[int, Any] = {}
+
+    def resnet_forward(x: Any) -> Any:
+        n = x.shape[0]
+        if n not in fns:
+            spec = tf.TensorSpec([n, 200, 200, 1], tf.float32)
+            fns[n] = tf.function(lambda t: resnet(t, training=False)).get_concrete_function(spec)
+        return fns[n](x).numpy()
+
+    tiny = TensorFlowBackend(model_path)
+    tiny.load()
+    return [
+        Row("ResNet-50", "tensorflow", "fp32", int(resnet.count_params()), rflops, 0.98, resnet_forward,
+            "untrained here (2-core CPU); accuracy is the paper's 98%"),
+        Row("TinyDefectNet", "tensorflow", "fp32", card.get("params"), card.get("flops"), acc,
+            _backend_forward(tiny), "native TF (oneDNN)"),
+    ]
+
+
+def _backend_forward(backend: Any) -> Any:
+    warmed: set[int] = set()
+
+    def forward(x: Any) -> Any:
+        n = x.shape[0]
+        if n not in warmed:
+            backend.warmup((n,))
+            warmed.add(n)
+        return backend.infer(x)
+
+    return forward
+
+
+def extra_rows(spec: str, model_path: Path, card: dict[str, Any]) -> list[Row]:
+    """Rows for other backend variants, through agent.backends.variants() when that registry exists."""
+    try:
+        from agent.backends import variants
+    except ImportError:
+        return []
+    rows = []
+    for v in variants(spec):
+        try:
+            b = v.create(str(model_path))
+            b.load()
+        except Exception as exc:  # a missing runtime or artifact is a row note, not a crash
+            print(f"skipping {v.label}: {exc}")
+            continue
+        rows.append(Row("TinyDefectNet", v.backend, v.precision, card.get("params"), card.get("flops"), None,
+                        _backend_forward(b), v.label))
+    return rows
+
+
+def accuracy_of(row: Row, x: np.ndarray, y: np.ndarray, batch: int) -> float:
+    correct = 0
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        n = len(xb)
+        if n < batch:
+            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
+        correct += int((np.argmax(row.forward(xb)[:n], 1) == y[i:i + n]).sum())
+    return correct / len(x)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tqdm import tqdm
+
+    from agent.backends.base import read_card
+    from agent.bench.common import held_out
+
+    card = read_card(args.model)
+    x_val = y_val = None
+    acc = card.get("validation", {}).get("accuracy")
+    if args.data:
+        x_val, y_val = held_out(card, args.data)
+    rows = tf_rows(args.model, card, acc)
+    if args.backends not in ("none", ""):
+        rows += extra_rows(args.backends, args.model, card)
+    if x_val is not None and y_val is not None:
+        for r in rows[1:]:
+            r.accuracy = accuracy_of(r, x_val, y_val, args.batch)
+    rng = np.random.default_rng(0)
+    xb = rng.uniform(0, 255, (args.batch, 200, 200, 1)).astype(np.float32)
+    x1 = xb[:1].copy()
+    for r in rows:  # warm-up: compile both shapes
+        r.forward(xb)
+        r.forward(x1)
+    bar = tqdm(total=args.reps * len(rows), desc="timing (round-robin)", leave=False)
+    for _ in range(args.reps):
+        for r in rows:
+            # ResNet-50 takes seconds per batch here; one call is already a long enough sample.
+            r.tput.append(args.batch / _time(r.forward, xb, args.seconds if r.name != "ResNet-50" else 0.0))
+            r.lat1.append(1000 * _time(r.forward, x1, args.seconds / 2))
+            bar.update(1)
+    bar.close()
+    base = median(rows[0].tput)
+    out_rows = []
+    for r in rows:
+        ips = median(r.tput)
+        out_rows.append({
+            "name": r.name, "backend": r.backend, "precision": r.precision, "batch": args.batch,
+            "img_per_s": round(ips, 1), "latency_ms_batch1": round(median(r.lat1), 3),
+            "accuracy": r.accuracy, "params": r.params, "flops": r.flops,
+            "ratio_vs_resnet50_native": round(ips / base, 2), "note": r.note,
+        })
+    md = markdown_table(
+        ["model", "backend", "precision", f"img/s @{args.batch}", "batch-1 ms", "accuracy", "params", "FLOPs",
+         "x ResNet-50"],
+        [[o["name"], o["backend"], o["precision"], o["img_per_s"], o["latency_ms_batch1"],
+          None if o["accuracy"] is None else f"{100 * o['accuracy']:.2f}%", f"{o['params']:,}" if o["params"] else None,
+          f"{o['flops'] / 1e6:,.0f}M" if o["flops"] else None, f"{o['ratio_vs_resnet50_native']:.1f}x"]
+         for o in out_rows],
+    )
+    acc_note = (f"accuracy: held-out split of {args.data} ({len(y_val)} images never trained on)"
+                if y_val is not None else "accuracy: from the model card")
+    md = f"{md}\n\n{acc_note}; ResNet-50 accuracy is the paper's (not trained here).\n" \
+         f"command: tdn bench model --batch {args.batch} --reps {args.reps}"
+    print(md)
+    write_outputs(args.out, "bench-model", md, out_rows, args.json)
+    _plot(out_rows, args.out / "bench-model.png", args.batch)
+    print(f"wrote {args.out}/bench-model.md, .json, .png")
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['name']}\n{r['backend']} {r['precision']}" for r in rows]
+    vals = [r["ratio_vs_resnet50_native"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    bars = ax.bar(labels, vals, color=["#888"] + ["#2a7"] * (len(rows) - 1))
+    ax.bar_label(bars, [f"{v:.1f}x" for v in vals])
+    ax.set_ylabel(f"throughput vs ResNet-50 native TF (batch {batch})")
+    ax.set_title("TinyDefectNet speed-up on this host (one run)")
+    plt.xticks(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    json.dumps(rows)

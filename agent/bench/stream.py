@@ -1,0 +1,179 @@
+"""The line under load: capacity measured first, then 25/50/100/150% of it offered by camera processes.
+
+Capacity is the raw backend throughput at the agent's batch size, measured in this run. For each load the
+agent (one process for the whole run), camera processes and a PLC bridge run for --seconds; the bridge
+reports verdicts/s, capture-to-verdict latency and statuses, and psutil the agent's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bench.common import markdown_table, write_outputs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agent.cli import default_data
+    from agent.config import DEFAULT_MODEL
+
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
+    p.add_argument("--backend", default="tensorflow")
+    p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
+    p.add_argument("--delay-us", type=int, default=2000, help="the agent's max queue delay")
+    p.add_argument("--deadline-ms", type=float, default=250.0, help="the agent's shed deadline")
+    p.add_argument("--loads", default="25,50,100,150", help="offered load, percent of capacity")
+    p.add_argument("--seconds", type=float, default=15.0, help="duration of each load step")
+    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-stream"))
+    p.add_argument("--json", type=Path)
+
+
+def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0) -> float:
+    """Raw backend images/s at `batch`, in a child process so the agent later gets the CPU alone."""
+    code = (
+        "import sys,time,numpy as np\n"
+        "from agent.backends import create\n"
+        f"b=create({backend_name!r},{str(model)!r});b.load();b.warmup(({batch},))\n"
+        f"x=np.random.default_rng(0).uniform(0,255,({batch},200,200,1)).astype(np.float32)\n"
+        "n=0;t0=time.perf_counter()\n"
+        f"while time.perf_counter()-t0<{seconds}: b.infer(x); n+=1\n"
+        f"print(n*{batch}/(time.perf_counter()-t0))\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"capacity probe failed: {out.stderr[-500:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    import psutil
+
+    from agent.demo import _free_port, wait_ready
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    print("measuring capacity (raw backend throughput) ...", flush=True)
+    cap = capacity(args.backend, args.model, args.batch)
+    print(f"capacity: {cap:,.0f} img/s at batch {args.batch} ({args.backend})", flush=True)
+    frames = f"tcp://127.0.0.1:{_free_port()}"
+    publish = f"tcp://127.0.0.1:{_free_port()}"
+    py = sys.executable
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    log = out / "agent.log"
+    with log.open("wb") as f:
+        agent = subprocess.Popen(
+            [py, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,
+             "--backend", args.backend, "--model-path", str(args.model), "--max-batch-size", str(args.batch),
+             "--queue-cap", str(4 * args.batch), "--max-queue-delay-us", str(args.delay_us),
+             "--shed-deadline-ms", str(args.deadline_ms), "--log-json", "true"],
+            stdout=f, stderr=subprocess.STDOUT, env=env)
+    results = []
+    try:
+        wait_ready(publish, agent, 180, log)
+        proc = psutil.Process(agent.pid)
+        for load in [float(x) for x in args.loads.split(",")]:
+            offered = cap * load / 100
+            fps = offered / args.cameras
+            tag = f"load{load:g}"
+            bridge = subprocess.Popen(
+                [py, "-m", "simulators.plc_bridge", "--endpoint", publish, "--report", str(out / f"{tag}-bridge.json"),
+                 "--quiet", "--timeout", str(args.seconds + 20)], env=env)
+            time.sleep(0.8)
+            cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
+                       "--fps", f"{fps:.3f}", "--report", str(out / f"{tag}-cams.json"), "--quiet",
+                       "--send-timeout-ms", "200", "--seed", str(int(load))]
+            if args.data:
+                cam_cmd += ["--source", args.data, "--shuffle"]
+            proc.cpu_percent(None)
+            t0 = time.monotonic()
+            cams = subprocess.Popen(cam_cmd, env=env)
+            time.sleep(args.seconds)
+            cpu = proc.cpu_percent(None)
+            rss = proc.memory_info().rss / 2**20
+            cams.send_signal(signal.SIGINT)
+            cams.wait(30)
+            elapsed = time.monotonic() - t0
+            time.sleep(2.5)  # last verdicts, and the bridge's verdict timeout
+            bridge.send_signal(signal.SIGINT)
+            bridge.wait(30)
+            br = json.loads((out / f"{tag}-bridge.json").read_text())
+            cm = json.loads((out / f"{tag}-cams.json").read_text())
+            by = br.get("by_status", {})
+            v = br.get("verdicts", 0)
+            lat = br.get("latency_ms", {})
+            results.append({
+                "load_pct": load, "offered_img_per_s": round(offered, 1),
+                "sent_img_per_s": round(cm.get("sent", 0) / elapsed, 1),
+                "verdicts_per_s": round(by.get("ok", 0) / elapsed, 1),
+                "all_verdicts_per_s": round(v / elapsed, 1),
+                "p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"), "max_ms": lat.get("max"),
+                "shed_share": round(by.get("shed", 0) / v, 4) if v else None,
+                "sent": cm.get("sent"), "camera_timeouts": cm.get("timed_out"), "verdicts": v,
+                "unaccounted": cm.get("sent", 0) - v, "gaps": br.get("gaps"), "duplicates": br.get("duplicates"),
+                "agent_cpu_pct": round(cpu, 1), "agent_rss_mib": round(rss, 1),
+            })
+            r = results[-1]
+            print(f"{load:>5g}%: offered {offered:,.0f}/s sent {r['sent_img_per_s']:,.0f}/s -> ok verdicts "
+                  f"{r['verdicts_per_s']:,.0f}/s, p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms, "
+                  f"shed {r['shed_share']}, unaccounted {r['unaccounted']}", flush=True)
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+    summary = {"capacity_img_per_s": round(cap, 1), "batch": args.batch, "backend": args.backend,
+               "deadline_ms": args.deadline_ms, "rows": results}
+    md = markdown_table(
+        ["load", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed", "unaccounted",
+         "agent CPU %"],
+        [[f"{r['load_pct']:g}%", r["offered_img_per_s"], r["sent_img_per_s"], r["verdicts_per_s"],
+          f"{100 * r['verdicts_per_s'] / cap:.0f}%", r["p50_ms"], r["p99_ms"], r["shed_share"], r["unaccounted"],
+          r["agent_cpu_pct"]] for r in results],
+    )
+    md = (f"capacity {cap:,.0f} img/s ({args.backend}, batch {args.batch}, measured in this run)\n\n{md}\n\n"
+          f"command: tdn bench stream --batch {args.batch} --seconds {args.seconds:g} --loads {args.loads}")
+    print(md)
+    write_outputs(out, "bench-stream", md, summary, args.json)
+    _plot(results, cap, out / "bench-stream.png", args.deadline_ms)
+    return 0
+
+
+def _plot(rows: list[dict[str, Any]], cap: float, path: Path, deadline: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = [r["load_pct"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(loads, [r["p50_ms"] or np.nan for r in rows], "o-", label="p50")
+    a1.plot(loads, [r["p99_ms"] or np.nan for r in rows], "s-", label="p99")
+    a1.axhline(deadline, color="r", ls=":", label="shed deadline")
+    a1.set_xlabel("offered load, % of capacity")
+    a1.set_ylabel("capture → verdict, ms")
+    a1.set_yscale("log")
+    a1.legend()
+    a2.plot(loads, [r["verdicts_per_s"] for r in rows], "o-", label="ok verdicts/s")
+    a2.plot(loads, [r["offered_img_per_s"] for r in rows], "--", color="gray", label="offered")
+    a2.axhline(cap, color="k", ls=":", label="capacity")
+    a2.set_xlabel("offered load, % of capacity")
+    a2.set_ylabel("images/s")
+    a2.legend()
+    fig.suptitle("TinyDefectNet Line: latency and throughput vs load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

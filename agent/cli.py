@@ -1,0 +1,255 @@
+"""`tdn`: the one command line of TinyDefectNet Line; each subcommand's --help explains it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.errors import TdnError
+
+REPO_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "neu-det"
+DELEGATED = {
+    "camera": ("simulators.camera", "camera simulator: replay NEU-DET (or synthetic surfaces) as PUSH cameras"),
+    "plc-bridge": ("simulators.plc_bridge", "PLC bridge simulator: subscribe to verdicts, track gaps, fail safe"),
+}
+
+
+# Subcommands whose module provides add_arguments(parser) and run(args) -> exit code; imported without TensorFlow.
+MODULE_COMMANDS = {
+    "demo": ("agent.demo", "the demo line: agent + 2 NEU-DET cameras + a PLC bridge, live, then a summary"),
+    "bench": ("agent.bench", "benchmarks: model (Table 1 / Figure 4), stream (the line under load)"),
+    "audit": ("agent.audit", "explainability audit: Grad-CAM vs NEU-DET defect boxes, decision impact, report"),
+    "keygen": ("agent.keygen", "make a CurveZMQ key pair (NAME.key public, NAME.key_secret mode 0600)"),
+    "health": ("agent.health", "exit 0 when the local agent answers ready on /readyz"),
+    "export": ("agent.export", "build LiteRT/OpenVINO artifacts (fp32, bf16, int8) of a model, gated on NEU-DET"),
+    "tune": ("agent.tune", "sweep backend x precision x threads x batch here; write the profile `auto` uses"),
+}
+
+
+def default_data() -> str | None:
+    """The NEU-DET folder from TDN_DATA, else ../shared/neu-det beside the checkout when it exists."""
+    env = os.environ.get("TDN_DATA")
+    if env:
+        return env
+    return str(REPO_DATA) if REPO_DATA.is_dir() else None
+
+
+def _quiet_tf() -> None:
+    # TensorFlow's C++ start-up chatter drowns the structured log; warnings and errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# --- agent ---
+
+
+def _agent_parser(sub: Any) -> None:
+    from agent.config import AgentSettings, describe
+
+    rows = describe()
+    epilog = "settings (flag, environment variable, default):\n" + "\n".join(
+        f"  --{env[4:].lower().replace('_', '-'):<22} {env:<26} {default}" for env, default, _ in rows
+    )
+    p = sub.add_parser(
+        "agent",
+        help="run the inspection agent (PULL frames, PUB verdicts/explanations/heartbeats)",
+        description="Run the agent. Settings come from defaults, then .env, then TDN_* environment variables, "
+        "then --config FILE (JSON or KEY=VALUE lines), then flags. All are validated at start-up.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, help="settings file: JSON object or KEY=VALUE lines")
+    for name, f in AgentSettings.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar="V", help=f.description)
+    p.set_defaults(func=cmd_agent)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent import config
+    from agent.logging import configure, get_logger
+
+    overrides = {k: getattr(args, k) for k in config.AgentSettings.model_fields if getattr(args, k, None) is not None}
+    settings = config.load(args.config, **overrides)
+    configure(settings.log_level, settings.log_json)
+    log = get_logger("agent")
+    _quiet_tf()
+    from agent.backends import create
+    from agent.backends.base import read_card
+    from agent.service import Agent
+
+    read_card(settings.model_path)
+    backend = create(settings.backend, str(settings.model_path), settings.threads)
+    agent = Agent(settings, backend)
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    try:
+        agent.start()
+    except Exception as exc:
+        # zmq address-in-use and backend failures are the usual cases; one line, exit 1.
+        if isinstance(exc, TdnError):
+            raise
+        raise TdnError(f"agent failed to start: {type(exc).__name__}: {exc}") from None
+    agent.run()
+    log.info("exit", code=0)
+    return 0
+
+
+# --- model ---
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train TinyDefectNet on a NEU-DET folder and write the model + model card")
+    p.add_argument("--data", default=default_data(), help="NEU-DET or NEU-CLS folder (default: $TDN_DATA)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "models", help="output folder")
+    p.add_argument("--arch", type=Path, help="architecture JSON (default: the winner of the design-search log)")
+    p.add_argument("--search-log", type=Path, default=Path(__file__).parent / "models" / "design_search.jsonl")
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--patience", type=int, default=25, help="early stopping patience in epochs")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="stratified hold-out share")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only N images per class (smoke runs)")
+    p.set_defaults(func=cmd_train)
+
+
+def _need_data(path: str | None) -> str:
+    if not path:
+        raise TdnError("no dataset folder: pass --data DIR or set TDN_DATA")
+    if not Path(path).is_dir():
+        raise TdnError(f"dataset folder {path} not found")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.data import scan
+    from agent.logging import configure
+    from agent.model.arch import ArchSpec
+    from agent.model.search import best, read_log
+    from agent.model.train import TrainConfig, train_and_ship
+
+    configure()
+    _quiet_tf()
+    data = _need_data(args.data)
+    if args.arch:
+        spec = ArchSpec.from_dict(json.loads(args.arch.read_text()))
+    else:
+        winner = best(read_log(args.search_log))
+        if winner is None:
+            raise TdnError(f"no trained candidate in {args.search_log}; run `tdn design-search` or pass --arch")
+        spec = ArchSpec.from_dict(winner["arch"])
+    samples = scan(data)
+    if args.limit:
+        samples = [s for c in range(6) for s in [x for x in samples if x.label == c][: args.limit]]
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                      seed=args.seed, val_fraction=args.val_fraction)
+    card = train_and_ship(samples, spec, cfg, args.out, data_root=_display_path(data))
+    print(f"validation accuracy {card['validation']['accuracy']:.4f} on {card['validation']['n']} held-out images; "
+          f"params {card['params']:,}; FLOPs {card['flops'] / 1e6:.1f}M; wrote {args.out}")
+    return 0
+
+
+def _display_path(p: str) -> str:
+    # Model cards are committed: record the data location relative to the project, not this machine's root.
+    try:
+        return os.path.relpath(p, Path(__file__).resolve().parent.parent)
+    except ValueError:
+        return p
+
+
+def _search_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "design-search",
+        help="constrained design exploration of the residual prototype (FLOP band, speed floor, NetScore)",
+        description="Sample architectures from the residual design prototype; keep those whose FLOPs are within "
+        "--tolerance of --flops and whose native-TF throughput is >= --min-speedup x ResNet-50's; train each "
+        "briefly; score by NetScore. Every candidate is appended to --log as JSON; re-running resumes.",
+    )
+    p.add_argument("--data", default=default_data())
+    p.add_argument("--log", type=Path, default=Path(__file__).parent / "models" / "design_search.jsonl")
+    p.add_argument("--budget-minutes", type=float, default=30.0)
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per candidate")
+    p.add_argument("--flops", type=float, default=100e6, help="FLOP target of the indicator function")
+    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("--max-params", type=int, default=430_000)
+    p.add_argument("--min-speedup", type=float, default=45.0, help="throughput floor vs ResNet-50, same host")
+    p.add_argument("--finalists", type=int, default=3, help="retrain this many best screened candidates longer")
+    p.add_argument("--finalist-epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from agent.logging import configure
+    from agent.model.search import run_finalists, run_search
+
+    configure()
+    _quiet_tf()
+    data = _need_data(args.data)
+    winner = run_search(data, args.log, args.budget_minutes, args.epochs, args.seed,
+                        args.flops, args.tolerance, args.max_params, args.min_speedup)
+    if args.finalists > 0:
+        winner = run_finalists(data, args.log, args.finalists, args.finalist_epochs, args.seed)
+    if winner is None:
+        print("no candidate was trained within the budget")
+        return 1
+    print(f"winner: NetScore {winner['netscore']}, val accuracy {winner['val_accuracy']:.4f}, "
+          f"params {winner['params']:,}, FLOPs {winner['flops'] / 1e6:.1f}M, "
+          f"{winner.get('speedup_vs_resnet50')}x ResNet-50")
+    return 0
+
+
+# --- entry point ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdn",
+        description="TinyDefectNet Line: streaming steel-surface inspection over ZeroMQ.",
+        epilog="also: "
+        + "; ".join(f"tdn {name} --help ({text})" for name, (_, text) in DELEGATED.items()),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    _agent_parser(sub)
+    _train_parser(sub)
+    _search_parser(sub)
+    import importlib
+
+    for name, (module_name, text) in MODULE_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=text, description=(module.__doc__ or text).strip())
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in DELEGATED:
+            import importlib
+
+            module = importlib.import_module(DELEGATED[argv[0]][0])
+            return int(module.main(argv[1:]) or 0)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except TdnError as exc:
+        print(f"tdn: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Agent settings: pydantic-settings with the TDN_ prefix, a .env file and --config FILE, validated once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from agent.errors import ConfigError
+from protocol import CLASSES
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "tinydefectnet.keras"
+_ENDPOINT_RE = re.compile(r"^(tcp://[^\s:]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
+BackendName = Literal["auto", "tensorflow", "zendnn", "litert", "openvino"]
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+
+
+def _default_state_dir() -> Path:
+    from agent.backends.artifacts import default_state_dir
+
+    return default_state_dir()
+
+
+class AgentSettings(BaseSettings):
+    """Every setting of `tdn agent`; environment variables are TDN_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="TDN_", env_file=".env", extra="forbid", validate_default=True)
+
+    frames_endpoint: str = Field("tcp://127.0.0.1:5555", description="PULL socket cameras PUSH frames to (bind)")
+    publish_endpoint: str = Field(
+        "tcp://127.0.0.1:5556", description="PUB socket for verdicts, explanations, heartbeats (bind)"
+    )
+    agent_id: str = Field("agent1", description="id in heartbeats and verdicts ([A-Za-z0-9_.-]{1,64})")
+    model_path: Path = Field(DEFAULT_MODEL, description="the .keras model; its .json model card sits beside it")
+    backend: BackendName = Field(
+        "auto", description="inference runtime: auto (tuned profile, else a short probe), tensorflow, zendnn, litert, "
+        "openvino"
+    )
+    precision: Precision = Field(
+        "auto", description="auto (fastest variant passing the accuracy gate), fp32, bf16 (openvino), int8 (litert, "
+        "openvino; built by `tdn export`)"
+    )
+    threads: int = Field(0, ge=0, le=256, description="intra-op threads of the backend (0: all cores)")
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="exported artifacts and the tuning profile ($STATE_DIRECTORY under systemd, else ~/.cache/tdn)",
+    )
+    artifacts_dir: Path | None = Field(None, description="artifacts of `tdn export` (default: <state_dir>/artifacts)")
+    profile_path: Path | None = Field(
+        None, description="profile of `tdn tune`, used when backend is auto (default: <state_dir>/profile.json)"
+    )
+    # ZenDNN knobs: only variables the installed plugin reads (agent/backends/ZENDNN.md); unset = library default.
+    zendnn_conv_weight_cache: Literal[0, 1] | None = Field(
+        None, description="zendnn: ZENDNNL_CONV_WEIGHT_CACHE, 1 keeps reordered conv weights (default), 0 redoes them"
+    )
+    zendnn_lru_cache_capacity: int | None = Field(
+        None, ge=1, le=1_000_000, description="zendnn: ZENDNNL_LRU_CACHE_CAPACITY, cached blocked MatMul weights"
+    )
+    zendnn_primitive_cache_capacity: int | None = Field(
+        None, ge=0, le=1_000_000,
+        description="zendnn: ONEDNN_PRIMITIVE_CACHE_CAPACITY of the plugin's oneDNN (~10 per warmed batch size)",
+    )
+    zendnn_kmp_affinity: str | None = Field(
+        None, description="zendnn: KMP_AFFINITY of the plugin's OpenMP, e.g. granularity=fine,compact,1,0"
+    )
+    zendnn_kmp_blocktime: int | None = Field(
+        None, ge=0, le=10_000, description="zendnn: KMP_BLOCKTIME, ms OpenMP threads spin after work (AMD: 1)"
+    )
+    max_batch_size: int = Field(16, ge=1, le=256, description="largest micro-batch")
+    max_queue_delay_us: int = Field(
+        2000, ge=0, le=10_000_000, description="a partial batch goes once its oldest frame waited this long"
+    )
+    queue_cap: int = Field(64, ge=1, le=100_000, description="accepted frames waiting for a batch, at most")
+    shed_deadline_ms: float = Field(
+        250.0, gt=0, le=600_000, description="a frame older than this (capture to batch) is shed, not inferred"
+    )
+    rcvhwm: int = Field(8, ge=1, le=100_000, description="ZeroMQ receive high-water mark of the frame socket")
+    sndhwm: int = Field(10_000, ge=1, le=1_000_000, description="ZeroMQ send high-water mark of the PUB socket")
+    max_frame_bytes: int = Field(
+        1 << 20, ge=1024, le=64 << 20, description="largest frame message accepted; ZMQ_MAXMSGSIZE is twice this"
+    )
+    # NoDecode: the environment carries the list as comma-separated text, which _split parses.
+    reject_classes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(CLASSES), description="classes whose verdict sets the defect flag"
+    )
+    min_confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="a verdict less confident than this sets the defect flag (fail safe)"
+    )
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between heartbeats")
+    explain_interval_s: float = Field(
+        5.0, ge=0, le=86_400, description="seconds between explanation snapshots (0: off)"
+    )
+    explain_dir: Path | None = Field(None, description="also write snapshot PNGs here (optional)")
+    explain_keep: int = Field(200, ge=1, le=1_000_000, description="snapshot files kept in explain_dir")
+    shutdown_timeout_s: float = Field(5.0, gt=0, le=300, description="drain bound on SIGTERM")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_json: bool | None = Field(None, description="JSON log lines (default: when stderr is not a TTY)")
+    # --- CurveZMQ (see `tdn keygen`); keys are read from files, never taken from flags or logged ---
+    curve_enabled: bool = Field(False, description="CurveZMQ on both sockets: encrypted, cameras allow-listed")
+    curve_server_secret: Path = Field(
+        Path("/etc/tdn/curve/agent.key_secret"), description="the agent's secret key file (mode 0600, tdn keygen)"
+    )
+    curve_allow_dir: Path = Field(
+        Path("/etc/tdn/curve/allowed"), description="directory of allowed client public keys (*.key)"
+    )
+    curve_require_subscribers: bool = Field(
+        False, description="the PUB socket also admits only allow-listed keys (else any key, still encrypted)"
+    )
+    # --- /metrics, /healthz, /readyz ---
+    metrics_addr: str = Field("127.0.0.1", description="listen address of the metrics/health HTTP server")
+    metrics_port: int = Field(9108, ge=0, le=65535, description="its port (0: off)")
+
+    @field_validator("frames_endpoint", "publish_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not _ENDPOINT_RE.match(v):
+            raise ValueError(f"{v!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///run/tdn/f")
+        return v
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", v):
+            raise ValueError(f"{v!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        return v
+
+    @field_validator("reject_classes", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        # Environment variables carry lists as comma-separated text.
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [c.strip() for c in v.split(",") if c.strip()]
+        return v
+
+    @field_validator("reject_classes")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in CLASSES]
+        if bad:
+            raise ValueError(f"unknown class {bad[0]!r}; known: {', '.join(CLASSES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentSettings:
+        if self.queue_cap < self.max_batch_size:
+            raise ValueError(f"queue_cap ({self.queue_cap}) must be >= max_batch_size ({self.max_batch_size})")
+        if self.frames_endpoint == self.publish_endpoint:
+            raise ValueError("frames_endpoint and publish_endpoint must differ")
+        if not self.model_path.is_file():
+            raise ValueError(f"model_path: {self.model_path} does not exist")
+        if self.artifacts_dir is None:
+            self.artifacts_dir = self.state_dir / "artifacts"
+        if self.profile_path is None:
+            self.profile_path = self.state_dir / "profile.json"
+        if self.backend in ("tensorflow", "zendnn") and self.precision not in ("auto", "fp32"):
+            raise ValueError(f"precision {self.precision} needs backend litert or openvino; {self.backend} runs fp32")
+        if self.backend == "litert" and self.precision == "bf16":
+            raise ValueError("precision bf16 needs backend openvino (litert runs fp32 or int8)")
+        return self
+
+    @model_validator(mode="after")
+    def _curve(self) -> AgentSettings:
+        # Checked here so a bad key file fails at start-up, before the model loads; the ConfigError it
+        # raises is not a ValueError, so it leaves pydantic as the one-line message it is.
+        if self.curve_enabled:
+            from agent.security import check_settings
+
+            check_settings(True, self.curve_server_secret, self.curve_allow_dir)
+        return self
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Compiled batch sizes: powers of two below max_batch_size, and max_batch_size itself."""
+        sizes = [1 << i for i in range(16) if (1 << i) < self.max_batch_size]
+        return (*sizes, self.max_batch_size)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(env var, default, description) of every setting, for --help and the README."""
+    rows = []
+    for name, f in AgentSettings.model_fields.items():
+        default = f.default_factory() if f.default_factory else f.default  # type: ignore[call-arg]
+        if isinstance(default, Path):
+            default = os.path.relpath(default) if default.is_absolute() and default == DEFAULT_MODEL else default
+        rows.append((f"TDN_{name.upper()}", json.dumps(default, default=str), f.description or ""))
+    return rows
+
+
+def load(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Settings from (lowest first) defaults, .env, environment, --config FILE (JSON or KEY=VALUE), overrides."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_read_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AgentSettings(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ConfigError(f"bad setting {where}: {err['msg']}") from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path}: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a JSON object")
+        return {k.lower().removeprefix("tdn_"): v for k, v in data.items()}
+    out: dict[str, Any] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ConfigError(f"config file {path}:{n}: expected KEY=VALUE")
+        k, v = line.split("=", 1)
+        out[k.strip().lower().removeprefix("tdn_")] = v.strip().strip('"')
+    return out

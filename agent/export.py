@@ -1,0 +1,309 @@
+"""Build every backend artifact of a model (LiteRT fp32/int8, OpenVINO fp32/int8, the bf16 gate) into the
+artifacts folder, cached by the model's sha256; each variant is measured on held-out NEU-DET images against the
+fp32 Keras model and the result (the accuracy gate) is stored beside it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import BackendError, TdnError
+
+EVAL_BATCH = 16
+LEAN = ("litert", "openvino")
+ALL_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agent.backends.artifacts import default_artifacts_dir
+    from agent.cli import default_data
+    from agent.config import DEFAULT_MODEL
+
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the .keras model (its card beside it)")
+    p.add_argument("--data", default=default_data(),
+                   help="NEU-DET folder: int8 calibration (training split) and the gate (held-out split)")
+    p.add_argument("--artifacts-dir", type=Path, default=default_artifacts_dir(),
+                   help="artifacts root (default: $TDN_ARTIFACTS_DIR, else <state dir>/artifacts)")
+    p.add_argument("--backends", default=",".join(LEAN), help="comma list of litert, openvino")
+    p.add_argument("--precisions", default=",".join(ALL_PRECISIONS), help="comma list of fp32, bf16, int8")
+    p.add_argument("--calibration", type=int, default=240, help="training images for int8 calibration")
+    p.add_argument("--threads", type=int, default=0, help="threads while measuring (0: all cores)")
+    p.add_argument("--force", action="store_true", help="rebuild even what the cache already holds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+@dataclass
+class Step:
+    """One unit of work: skipped when its output already exists (unless --force)."""
+
+    label: str
+    output: Path | None
+    fn: Callable[[], None]
+
+
+class Exporter:
+    """Builds one model's artifacts in order; holds the Keras model and the labelled arrays between steps."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from agent.backends.artifacts import model_dir
+        from agent.backends.base import read_card
+
+        self.args = args
+        self.model_path = Path(args.model)
+        self.card = read_card(self.model_path)
+        self.folder = model_dir(args.artifacts_dir, self.model_path)
+        self.backends = _pick(args.backends, LEAN, "backend")
+        self.precisions = _pick(args.precisions, ALL_PRECISIONS, "precision")
+        self.threads = args.threads
+        self._model: Any = None
+        self._arrays: dict[str, Any] = {}
+        self.notes: list[str] = []
+
+    # --- lazily loaded inputs ---
+
+    def keras_model(self) -> Any:
+        if self._model is None:
+            import keras
+
+            try:
+                self._model = keras.saving.load_model(self.model_path, compile=False)
+            except Exception as exc:  # Keras raises many types for a bad file
+                raise TdnError(f"cannot load model {self.model_path}: {exc}") from None
+        return self._model
+
+    def data(self) -> dict[str, Any]:
+        """Calibration images (training split) and held-out images, labels and fp32 predictions."""
+        if not self._arrays:
+            from agent.backends.artifacts import card_split, predict_all, stratified_subset
+            from agent.data import load_arrays, scan
+
+            samples = scan(self.args.data)
+            train, val, how = card_split(self.card, samples)
+            xc, _ = load_arrays(stratified_subset(train, self.args.calibration, seed=1))
+            xv, yv = load_arrays(val)
+            import tensorflow as tf
+
+            model = self.keras_model()
+            fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+                tf.TensorSpec([EVAL_BATCH, 200, 200, 1], tf.float32))
+            ref = predict_all(lambda b: fn(b).numpy(), xv, EVAL_BATCH)
+            self._arrays = {"calib": xc, "x": xv, "y": yv, "ref": ref, "how": how}
+        return self._arrays
+
+    # --- steps ---
+
+    def steps(self) -> list[Step]:
+        f = self.folder
+        out = [Step("dense kernel (CAM)", f / "cam_kernel.npy", self.kernel),
+               Step("SavedModel (probs + feature map)", f / "savedmodel" / "saved_model.pb", self.savedmodel)]
+        want = set(self.precisions)
+        gated = bool(self.args.data)
+        if not gated and want - {"fp32"}:
+            self.notes.append("bf16/int8 skipped: they need NEU-DET (--data or TDN_DATA) to calibrate and to gate")
+        if "litert" in self.backends:
+            out.append(Step("litert fp32", f / "litert-fp32.tflite", self.litert_fp32))
+            if "int8" in want and gated:
+                out.append(Step("litert int8 (calibrating)", f / "litert-int8.tflite", self.litert_int8))
+        if "openvino" in self.backends:
+            out.append(Step("openvino fp32", f / "openvino-fp32.xml", self.openvino_fp32))
+            if "int8" in want and gated:
+                out.append(Step("openvino int8 (NNCF)", f / "openvino-int8.xml", self.openvino_int8))
+        if gated:
+            for backend in self.backends:
+                for precision in self.precisions:
+                    if precision in _supported(backend):
+                        out.append(Step(f"gate {backend} {precision}", f / f"{backend}-{precision}.gate.json",
+                                        lambda b=backend, p=precision: self.gate(b, p)))  # type: ignore[misc]
+        return out
+
+    def kernel(self) -> None:
+        kernel = self.keras_model().get_layer("logits").get_weights()[0]
+        np.save(self.folder / "cam_kernel.npy", np.asarray(kernel, np.float32))
+
+    def savedmodel(self) -> None:
+        from agent.explain import features_model
+
+        target = self.folder / "savedmodel"
+        shutil.rmtree(target, ignore_errors=True)
+        features_model(self.keras_model()).export(str(target), format="tf_saved_model", verbose=False)
+
+    def _converter(self) -> Any:
+        import tensorflow as tf
+
+        return tf.lite.TFLiteConverter.from_saved_model(str(self.folder / "savedmodel"))
+
+    def litert_fp32(self) -> None:
+        (self.folder / "litert-fp32.tflite").write_bytes(self._converter().convert())
+
+    def litert_int8(self) -> None:
+        import tensorflow as tf
+
+        calib = self.data()["calib"]
+        conv = self._converter()
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
+        # Full integer: every op int8 (XNNPACK's QS8 kernels); float input/output keep raw pixels and probabilities.
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        (self.folder / "litert-int8.tflite").write_bytes(conv.convert())
+
+    def openvino_fp32(self) -> None:
+        import openvino as ov
+
+        model = ov.convert_model(str(self.folder / "savedmodel"))
+        ov.save_model(model, str(self.folder / "openvino-fp32.xml"), compress_to_fp16=False)
+
+    def openvino_int8(self) -> None:
+        import nncf
+        import openvino as ov
+
+        calib = self.data()["calib"]
+        model = ov.Core().read_model(str(self.folder / "openvino-fp32.xml"))
+        quantized = nncf.quantize(model, nncf.Dataset(list(calib), lambda a: a[None]), subset_size=len(calib))
+        ov.save_model(quantized, str(self.folder / "openvino-int8.xml"), compress_to_fp16=False)
+
+    def gate(self, backend: str, precision: str) -> None:
+        from agent.backends import create
+        from agent.backends.artifacts import ArtifactBackend, gate_record, predict_all, write_gate
+        from agent.hostinfo import cores
+
+        b = create(backend, self.model_path, self.threads, precision=precision, artifacts_dir=self.args.artifacts_dir)
+        assert isinstance(b, ArtifactBackend)
+        b.open_ungated(precision)
+        if not b.supported_here(precision):
+            self.notes.append(f"{backend} {precision}: not gated, this CPU has no native {precision} support")
+            return
+        if not b.artifact(precision).is_file():
+            self.notes.append(f"{backend} {precision}: no artifact to gate")
+            return
+        run = b._runner(EVAL_BATCH, self.threads or cores())
+        d = self.data()
+        pred = predict_all(lambda x: run(x)[0], d["x"], EVAL_BATCH)
+        record = {**gate_record(pred, d["ref"], d["y"]), "images": d["how"], "fp32_reference": "Keras (TensorFlow)",
+                  "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_gate(self.folder, backend, precision, record)
+
+    def run(self, progress: bool) -> list[str]:
+        """Run every step not cached; return the labels of those that ran."""
+        from agent.backends.artifacts import manifest_ok, write_manifest
+
+        if self.args.force or not manifest_ok(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)  # stale format or forced: nothing is reused
+        self.folder.mkdir(parents=True, exist_ok=True)
+        todo = [s for s in self.steps() if s.output is None or not s.output.exists()]
+        ran: list[str] = []
+        if todo:
+            import tensorflow as tf
+
+            # Native TF computes the fp32 reference: keep zentf's plugin optimizer out, as the tensorflow backend does.
+            tf.config.optimizer.set_experimental_options({"use_plugin_optimizers": False})
+        from tqdm import tqdm
+
+        bar = tqdm(todo, desc="export", unit="step", disable=not progress, leave=False)
+        for step in bar:
+            bar.set_description(step.label)
+            step.fn()
+            ran.append(step.label)
+        write_manifest(self.folder, self.model_path, _versions())
+        return ran
+
+    def table(self) -> str:
+        from agent.backends.artifacts import read_gate
+
+        rows = [("variant", "artifact", "size", "accuracy", "vs fp32", "agreement", "gate")]
+        for backend in self.backends:
+            for precision in _supported(backend):
+                name = f"{backend}-{'int8' if precision == 'int8' else 'fp32'}"
+                path = self.folder / (name + (".tflite" if backend == "litert" else ".xml"))
+                size = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml"
+                                              and path.with_suffix(".bin").exists() else 0) if path.exists() else 0
+                rec = read_gate(self.folder, backend, precision)
+                if not path.exists() and rec is None:
+                    continue
+                if rec:
+                    delta = 100 * (rec["accuracy"] - rec["fp32_accuracy"])
+                    verdict = "fp32 (no gate)" if precision == "fp32" else ("pass" if rec["passed"] else "FAIL")
+                    cells = (f"{rec['accuracy']:.4f}", f"{delta:+.2f} pts", f"{rec['agreement']:.4f}", verdict)
+                else:
+                    cells = ("-", "-", "-", "fp32 (no gate)" if precision == "fp32" else "not measured")
+                rows.append((f"{backend}:{precision}", path.name if path.exists() else "-",
+                             f"{size / 1024:.0f} KiB" if size else "-", *cells))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _supported(backend: str) -> tuple[str, ...]:
+    from agent.backends import SUPPORTED
+
+    return SUPPORTED[backend]
+
+
+def _pick(spec: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in spec.split(",") if s.strip())
+    bad = [s for s in items if s not in known]
+    if bad or not items:
+        raise TdnError(f"unknown {what} {bad[0] if bad else spec!r}; choose from: {', '.join(known)}")
+    return items
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "ai-edge-litert", "openvino", "nncf"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ZENDNN_OPTS", "0")
+    if args.data and not Path(args.data).is_dir():
+        raise TdnError(f"dataset folder {args.data} not found")
+    missing = [b for b in _pick(args.backends, LEAN, "backend") if not _installed(b)]
+    if missing:
+        raise BackendError(f"runtime of {', '.join(missing)} not installed (pip install '.[{','.join(missing)}]')")
+    t0 = time.monotonic()
+    exporter = Exporter(args)
+    ran = exporter.run(progress=not args.quiet and sys.stderr.isatty())
+    if not args.quiet:
+        print(exporter.table())
+        for note in exporter.notes:
+            print(f"note: {note}")
+        held = exporter._arrays.get("how")
+        if held:
+            print(f"gate images: {held}")
+        print(f"{len(ran)} step(s) built, the rest cached, in {time.monotonic() - t0:.0f} s: {exporter.folder}")
+    return 0
+
+
+def _installed(name: str) -> bool:
+    from agent.backends import installed
+
+    return installed(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.export`: what lean backends run, in a child process, to build a missing fp32 artifact."""
+    p = argparse.ArgumentParser(prog="python -m agent.export", description=__doc__)
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except TdnError as exc:
+        print(f"tdn export: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,32 @@
+"""Make a CurveZMQ key pair: NAME.key (public, share it) and NAME.key_secret (mode 0600, keep it)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="directory for the two files (created, mode 0700)")
+    p.add_argument("--name", required=True, help="key name, e.g. agent, cam1, bridge1")
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.security import make_keypair
+
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", args.name):
+        raise ConfigError(f"--name {args.name!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    out: Path = args.out
+    created = not out.exists()
+    public, secret = make_keypair(out, args.name)
+    if created:
+        out.chmod(0o700)
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600; never copy it off this machine)")
+    if args.name == "agent":
+        print(f"cameras and bridges: --curve-server-key {public}")
+    else:
+        print(f"allow it on the agent: copy {public} into the agent's curve_allow_dir")
+    return 0

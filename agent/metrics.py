@@ -1,0 +1,192 @@
+"""Prometheus metrics (private registry) and a small HTTP server for /metrics, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from agent.logging import get_logger
+from protocol import CLASSES, Status
+
+log = get_logger("agent.metrics")
+
+# Buckets in seconds, dense around the line's budget: a 250 ms shed deadline and single-digit-ms batches.
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+INFERENCE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NO_CLASS = "none"  # class label of shed and rejected verdicts
+
+
+class Metrics:
+    """Every metric the agent exports; updated from the I/O thread, read by the HTTP thread (thread-safe)."""
+
+    def __init__(self) -> None:
+        # The *_created series double the exposition for no use on a line PC (process-wide switch).
+        disable_created_metrics()
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.received = Counter("tdn_frames_received", "Frame messages taken off the frame socket", registry=r)
+        self.rejected = Counter("tdn_frames_rejected", "Frames refused, by reason code (protocol or agent)",
+                                ["reason"], registry=r)
+        self.shed = Counter("tdn_frames_shed", "Frames too old at batch time, answered shed without inference",
+                            registry=r)
+        self.verdicts = Counter("tdn_verdicts", "Verdicts published, by status and predicted class",
+                                ["status", "class"], registry=r)
+        self.queue_depth = Gauge("tdn_queue_depth", "Accepted frames waiting for a batch", registry=r)
+        self.batch_size = Histogram("tdn_batch_size", "Frames per inference batch (before padding)",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("tdn_queue_wait_seconds", "Time from intake to the frame's batch leaving",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("tdn_inference_seconds", "Backend time per batch", buckets=INFERENCE_BUCKETS,
+                                   registry=r)
+        self.latency = Histogram("tdn_capture_to_verdict_seconds", "Capture time to verdict publish time",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.backend = Info("tdn_backend", "Inference backend, model and agent identity", registry=r)
+        self.last_heartbeat = Gauge("tdn_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat",
+                                    registry=r)
+        self.auth_denied = Counter("tdn_auth_denied", "Refused CURVE handshakes, by socket and reason",
+                                   ["socket", "reason"], registry=r)
+        self.ready = Gauge("tdn_ready", "1 once warmed up and serving, 0 while starting or draining", registry=r)
+        # Label children resolved once: a .labels() lookup per frame would cost a lock and a dict build.
+        self._verdict: dict[tuple[str, str | None], Any] = {
+            (Status.OK.value, c): self.verdicts.labels(Status.OK.value, c) for c in CLASSES
+        }
+        for status in (Status.SHED, Status.REJECTED):
+            self._verdict[(status.value, None)] = self.verdicts.labels(status.value, NO_CLASS)
+        self._rejected: dict[str, Any] = {}
+
+    def verdict(self, status: str, class_name: str | None) -> None:
+        """Count one published verdict."""
+        child = self._verdict.get((status, class_name))
+        if child is None:
+            child = self._verdict[(status, class_name)] = self.verdicts.labels(status, class_name or NO_CLASS)
+        child.inc()
+
+    def reject(self, reason: str) -> None:
+        """Count one refused frame."""
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected[reason] = self.rejected.labels(reason)
+        child.inc()
+
+    def identity(self, backend: Mapping[str, str], model_id: str, agent_id: str, epoch: int) -> None:
+        """Set the info metric once the backend is loaded."""
+        self.backend.info({**{str(k): str(v) for k, v in backend.items()}, "model_id": model_id,
+                           "agent_id": agent_id, "epoch": str(epoch)})
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+@dataclass
+class Health:
+    """What /healthz and /readyz answer; written by the I/O thread, read by the HTTP thread."""
+
+    ready: bool = False
+    state: str = "starting"
+    stall_s: float = 10.0
+    _last_beat: float | None = None
+
+    def beat(self) -> None:
+        """The I/O loop is turning (called with every heartbeat)."""
+        self._last_beat = time.monotonic()
+
+    def live(self) -> tuple[bool, str]:
+        """Live unless the I/O loop, once running, has not beaten for stall_s (warm-up counts as live)."""
+        last = self._last_beat
+        if last is None:
+            return True, self.state
+        age = time.monotonic() - last
+        return (age < self.stall_s), f"{self.state}, last heartbeat {age:.1f} s ago"
+
+
+def make_handler(metrics: Metrics, health: Health) -> type[http.server.BaseHTTPRequestHandler]:
+    """A request handler bound to these metrics and this health state."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "tdn-agent"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok, text = health.live()
+                self._send(200 if ok else 503, f"{'live' if ok else 'stalled'}: {text}\n".encode())
+            elif path == "/readyz":
+                ok = health.ready
+                self._send(200 if ok else 503, f"{'ready' if ok else 'not ready'}: {health.state}\n".encode())
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Scrapes every few seconds would drown the agent's log; errors still show through log_error.
+            pass
+
+        def log_error(self, format: str, *args: Any) -> None:
+            log.warning("metrics http error", detail=format % args)
+
+    return Handler
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    # A restarted agent must get its port back at once, even with connections in TIME_WAIT.
+    allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz from a daemon thread; start() binds, stop() closes."""
+
+    def __init__(self, metrics: Metrics, health: Health, addr: str, port: int) -> None:
+        self.metrics = metrics
+        self.health = health
+        self.addr = addr
+        self.port = port
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        """Bind and serve; returns the bound port (useful with port 0). OSError if the address is taken."""
+        cls = _Server6 if ":" in self.addr else _Server
+        server = cls((self.addr, self.port), make_handler(self.metrics, self.health))
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="tdn-metrics", daemon=True)
+        self._thread.start()
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,1 @@
+"""TinyDefectNet: architecture, FLOP counting, design search and training."""

@@ -1,0 +1,264 @@
+"""Encode messages to ZeroMQ multipart frames and decode them back, refusing anything off-spec."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import msgpack
+
+from protocol.errors import OversizedError, ProtocolError, Reason, VersionError
+from protocol.messages import (
+    MAX_HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MAX_TOPIC_BYTES,
+    PROTOCOL_VERSION,
+    UINT64_MAX,
+    Explanation,
+    Frame,
+    Heartbeat,
+    Kind,
+    Message,
+    Verdict,
+    check_id,
+    is_valid_id,
+    topic_for,
+)
+
+Part = bytes | memoryview
+_M = TypeVar("_M", Frame, Verdict, Explanation, Heartbeat)
+
+_KINDS: dict[type, Kind] = {
+    Frame: Kind.FRAME,
+    Verdict: Kind.VERDICT,
+    Explanation: Kind.EXPLAIN,
+    Heartbeat: Kind.HEARTBEAT,
+}
+_CLASSES: dict[Kind, type] = {kind: cls for cls, kind in _KINDS.items()}
+_ID_FIELD: dict[Kind, str] = {
+    Kind.FRAME: "camera_id",
+    Kind.VERDICT: "camera_id",
+    Kind.EXPLAIN: "camera_id",
+    Kind.HEARTBEAT: "agent_id",
+}
+# Payload fields travel as raw frames after the header, in this order.
+_PAYLOADS: dict[Kind, tuple[str, ...]] = {
+    Kind.FRAME: ("payload",),
+    Kind.VERDICT: (),
+    Kind.EXPLAIN: ("heatmap_png", "overlay_png"),
+    Kind.HEARTBEAT: (),
+}
+# (header key, required): fields with a default may be left out by producers and mean nil.
+_HEADER: dict[Kind, tuple[tuple[str, bool], ...]] = {
+    kind: tuple(
+        (f.name, f.default is MISSING and f.default_factory is MISSING)
+        for f in fields(cls)
+        if f.name not in _PAYLOADS[kind]
+    )
+    for kind, cls in _CLASSES.items()
+}
+_KIND_VALUES = frozenset(kind.value for kind in Kind)
+_MAX_PARTS = 2 + max(len(p) for p in _PAYLOADS.values())
+_UNPACK_LIMITS: dict[str, int] = {
+    "max_str_len": MAX_HEADER_BYTES,
+    "max_bin_len": MAX_HEADER_BYTES,
+    "max_array_len": MAX_HEADER_BYTES,
+    "max_map_len": MAX_HEADER_BYTES,
+    # Extension types have no meaning in this protocol; a zero limit makes the unpacker refuse them.
+    "max_ext_len": 0,
+}
+
+
+# --- encoding ---
+
+
+def _wire(value: Any) -> Any:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def encode(msg: Message) -> list[Part]:
+    """Multipart frames [topic, header, *payloads] for any message; send them with copy=False."""
+    kind = _KINDS[type(msg)]
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": kind.value}
+    for name, _ in _HEADER[kind]:
+        header[name] = _wire(getattr(msg, name))
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > MAX_HEADER_BYTES:
+        raise OversizedError(detail=f"{kind} header is {len(packed)} B > {MAX_HEADER_BYTES}")
+    topic = topic_for(kind, getattr(msg, _ID_FIELD[kind]))
+    return [topic, packed, *(getattr(msg, name) for name in _PAYLOADS[kind])]
+
+
+def encode_frame(frame: Frame) -> list[Part]:
+    """[topic, header, pixels] for a camera frame."""
+    return encode(frame)
+
+
+def encode_verdict(verdict: Verdict) -> list[Part]:
+    """[topic, header] for a verdict."""
+    return encode(verdict)
+
+
+def encode_explanation(explanation: Explanation) -> list[Part]:
+    """[topic, header, heatmap_png, overlay_png] for an explanation snapshot."""
+    return encode(explanation)
+
+
+def encode_heartbeat(heartbeat: Heartbeat) -> list[Part]:
+    """[topic, header] for a heartbeat."""
+    return encode(heartbeat)
+
+
+# --- decoding ---
+
+
+def _buffer(obj: object) -> memoryview:
+    """A flat byte view of one received frame (bytes, bytearray, memoryview or a zmq.Frame)."""
+    try:
+        view = memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        # Frame-like wrappers without the buffer protocol still expose their content as .bytes.
+        data = getattr(obj, "bytes", None) if not isinstance(obj, (str, int, float)) else None
+        if not isinstance(data, bytes):
+            raise ProtocolError(Reason.BAD_TYPE, detail="message frames must be bytes-like") from None
+        view = memoryview(data)
+    try:
+        if view.ndim != 1 or view.format != "B" or not view.c_contiguous:
+            view = view.cast("B")
+    except (TypeError, ValueError):
+        raise ProtocolError(Reason.BAD_TYPE, detail="message frames must be contiguous buffers") from None
+    return view
+
+
+def _check_plain(obj: object) -> None:
+    """Refuse anything msgpack produced beyond nil/bool/int/float/str/bin/array/map (ext types)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif item is not None and not isinstance(item, (bool, int, float, str, bytes)):
+            raise ProtocolError(Reason.BAD_MSGPACK, detail=f"unsupported msgpack type {type(item).__name__}")
+
+
+def _unpack_header(view: memoryview) -> dict[Any, Any]:
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise OversizedError(detail=f"header is {view.nbytes} B > {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(view, raw=False, strict_map_key=True, use_list=True, **_UNPACK_LIMITS)
+    except Exception as exc:
+        # msgpack signals bad input through many exception types (ValueError, ExtraData, StackError,
+        # UnicodeDecodeError, ...); for a wire decoder every one of them means the same thing.
+        raise ProtocolError(Reason.BAD_MSGPACK, detail=f"{type(exc).__name__}: {exc}"[:200]) from None
+    _check_plain(header)
+    if not isinstance(header, dict):
+        raise ProtocolError(Reason.BAD_TYPE, detail="header must be a msgpack map")
+    return header
+
+
+def _context(header: dict[Any, Any]) -> tuple[str | None, int | None]:
+    """camera_id and seq if the header holds valid ones, so even a refused frame can get a verdict."""
+    camera = header.get("camera_id")
+    seq = header.get("seq")
+    seq_ok = isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= UINT64_MAX
+    return (camera if is_valid_id(camera) else None), (seq if seq_ok else None)
+
+
+def _decode(parts: Sequence[Any], expected: Kind | None) -> Message:
+    if isinstance(parts, (bytes, bytearray, memoryview, str)):
+        raise ProtocolError(Reason.BAD_TYPE, detail="expected a sequence of frames")
+    try:
+        count = len(parts)
+        # Only the frames a valid message can have are looked at, so a huge list costs nothing.
+        items = [parts[i] for i in range(min(count, _MAX_PARTS + 1))]
+    except Exception:
+        raise ProtocolError(Reason.BAD_TYPE, detail="expected a sequence of frames") from None
+    if count < 2:
+        raise ProtocolError(Reason.FRAME_COUNT, detail=f"{count} frames, need topic and header")
+    header = _unpack_header(_buffer(items[1]))
+    camera_id, seq = _context(header)
+    try:
+        return _build(header, items, count, expected)
+    except ProtocolError as err:
+        raise err.with_context(camera_id, seq) from None
+
+
+def _build(header: dict[Any, Any], items: list[Any], count: int, expected: Kind | None) -> Message:
+    if "v" not in header:
+        raise VersionError(detail="header has no v")
+    version = header["v"]
+    if isinstance(version, bool) or not isinstance(version, int) or version != PROTOCOL_VERSION:
+        raise VersionError(detail=f"v={version!r:.20}, this decoder speaks v={PROTOCOL_VERSION}")
+    raw_kind = header.get("kind")
+    if not isinstance(raw_kind, str) or raw_kind not in _KIND_VALUES:
+        raise ProtocolError(Reason.BAD_KIND, detail=f"unknown kind {raw_kind!r:.40}")
+    kind = Kind(raw_kind)
+    if expected is not None and kind is not expected:
+        raise ProtocolError(Reason.BAD_KIND, detail=f"expected {expected}, got {kind}")
+
+    id_field = _ID_FIELD[kind]
+    if id_field not in header:
+        raise ProtocolError(Reason.MISSING_FIELD, detail=f"{kind} header has no {id_field}")
+    ident = check_id(id_field, header[id_field])
+    topic = _buffer(items[0])
+    if topic.nbytes > MAX_TOPIC_BYTES or topic.tobytes() != topic_for(kind, ident):
+        raise ProtocolError(Reason.BAD_TOPIC, detail=f"topic does not match {kind} header for {ident}")
+
+    payload_names = _PAYLOADS[kind]
+    needed = 2 + len(payload_names)
+    if count != needed:
+        raise ProtocolError(Reason.FRAME_COUNT, detail=f"{kind} has {count} frames, needs {needed}")
+    kwargs: dict[str, Any] = {}
+    for name, obj in zip(payload_names, items[2:], strict=True):
+        view = _buffer(obj)
+        if view.nbytes > MAX_PAYLOAD_BYTES:
+            raise OversizedError(detail=f"{name} is {view.nbytes} B > {MAX_PAYLOAD_BYTES}")
+        # Keep received bytes objects as they are: no copy, and the common case for callers.
+        kwargs[name] = obj if isinstance(obj, bytes) else view
+    for name, required in _HEADER[kind]:
+        if name in header:
+            kwargs[name] = header[name]
+        elif required:
+            raise ProtocolError(Reason.MISSING_FIELD, detail=f"{kind} header has no {name}")
+    cls: Callable[..., Message] = _CLASSES[kind]
+    return cls(**kwargs)
+
+
+def _typed(parts: Sequence[Any], kind: Kind, cls: type[_M]) -> _M:
+    msg = _decode(parts, kind)
+    assert isinstance(msg, cls)
+    return msg
+
+
+def decode(parts: Sequence[Any]) -> Message:
+    """Any message, chosen by the header's kind; raises ProtocolError (only) for anything invalid."""
+    return _decode(parts, None)
+
+
+def decode_frame(parts: Sequence[Any]) -> Frame:
+    """A Frame; the ProtocolError carries camera_id/seq whenever the header had valid ones."""
+    return _typed(parts, Kind.FRAME, Frame)
+
+
+def decode_verdict(parts: Sequence[Any]) -> Verdict:
+    """A Verdict, or ProtocolError."""
+    return _typed(parts, Kind.VERDICT, Verdict)
+
+
+def decode_explanation(parts: Sequence[Any]) -> Explanation:
+    """An Explanation, or ProtocolError."""
+    return _typed(parts, Kind.EXPLAIN, Explanation)
+
+
+def decode_heartbeat(parts: Sequence[Any]) -> Heartbeat:
+    """A Heartbeat, or ProtocolError."""
+    return _typed(parts, Kind.HEARTBEAT, Heartbeat)

@@ -1,0 +1,116 @@
+"""Helpers the camera and PLC-bridge simulators share: endpoints, stop signals, sockets and JSON reports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+
+DEFAULT_FRAMES_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_OUTPUT_ENDPOINT = "tcp://127.0.0.1:5556"
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM set `stop` instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        # Signal handlers can only be installed from the main thread (e.g. when a test calls main()).
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def close_socket(sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
+    """Close, waiting at most linger_ms for queued messages to go out (0: drop them, e.g. on a signal)."""
+    sock.close(linger=linger_ms)
+
+
+def write_report(path: str | os.PathLike[str] | None, report: dict[str, Any]) -> None:
+    """Write a JSON report atomically (readers never see half a file); no-op when path is None."""
+    if path is None:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(target)
+
+
+class CurveKeyError(Exception):
+    """A CURVE key file is missing, unreadable, malformed or (a secret one) readable by group/other."""
+
+
+CurveKeys = tuple[bytes, bytes, bytes]  # (our public, our secret, the agent's public), z85
+
+
+def curve_client_keys(secret_file: Path | None, server_key_file: Path) -> CurveKeys:
+    """Keys for a CURVE client of the agent; an ephemeral pair when no secret file is given."""
+    if secret_file is None:
+        public, secret = zmq.curve_keypair()
+    else:
+        try:
+            mode = secret_file.stat().st_mode
+        except OSError as exc:
+            raise CurveKeyError(f"secret key file {secret_file}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise CurveKeyError(f"secret key file {secret_file} has mode {stat.S_IMODE(mode):04o}; "
+                                f"group/other may access it, run: chmod 600 {secret_file}")
+        try:
+            public, secret_or_none = zmq.auth.load_certificate(secret_file)
+        except (OSError, ValueError) as exc:
+            raise CurveKeyError(f"secret key file {secret_file}: {exc}") from None
+        if not secret_or_none:
+            raise CurveKeyError(f"{secret_file} holds no secret-key (is it the public .key file?)")
+        secret = secret_or_none
+    try:
+        server, _ = zmq.auth.load_certificate(server_key_file)
+    except (OSError, ValueError) as exc:
+        raise CurveKeyError(f"server key file {server_key_file}: {exc}") from None
+    return public, secret, server
+
+
+def make_curve_client(sock: zmq.Socket[Any], keys: CurveKeys | None) -> None:
+    """Make `sock` a CURVE client of the agent (before connect); no-op for plaintext (keys None)."""
+    if keys is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = keys
+
+
+def add_curve_arguments(parser: Any) -> None:
+    """--curve-secret / --curve-server-key, shared by the camera and the bridge."""
+    parser.add_argument("--curve-secret", type=Path, default=None, metavar="FILE",
+                        help="our CurveZMQ secret key file (tdn keygen; mode 0600); default: an ephemeral key")
+    parser.add_argument("--curve-server-key", type=Path, default=None, metavar="FILE",
+                        help="the agent's public key file: turns CurveZMQ on")
+
+
+def curve_from_args(args: Any, parser: Any) -> CurveKeys | None:
+    """The keys the options ask for, None for plaintext; a parser error for a bad combination or file."""
+    if args.curve_server_key is None:
+        if args.curve_secret is not None:
+            parser.error("--curve-secret needs --curve-server-key")
+        return None
+    try:
+        return curve_client_keys(args.curve_secret, args.curve_server_key)
+    except CurveKeyError as exc:
+        parser.error(str(exc))
+    return None  # unreachable: parser.error exits

@@ -1,0 +1,54 @@
+"""Shared fixtures: the NEU-DET location, the shipped model, free ports and sockets closed with linger=0."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "agent" / "models" / "tinydefectnet.keras"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def data_dir() -> Path:
+    """NEU-DET from TDN_DATA (set by .ci/run); when set and missing, tests fail rather than skip."""
+    env = os.environ.get("TDN_DATA")
+    path = Path(env) if env else ROOT.parent / "shared" / "neu-det"
+    if not path.is_dir():
+        pytest.fail(f"NEU-DET folder {path} not found (TDN_DATA={env!r})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def neu_det() -> Path:
+    """The NEU-DET training pool (IMAGES/, ANNOTATIONS/)."""
+    return data_dir()
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The committed model (or TDN_MODEL_PATH, which agents started by tests inherit); missing is a failure."""
+    model = Path(os.environ.get("TDN_MODEL_PATH", MODEL))
+    if not model.is_file():
+        pytest.fail(f"model {model} is missing")
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A private ZeroMQ context whose sockets are all closed with linger=0 at teardown."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

@@ -1,0 +1,238 @@
+"""Integration tests of every installed backend with the shipped model on NEU-DET images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.backends import create, installed
+from agent.backends.artifacts import ArtifactBackend, card_split, model_dir, predict_all, read_gate, stratified_subset
+from agent.backends.base import read_card
+from agent.data import load_arrays, scan
+from agent.errors import BackendError, ConfigError
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# TDN_MODEL lets CI check a candidate model; by default the tests are about the one we ship.
+MODEL = Path(os.environ.get("TDN_MODEL", REPO / "agent" / "models" / "tinydefectnet.keras"))
+BATCH = 8
+N_IMAGES = 120
+LEAN = [b for b in ("litert", "openvino") if installed(b)]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+
+
+def data_root() -> Path:
+    env = os.environ.get("TDN_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "neu-det"
+    if not root.is_dir():
+        pytest.fail(f"NEU-DET folder {root} not found (TDN_DATA={env!r})")
+    return root
+
+
+def python(code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run code in a fresh interpreter (runtimes that must be set up before TensorFlow's import need one)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def model() -> Path:
+    if not MODEL.is_file():
+        pytest.fail(f"shipped model {MODEL} is missing; train it with `tdn train`")
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def images(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, Path]:
+    """~120 held-out images, every class equally, their labels, and the images saved for child processes."""
+    _, val, _ = card_split(read_card(model), scan(data_root()))
+    x, y = load_arrays(stratified_subset(val, N_IMAGES, seed=0))
+    path = tmp_path_factory.mktemp("images") / "x.npy"
+    np.save(path, x)
+    return x, y, path
+
+
+@pytest.fixture(scope="module")
+def reference(model: Path, images: tuple[np.ndarray, np.ndarray, Path]) -> np.ndarray:
+    """Top-1 decisions of native TensorFlow on the images."""
+    b = create("tensorflow", model)
+    b.load()
+    b.warmup((BATCH,))
+    return predict_all(b.infer, images[0], BATCH)
+
+
+@pytest.fixture(scope="module")
+def artifacts(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every artifact of the model, exported once (fp32, bf16 gate, int8) into a private folder."""
+    root = tmp_path_factory.mktemp("artifacts")
+    if LEAN:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_root()),
+             "--artifacts-dir", str(root), "--backends", ",".join(LEAN), "--calibration", "96"],
+            capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "gate images: the model card's held-out split" in out.stdout
+    return root
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.asarray(a) == np.asarray(b)).mean())
+
+
+class TestNativeTensorFlow:
+    def test_native_is_onednn_without_the_plugin_rewrite(self, model: Path) -> None:
+        """The tensorflow backend runs fused oneDNN kernels: no ZenDNN op and no fusion lost to zentf's optimizer."""
+        b: Any = create("tensorflow", model)
+        b.load()
+        b.warmup((1,))
+        assert not any(op.startswith("_Zen") for op in b.ops)
+        assert b.ops["_MklNativeFusedConv2D"] >= 1 and "_MklNativeConv2DWithBias" not in b.ops
+        assert "(oneDNN)" in b.identity()["runtime"]
+
+
+@pytest.mark.skipif(not installed("zendnn"), reason="zentf is not installed")
+class TestZenDNN:
+    def test_runs_active_and_agrees(self, model: Path, images: tuple[np.ndarray, np.ndarray, Path],
+                                    reference: np.ndarray) -> None:
+        """In its own process ZenDNN rewrites the graph to _Zen* ops and agrees with native TF on >= 99%."""
+        out = python(f"""
+            import json, numpy as np
+            from agent.backends import create
+            from agent.backends.artifacts import predict_all
+            b = create("zendnn", {str(model)!r})
+            b.load(); b.warmup(({BATCH},))
+            pred = predict_all(b.infer, np.load({str(images[2])!r}), {BATCH})
+            print(json.dumps({{"pred": pred.tolist(), "identity": b.identity(), "ops": dict(b.ops)}}))
+        """)
+        assert out.returncode == 0, out.stderr[-2000:]
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["ops"].get("_ZenFusedConv2D", 0) >= 1
+        assert "plugin loaded" in res["identity"]["zendnn"] and "_ZenFusedConv2D" in res["identity"]["zendnn"]
+        assert "TF_ENABLE_ZENDNN_OPTS=1" in res["identity"]["env"]
+        assert agreement(res["pred"], reference) >= 0.99
+
+    def test_refuses_after_a_plain_tensorflow_import(self) -> None:
+        """When TensorFlow was imported without the ZenDNN switches, the backend says so in one line."""
+        out = python(f"""
+            import tensorflow
+            from agent.backends import create
+            try:
+                create("zendnn", {str(MODEL)!r}).load()
+            except Exception as exc:
+                print(type(exc).__name__, exc)
+        """)
+        last = out.stdout.strip().splitlines()[-1]
+        assert last.startswith("BackendError") and "before TensorFlow's import" in last
+
+
+@pytest.mark.skipif(not LEAN, reason="neither ai-edge-litert nor openvino is installed")
+class TestLeanBackends:
+    @pytest.mark.parametrize("name", LEAN)
+    def test_fp32_agrees_with_native(self, name: str, model: Path, artifacts: Path,
+                                     images: tuple[np.ndarray, np.ndarray, Path], reference: np.ndarray) -> None:
+        """The fp32 artifact agrees with native TF on >= 99% of top-1 decisions and explains with CAM."""
+        b = create(name, model, precision="fp32", artifacts_dir=artifacts)
+        b.load()
+        b.warmup((1, BATCH))
+        assert agreement(predict_all(b.infer, images[0], BATCH), reference) >= 0.99
+        probs, feats = b.features(images[0][:1])
+        assert probs.shape == (1, 6) and feats.ndim == 4 and feats.shape[3] == b.cam_weights().shape[0]
+
+    @pytest.mark.parametrize("name", LEAN)
+    def test_reduced_precision_is_gated(self, name: str, model: Path, artifacts: Path) -> None:
+        """Every variant below fp32 has a gate record on the held-out split, and auto serves only passing ones."""
+        folder = model_dir(artifacts, model)
+        n_val = read_card(model).get("validation", {}).get("n")
+        b = create(name, model, artifacts_dir=artifacts)
+        assert isinstance(b, ArtifactBackend)
+        for precision in b.precisions[1:]:
+            rec = read_gate(folder, name, precision)
+            if rec is None:
+                assert not b.supported_here(precision), f"{name} {precision} was not gated"
+                continue
+            assert {"accuracy", "fp32_accuracy", "agreement", "n", "passed", "decision"} <= set(rec)
+            assert n_val is None or rec["n"] == n_val
+            ok = rec["fp32_accuracy"] - rec["accuracy"] <= 0.005 + 1e-9 and rec["agreement"] >= 0.99 - 1e-9
+            assert rec["passed"] == ok
+        b.load()
+        if b.precision != "fp32":
+            assert read_gate(folder, name, b.precision)["passed"]  # type: ignore[index]
+
+    @pytest.mark.parametrize("name", LEAN)
+    def test_serving_never_imports_tensorflow(self, name: str, model: Path, artifacts: Path) -> None:
+        """load, warmup, infer and features of a lean backend leave TensorFlow unimported."""
+        out = python(f"""
+            import sys, numpy as np
+            from agent.backends import create
+            b = create({name!r}, {str(model)!r}, artifacts_dir={str(artifacts)!r})
+            b.load(); b.warmup((1, 4))
+            b.infer(np.zeros((4, 200, 200, 1), np.float32)); b.features(np.zeros((1, 200, 200, 1), np.float32))
+            print(b.identity()["backend"], "tensorflow" in sys.modules)
+        """)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == f"{name} False"
+
+    def test_export_is_cached_by_model_hash(self, model: Path, artifacts: Path) -> None:
+        """A second export of the same model builds nothing and prints the variant table."""
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_root()),
+             "--artifacts-dir", str(artifacts), "--backends", ",".join(LEAN), "--calibration", "96"],
+            capture_output=True, text=True, env=ENV, timeout=300, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "0 step(s) built" in out.stdout and "variant" in out.stdout
+
+    def test_tune_writes_a_profile_auto_uses(self, model: Path, artifacts: Path, tmp_path: Path) -> None:
+        """A small tune writes a profile for this model and host, and backend auto then picks its choice."""
+        profile = tmp_path / "profile.json"
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "tune", "--model", str(model), "--artifacts-dir", str(artifacts),
+             "--profile", str(profile), "--backends", f"{LEAN[0]}:fp32", "--threads", "1", "--batch-sizes", "1",
+             "--seconds", "0.1", "--latency-ms", "1000"],
+            capture_output=True, text=True, env=ENV, timeout=300, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "<- chosen" in out.stdout
+        b: Any = create("auto", model, artifacts_dir=artifacts, profile_path=profile)
+        assert (b.name, b.threads) == (LEAN[0], 1) and b.selected_by.startswith("profile")
+
+
+class TestBadSettings:
+    def test_unknown_backend_and_precision(self, model: Path) -> None:
+        """Unknown names are one-line errors naming the choices."""
+        for name, precision in (("nope", "auto"), ("litert", "fp16"), ("tensorflow:int8", "auto")):
+            with pytest.raises(BackendError) as err:
+                create(name, model, precision=precision)
+            assert "\n" not in str(err.value)
+
+    @pytest.mark.parametrize("name", LEAN)
+    def test_int8_without_export(self, name: str, model: Path, tmp_path: Path) -> None:
+        """Asking for int8 before `tdn export` built it names the command to run."""
+        with pytest.raises(BackendError, match="tdn export") as err:
+            create(name, model, precision="int8", artifacts_dir=tmp_path).load()
+        assert "\n" not in str(err.value)
+
+    def test_config_rejects_bad_combinations(self, model: Path) -> None:
+        """Settings reject an unknown backend and a precision the backend cannot run."""
+        with pytest.raises(ConfigError, match="backend"):
+            from agent import config
+
+            config.load(model_path=str(model), backend="nope")
+        with pytest.raises(ConfigError, match="litert or openvino"):
+            config.load(model_path=str(model), backend="tensorflow", precision="int8")
+
+    def test_agent_cli_bad_backend_is_one_line(self, model: Path) -> None:
+        """`tdn agent --backend nope` exits 1 with a single error line."""
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "agent", "--backend", "nope",
+                              "--model-path", str(model)], capture_output=True, text=True, env=ENV, timeout=120,
+                             cwd=REPO)
+        assert out.returncode == 1
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "backend" in lines[0]

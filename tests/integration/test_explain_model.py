@@ -1,0 +1,173 @@
+"""Integration tests of heatmap explanations and the audit with the shipped model on real NEU-DET images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent import audit
+from agent.data import Sample, load_arrays, scan
+from agent.explain import Explainer, cam, cam_weights, features_model
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# TDN_MODEL lets CI audit a candidate model; by default the test is about the one we ship.
+MODEL = Path(os.environ.get("TDN_MODEL", REPO / "agent" / "models" / "tinydefectnet.keras"))
+JSON_KEYS = {
+    "n", "accuracy", "pointing_game", "energy_in_boxes", "box_area_share", "impact", "per_class", "seconds",
+    "method", "errors",
+}  # fmt: skip
+CLASS_KEYS = {"n", "accuracy", "pointing_game", "energy_in_boxes", "box_area_share"}
+
+
+def data_root() -> Path:
+    env = os.environ.get("TDN_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "neu-det"
+    if not root.is_dir():
+        if env:
+            pytest.fail(f"TDN_DATA={env} is not a folder")
+        pytest.skip(f"NEU-DET not found at {root}; set TDN_DATA")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    if not MODEL.is_file():
+        pytest.fail(f"shipped model {MODEL} is missing; train it with `tdn train`")
+    return audit.load_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    # Two images per class, spread over the file list.
+    return audit.interleave_by_class(scan(data_root(), require_boxes=True))[:12]
+
+
+@pytest.fixture(scope="module")
+def images(samples: list[Sample]) -> np.ndarray:
+    return load_arrays(samples)[0]
+
+
+@pytest.fixture(scope="module")
+def cam_explainer(model: Any) -> Explainer:
+    return Explainer(model, "cam")
+
+
+@pytest.fixture(scope="module")
+def gradcam_explainer(model: Any) -> Explainer:
+    return Explainer(model, "gradcam", batch=8)
+
+
+def check_heatmaps(probs: np.ndarray, heat: np.ndarray, n: int) -> None:
+    assert probs.shape == (n, 6) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert heat.shape == (n, 200, 200) and heat.dtype == np.float32
+    assert heat.min() >= 0 and heat.max() <= 1 and (heat.max(axis=(1, 2)) == 1).all()
+
+
+class TestExplainer:
+    def test_cam_shape_range_and_determinism(self, cam_explainer: Explainer, images: np.ndarray) -> None:
+        """CAM heatmaps are [N,200,200] in [0,1], each reaching 1, and identical on a second run."""
+        p1, h1 = cam_explainer.explain(images)
+        p2, h2 = cam_explainer.explain(images)
+        check_heatmaps(p1, h1, len(images))
+        assert np.array_equal(h1, h2) and np.array_equal(p1, p2)
+
+    def test_gradcam_determinism(self, gradcam_explainer: Explainer, images: np.ndarray) -> None:
+        """Grad-CAM heatmaps are valid and identical on a second run (batched over 8 + 4 images)."""
+        p1, h1 = gradcam_explainer.explain(images)
+        _, h2 = gradcam_explainer.explain(images)
+        check_heatmaps(p1, h1, len(images))
+        assert np.array_equal(h1, h2)
+
+    def test_gradcam_equals_cam_for_gap_dense_head(
+        self, cam_explainer: Explainer, gradcam_explainer: Explainer, images: np.ndarray
+    ) -> None:
+        """Through GAP + dense the logit gradient is w/(h*w) everywhere, so normalised Grad-CAM equals CAM."""
+        pc, hc = cam_explainer.explain(images)
+        pg, hg = gradcam_explainer.explain(images)
+        assert np.allclose(pc, pg, atol=1e-6)
+        assert np.abs(hc - hg).max() <= 1e-4
+
+    def test_explicit_class_changes_the_map(self, cam_explainer: Explainer, images: np.ndarray) -> None:
+        """Explaining the predicted class explicitly equals the default; another class gives another map."""
+        probs, heat = cam_explainer.explain(images[:4])
+        pred = probs.argmax(1)
+        assert np.array_equal(cam_explainer.explain(images[:4], pred)[1], heat)
+        other = (pred + 1) % 6
+        assert not np.array_equal(cam_explainer.explain(images[:4], other)[1], heat)
+
+    @pytest.mark.parametrize("method", ["gradcampp", "ig"])
+    def test_finer_methods_give_valid_maps(self, model: Any, images: np.ndarray, method: str) -> None:
+        """Grad-CAM++ and integrated gradients return valid, deterministic maps with the model's probabilities."""
+        ex = Explainer(model, method, batch=32)
+        p, h = ex.explain(images[:2])
+        check_heatmaps(p, h, 2)
+        assert np.array_equal(ex.explain(images[:2])[1], h)
+        assert np.allclose(p, np.asarray(model([images[:2]])), atol=1e-5)
+
+    def test_gradcam_on_an_earlier_layer(self, model: Any, images: np.ndarray) -> None:
+        """Grad-CAM can target another conv layer's output, e.g. the first stage's."""
+        ex = Explainer(model, "gradcam", layer="s1b1_out")
+        check_heatmaps(*ex.explain(images[:2]), 2)
+
+
+class TestLeanBackendPath:
+    def test_features_model_plus_cam_matches_explainer(
+        self, model: Any, cam_explainer: Explainer, images: np.ndarray
+    ) -> None:
+        """A backend running features_model and calling the pure cam() gets the Explainer's maps and probs."""
+        probs, feats = (np.asarray(t) for t in features_model(model)([images]))
+        kernel, _ = cam_weights(model)
+        p, h = cam_explainer.explain(images)
+        assert np.allclose(probs, p, atol=1e-6)
+        assert np.abs(cam(feats, kernel, probs.argmax(1)) - h).max() <= 1e-5
+
+
+class TestSyntheticBlob:
+    def test_pointing_game_finds_a_pasted_blob(self, cam_explainer: Explainer, gradcam_explainer: Explainer) -> None:
+        """On mid-gray noise with one bright 20x20 blob, the CAM/Grad-CAM maximum lies on the blob."""
+        rng = np.random.default_rng(0)
+        img = np.clip(rng.normal(127.5, 6.0, (1, 200, 200, 1)), 0, 255).astype(np.float32)
+        img[0, 120:140, 50:70] = 230.0
+        # The last feature map has a ~16-pixel grid, so one cell of slack around the blob is fair.
+        slack = 16
+        box = (51 - slack, 121 - slack, 70 + slack, 140 + slack)
+        for ex in (cam_explainer, gradcam_explainer):
+            _, heat = ex.explain(img)
+            peak = np.unravel_index(heat[0].argmax(), heat[0].shape)
+            assert audit.pointing_hit(heat[0], [box]), f"{ex.method}: maximum at (row, col) {peak}"
+
+
+class TestAuditRun:
+    def test_run_writes_json_and_html(self, tmp_path: Path) -> None:
+        """`tdn audit --limit 12` writes the JSON with every key, the HTML report and the grids."""
+        parser = argparse.ArgumentParser()
+        audit.add_arguments(parser)
+        out, js = tmp_path / "audit", tmp_path / "audit.json"
+        args = parser.parse_args(
+            ["--data", str(data_root()), "--model", str(MODEL), "--limit", "12", "--method", "gradcam",
+             "--per-class", "1", "--out", str(out), "--json", str(js)]
+        )  # fmt: skip
+        assert audit.run(args) == 0
+        report = json.loads(js.read_text())
+        assert report.keys() >= JSON_KEYS and report["n"] == 12 and report["method"] == "gradcam"
+        assert set(report["impact"]) == {"top5", "top10", "top20", "random5", "random10", "random20"}
+        rates = [report[k] for k in ("accuracy", "pointing_game", "energy_in_boxes", "box_area_share")]
+        assert all(0.0 <= v <= 1.0 for v in rates + list(report["impact"].values()))
+        assert all(v.keys() >= CLASS_KEYS and v["n"] == 2 for v in report["per_class"].values())
+        html = (out / "report.html").read_text()
+        assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+        assert len(list(out.glob("samples_*.png"))) == 6
+
+    def test_split_val_is_the_model_cards_hold_out(self) -> None:
+        """--split val selects exactly the images the model card says were held out."""
+        card = json.loads(MODEL.with_suffix(".json").read_text())
+        val = audit.select_split(scan(data_root(), require_boxes=True), MODEL, "val")
+        assert len(val) == card["validation"]["n"]

@@ -1,0 +1,80 @@
+"""/metrics, /healthz and /readyz of the real agent agree with its heartbeat counters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from agent.health import check
+from protocol import Heartbeat, Status, Verdict
+from tests.integration.agentproc import Launcher, http_get
+from tests.integration.conftest import collect, subscriber, wait_subscribed
+from tests.integration.test_line import gray_frame
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, shipped_model: Path) -> Iterator[Launcher]:
+    """Agents on random ports, killed at teardown."""
+    launch = Launcher(tmp_path)
+    yield launch
+    launch.close()
+
+
+class TestScrape:
+    """A scrape after some good and bad frames."""
+
+    def test_counters_match_heartbeat(self, launcher: Launcher, zctx: zmq.Context[Any]) -> None:
+        """Received, verdicts by status, rejects, batches and histogram counts equal the heartbeat's figures."""
+        agent = launcher.start(explain_interval_s=0)
+        assert http_get(agent.url + "/healthz")[0] == 200
+        assert check(agent.url + "/readyz", 3)[0]
+        sub = subscriber(zctx, agent.publish)
+        wait_subscribed(sub)
+        push = zctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(agent.frames)
+        for seq in range(30):
+            push.send_multipart(gray_frame("camM", seq))
+        bad_version = gray_frame("camM", 30)
+        header = msgpack.unpackb(bad_version[1])
+        header["v"] = 2
+        bad_version[1] = msgpack.packb(header)
+        short = gray_frame("camM", 31)
+        short[2] = bytes(10)
+        for msg in (bad_version, short, [b"\xc1"]):
+            push.send_multipart(msg)
+        msgs = collect(sub, lambda m: sum(isinstance(x, Verdict) for x in m) >= 32, 20)
+        verdicts = [m for m in msgs if isinstance(m, Verdict)]
+        assert len(verdicts) == 32
+        t_last = time.time()
+        msgs = collect(sub, lambda m: any(isinstance(x, Heartbeat) and x.time_ns / 1e9 > t_last for x in m), 5)
+        hb = [m for m in msgs if isinstance(m, Heartbeat)][-1]
+        c = hb.counters
+        m = agent.metrics()
+
+        assert m["tdn_frames_received_total"] == c["received"] == 33
+        ok = sum(v for k, v in m.items() if k.startswith("tdn_verdicts_total") and 'status="ok"' in k)
+        assert ok == c["inferred"] == 30 == sum(v.status is Status.OK for v in verdicts)
+        assert m['tdn_verdicts_total{class="none",status="rejected"}'] == 2
+        rejected = {k: v for k, v in m.items() if k.startswith("tdn_frames_rejected_total")}
+        assert rejected == {'tdn_frames_rejected_total{reason="bad_version"}': 1,
+                            'tdn_frames_rejected_total{reason="payload_size"}': 1,
+                            'tdn_frames_rejected_total{reason="frame_count"}': 1}
+        assert m["tdn_batch_size_count"] == c["batches"] == m["tdn_inference_seconds_count"]
+        assert m["tdn_batch_size_sum"] == m["tdn_queue_wait_seconds_count"] == 30
+        assert c["published"] == 32
+        assert m["tdn_capture_to_verdict_seconds_count"] == 30  # refused frames carry no trusted capture time
+        assert m["tdn_frames_shed_total"] == c["shed"] == 0
+        assert m["tdn_queue_depth"] == 0 and m["tdn_ready"] == 1
+        assert abs(m["tdn_last_heartbeat_timestamp_seconds"] - time.time()) < 5
+        info = [k for k in m if k.startswith("tdn_backend_info")]
+        assert len(info) == 1 and f'model_id="{hb.model_id}"' in info[0] and f'epoch="{hb.epoch}"' in info[0]
+        assert agent.stop() == 0

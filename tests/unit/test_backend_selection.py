@@ -1,0 +1,158 @@
+"""Tests for the pure parts of backend selection: the accuracy gate, tuning choice, profiles and names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.backends import SUPPORTED, Choice, create, load_profile, parse, profile_choice, variants
+from agent.backends.artifacts import gate_decision, gate_record, stratified_subset
+from agent.data import Sample
+from agent.errors import BackendError, ConfigError
+from agent.tune import select
+
+
+def record(acc: float, fp32: float, agree: float, n: int = 1000) -> dict[str, Any]:
+    return {"accuracy": acc, "fp32_accuracy": fp32, "agreement": agree, "n": n}
+
+
+class TestGateDecision:
+    """A reduced-precision variant passes only within 0.5 points and 1% changed decisions of fp32."""
+
+    def test_passes_at_the_bounds(self) -> None:
+        """Exactly 0.5 points lost and exactly 1% changed decisions still pass."""
+        ok, why = gate_decision(record(0.945, 0.950, 0.99))
+        assert ok and why.startswith("passes")
+
+    def test_accuracy_drop_fails(self) -> None:
+        """Losing more than 0.5 points fails, naming the loss."""
+        ok, why = gate_decision(record(0.944, 0.950, 0.999))
+        assert not ok and "loses 0.60 points" in why
+
+    def test_changed_decisions_fail_even_without_accuracy_loss(self) -> None:
+        """Changing more than 1% of top-1 decisions fails even when accuracy rises."""
+        ok, why = gate_decision(record(0.960, 0.950, 0.985))
+        assert not ok and "changes 1.50%" in why
+
+    def test_record_measures_accuracy_and_agreement(self) -> None:
+        """gate_record counts correct predictions of both models and their agreement."""
+        rec = gate_record(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]))
+        assert rec == {"accuracy": 0.5, "fp32_accuracy": 0.75, "agreement": 0.75, "n": 4}
+
+    def test_record_rejects_mismatched_lengths(self) -> None:
+        """Predictions and labels of different lengths are an error, not a silent broadcast."""
+        with pytest.raises(ValueError):
+            gate_record(np.zeros(3), np.zeros(4), np.zeros(4))
+
+
+class TestStratifiedSubset:
+    """Calibration and test subsets take every class equally."""
+
+    def test_equal_share_per_class(self) -> None:
+        """n=12 of six classes gives two of each, deterministically for a seed."""
+        samples = [Sample(Path(f"{c}_{i}.jpg"), c) for c in range(6) for i in range(10)]
+        sub = stratified_subset(samples, 12, seed=3)
+        assert sorted(s.label for s in sub) == [c for c in range(6) for _ in range(2)]
+        assert sub == stratified_subset(samples, 12, seed=3)
+
+
+def row(backend: str, img_s: float, p99: float, threads: int = 2, **kw: Any) -> dict[str, Any]:
+    return {"backend": backend, "precision": "fp32", "threads": threads, "knobs": {}, "batch_size": 1,
+            "img_s": img_s, "p50_ms": p99 / 2, "p99_ms": p99, **kw}
+
+
+class TestSelect:
+    """tune picks the fastest configuration within the latency bound and the gate."""
+
+    def test_fastest_within_bound(self) -> None:
+        """A faster row over the bound loses to a slower one within it."""
+        rows = [row("a", 900, 12.0), row("b", 500, 8.0), row("c", 300, 2.0)]
+        chosen, meets = select(rows, 10.0)
+        assert chosen is rows[1] and meets
+
+    def test_gate_failures_and_errors_are_never_chosen(self) -> None:
+        """Rows that failed the gate or errored are skipped."""
+        rows = [row("a", 900, 1.0, gate_ok=False), row("b", 800, 1.0, error="boom"), row("c", 100, 1.0)]
+        assert select(rows, 10.0)[0] is rows[2]
+
+    def test_near_tie_prefers_fewer_threads(self) -> None:
+        """Within 2% of the best, the configuration with fewer threads wins."""
+        rows = [row("a", 1000, 5.0, threads=2), row("a", 990, 5.0, threads=1)]
+        assert select(rows, 10.0)[0] is rows[1]
+
+    def test_nothing_within_bound_falls_back_to_lowest_latency(self) -> None:
+        """When no row meets the bound the lowest-latency one is returned, flagged."""
+        rows = [row("a", 900, 30.0), row("b", 100, 20.0)]
+        chosen, meets = select(rows, 10.0)
+        assert chosen is rows[1] and not meets
+        assert select([], 10.0) == (None, False)
+
+
+class TestProfile:
+    """The tuning profile is used only for the model and host it was measured on."""
+
+    def profile(self) -> dict[str, Any]:
+        return {"model_sha256": "abc", "host": {"cpu_model": "cpu", "cores": 2},
+                "choice": {"backend": "tensorflow", "precision": "fp32", "threads": 1, "knobs": {}}}
+
+    def test_missing_profile_is_none(self, tmp_path: Path) -> None:
+        """No file (or no path) means no profile."""
+        assert load_profile(tmp_path / "none.json") is None and load_profile(None) is None
+
+    @pytest.mark.parametrize("text", ["{not json", '{"choice": {"backend": "nope"}}', "[]",
+                                      '{"choice": {"backend": "litert", "precision": "bf16"}}'])
+    def test_malformed_profile_is_a_config_error(self, tmp_path: Path, text: str) -> None:
+        """A broken or impossible profile is a one-line ConfigError."""
+        p = tmp_path / "p.json"
+        p.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_profile(p)
+        assert "\n" not in str(err.value)
+
+    def test_choice_for_matching_model_and_host(self, tmp_path: Path) -> None:
+        """A profile of this model and host yields its choice."""
+        p = tmp_path / "p.json"
+        p.write_text(json.dumps(self.profile()))
+        prof = load_profile(p)
+        assert prof is not None
+        choice, why = profile_choice(prof, "abc", "cpu", 2)
+        assert choice == Choice("tensorflow", "fp32", 1, {}, "profile") and why == "ok"
+
+    @pytest.mark.parametrize(("sha", "cpu", "cores", "needle"),
+                             [("other", "cpu", 2, "another model"), ("abc", "amd", 2, "another host"),
+                              ("abc", "cpu", 8, "another host")])
+    def test_stale_profile_is_ignored(self, sha: str, cpu: str, cores: int, needle: str) -> None:
+        """Another model's or another host's profile is ignored, with the reason."""
+        choice, why = profile_choice(self.profile(), sha, cpu, cores)
+        assert choice is None and needle in why
+
+
+class TestNames:
+    """Backend and precision names are parsed and checked before anything loads."""
+
+    def test_parse(self) -> None:
+        """backend:precision splits; a bare name has no precision."""
+        assert parse("litert:int8") == ("litert", "int8") and parse("openvino") == ("openvino", None)
+
+    def test_variants(self) -> None:
+        """A comma list expands bare names to every precision the backend runs."""
+        labels = [v.label for v in variants("openvino,litert:int8")]
+        assert labels == [f"openvino:{p}" for p in SUPPORTED["openvino"]] + ["litert:int8"]
+        assert variants("none") == []
+        with pytest.raises(BackendError, match="unknown backend"):
+            variants("nope")
+        with pytest.raises(BackendError, match="no precision"):
+            variants("zendnn:int8")
+
+    @pytest.mark.parametrize(("name", "kwargs", "needle"),
+                             [("nope", {}, "unknown backend"), ("litert", {"precision": "fp8"}, "unknown precision"),
+                              ("tensorflow:bf16", {}, "no precision bf16"), ("litert:bf16", {}, "no precision bf16")])
+    def test_create_rejects_bad_names(self, name: str, kwargs: dict[str, Any], needle: str) -> None:
+        """create() raises a one-line BackendError without touching the model file."""
+        with pytest.raises(BackendError, match=needle) as err:
+            create(name, "/nonexistent.keras", **kwargs)
+        assert "\n" not in str(err.value)
