@@ -6,7 +6,6 @@ import argparse
 import base64
 import html
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -395,10 +394,12 @@ def write_report(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tdn audit`."""
+    from agent.cli import default_data  # imported here: the CLI imports this module while building its parser
+
     parser.add_argument(
         "--data",
-        default=os.environ.get("TDN_DATA"),
-        help="NEU-DET folder (IMAGES/ + ANNOTATIONS/) (default: $TDN_DATA)",
+        default=default_data(),
+        help="NEU-DET folder (IMAGES/ + ANNOTATIONS/) (default: $TDN_DATA, else ../shared/neu-det)",
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Keras model (default: the shipped one)")
     parser.add_argument(

@@ -42,7 +42,7 @@ def wait_ready(endpoint: str, proc: subprocess.Popen[bytes], timeout_s: float, l
 
     from protocol import HEARTBEAT_PREFIX, AgentState, ProtocolError, decode_heartbeat
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_PREFIX)
     sub.connect(endpoint)

@@ -146,6 +146,12 @@ def _layer(model: Any, name: str) -> Any:
         raise ModelError(f"model {model.name!r} has no layer {name!r}; is it a TinyDefectNet?") from exc
 
 
+def _inputs(model: Any) -> Any:
+    # A single-input model must be rebuilt on the bare input tensor (not a one-item list), so the sub-model
+    # takes a plain tensor like the model itself does.
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def cam_weights(model: Any) -> tuple[np.ndarray, np.ndarray]:
     """The "logits" Dense layer's kernel [C,6] and bias [6], as float32 arrays."""
     weights = _layer(model, "logits").get_weights()
@@ -160,7 +166,7 @@ def features_model(model: Any) -> Any:
     import keras
 
     return keras.Model(
-        model.inputs, [_layer(model, "probs").output, _layer(model, "gap").input], name=f"{model.name}_features"
+        _inputs(model), [_layer(model, "probs").output, _layer(model, "gap").input], name=f"{model.name}_features"
     )
 
 
@@ -192,7 +198,7 @@ class Explainer:
         self.layer = layer or "gap:input"
         # One sub-model and one traced function per Explainer; a fixed signature avoids a retrace for the
         # last, smaller batch.
-        self._sub = keras.Model(model.inputs, [probs, logits, feats], name=f"{model.name}_explain")
+        self._sub = keras.Model(_inputs(model), [probs, logits, feats], name=f"{model.name}_explain")
         img_spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)
         idx_spec = tf.TensorSpec([None], tf.int32)
         sub = self._sub
@@ -203,13 +209,13 @@ class Explainer:
 
         @tf.function(input_signature=[img_spec])
         def forward(x: Any) -> Any:
-            p, _, f = sub([x], training=False)
+            p, _, f = sub(x, training=False)
             return p, f
 
         @tf.function(input_signature=[img_spec, idx_spec])
         def feature_grads(x: Any, class_idx: Any) -> Any:
             with tf.GradientTape() as tape:
-                p, s, f = sub([x], training=False)
+                p, s, f = sub(x, training=False)
                 idx = pick(s, class_idx)
                 target = tf.gather(s, idx, batch_dims=1)
             # Images are independent in inference mode, so the gradient of the sum is per-image gradients.
@@ -219,7 +225,7 @@ class Explainer:
         def input_grads(x: Any, class_idx: Any) -> Any:
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                _, s, _ = sub([x], training=False)
+                _, s, _ = sub(x, training=False)
                 target = tf.gather(s, class_idx, batch_dims=1)
             return tape.gradient(target, x)
 

@@ -6,7 +6,6 @@ import contextlib
 import os
 import stat
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +112,7 @@ class CurveServer:
     allow_dir: Path
     require_subscribers: bool
     public: bytes = b""
-    _secret: bytes = b""
-    denied: Counter[str] = field(default_factory=Counter)  # "<socket>/<reason>" -> handshakes refused
+    _secret: bytes = field(default=b"", repr=False)  # never in a repr, a log line or a traceback's summary
     _auth: Any = None
     _monitors: dict[Any, str] = field(default_factory=dict)  # monitor socket -> socket name
     _logged_keys: set[bytes] = field(default_factory=set)
@@ -150,7 +148,7 @@ class CurveServer:
         return list(self._monitors)
 
     def drain(self, mon: zmq.Socket[Any]) -> list[tuple[str, str]]:
-        """(socket, reason) for each failed handshake waiting on `mon`; counted in `denied` too."""
+        """(socket, reason) for each failed handshake waiting on `mon`."""
         from zmq.utils.monitor import recv_monitor_message
 
         out = []
@@ -160,9 +158,7 @@ class CurveServer:
                 reason = _FAILED_EVENTS.get(int(event["event"]))
                 if reason is None:
                     continue
-                name = self._monitors[mon]
-                self.denied[f"{name}/{reason}"] += 1
-                out.append((name, reason))
+                out.append((self._monitors[mon], reason))
         return out
 
     def _log_denied(self, domain: str, key: bytes) -> None:

@@ -162,6 +162,9 @@ class Agent:
         # normally read, counted and rejected rather than silently cutting the camera's connection.
         self.pull.setsockopt(zmq.MAXMSGSIZE, 2 * self.s.max_frame_bytes)
         self.pull.setsockopt(zmq.LINGER, 0)
+        # Kernel TCP buffers are a hidden queue of hundreds of frames on loopback; keeping them small makes the
+        # camera feel backpressure before its frames grow stale in transit.
+        self.pull.setsockopt(zmq.RCVBUF, 256 * 1024)
         if self.curve is not None:
             self.curve.secure(self.pull, "frames")
         self.pull.bind(self.s.frames_endpoint)
@@ -199,7 +202,8 @@ class Agent:
                       error=str(exc))
             return
         self._metrics_server = server
-        log.info("metrics", url=f"http://{self.s.metrics_addr}:{port}/metrics")
+        host = f"[{self.s.metrics_addr}]" if ":" in self.s.metrics_addr else self.s.metrics_addr
+        log.info("metrics", url=f"http://{host}:{port}/metrics")
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag that the loop checks every tick."""

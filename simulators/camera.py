@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 import threading
@@ -86,8 +87,13 @@ def list_images(root: Path) -> list[tuple[Path, str | None]]:
     return [(path, label_for(path)) for path in files]
 
 
+@functools.lru_cache(maxsize=4096)
 def read_gray(path: Path) -> np.ndarray:
-    """The file as a 2-D uint8 image; SourceError naming the file if it cannot be decoded."""
+    """The file as a 2-D uint8 image; SourceError naming the file if it cannot be decoded.
+
+    Cached: a looping camera would otherwise spend its CPU decoding the same JPEGs again, which on a small
+    machine steals cores from the agent under test.
+    """
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise SourceError(f"cannot decode image file {path}")
@@ -228,6 +234,8 @@ class Camera:
         sock.setsockopt(zmq.SNDTIMEO, self.send_timeout_ms)
         # Queue only to agents actually connected: frames must not wait for a dead or absent agent.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        # A small kernel send buffer keeps frames from aging in transit when the agent pushes back.
+        sock.setsockopt(zmq.SNDBUF, 256 * 1024)
         make_curve_client(sock, self.curve)
         stats.started = time.monotonic()
         due = stats.started
@@ -258,9 +266,9 @@ class Camera:
                 self._send(sock, encode_frame(frame))
         finally:
             stats.ended = time.monotonic()
-            # Frames counted as sent may still sit in ZeroMQ's queue: flush them on a normal end (bounded
-            # by the send timeout); on stop (a signal) drop them at once, as an interrupted camera would.
-            close_socket(sock, 0 if self.stop.is_set() else self.send_timeout_ms)
+            # Frames counted as sent may still sit in ZeroMQ's queue: flush them (bounded by the send timeout),
+            # also on a signal, so that `sent` stays an honest count of frames handed to an agent.
+            close_socket(sock, self.send_timeout_ms)
         return stats
 
 

@@ -247,15 +247,20 @@ def _plot(samples: list[dict[str, Any]], s: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     t = [x["t_s"] / 60 for x in samples]
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     a1.plot(t, [x["rss_mib"] for x in samples], "-", color="C0")
     a1.set_ylabel("agent RSS, MiB")
     a1.set_title(f"RSS growth first→last third: {s['rss_growth_mib']:+.1f} MiB")
     a2.plot(t, [x["p50_ms"] if x["p50_ms"] is not None else np.nan for x in samples], "-", label="p50")
     a2.plot(t, [x["p99_ms"] if x["p99_ms"] is not None else np.nan for x in samples], "-", label="p99")
     a2.set_ylabel("capture → ok verdict, ms")
-    a2.set_xlabel("minutes")
     a2.legend()
+    a3.plot(t, [x["ok_per_s"] for x in samples], "-", label="ok verdicts/s")
+    a3.plot(t, [x["sent_per_s"] for x in samples], "--", color="gray", label="sent/s")
+    a3.plot(t, [x["shed"] / s["interval_s"] for x in samples], "-", color="C3", label="shed/s")
+    a3.set_ylabel("frames/s")
+    a3.set_xlabel("minutes")
+    a3.legend()
     fig.suptitle(f"TinyDefectNet Line soak at {s['load_pct']:g}% of capacity ({s['offered_img_per_s']:,.0f} img/s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class AgentProc:
     publish: str
     metrics_port: int
     log: Path
+    readyz_seen: set[int] = field(default_factory=set)  # /readyz answers seen while waiting for ready
 
     @property
     def url(self) -> str:
@@ -95,9 +96,11 @@ class Launcher:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"agent exited with {proc.returncode} before ready:\n{agent.log_text()[-3000:]}")
-            if http_get(agent.url + "/readyz", timeout=1)[0] == 200:
+            code = http_get(agent.url + "/readyz", timeout=1)[0]
+            agent.readyz_seen.add(code)
+            if code == 200:
                 return agent
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise AssertionError(f"agent not ready after {ready_timeout} s:\n{agent.log_text()[-3000:]}")
 
     def close(self) -> None:

@@ -110,7 +110,7 @@ class TestExplainer:
         p, h = ex.explain(images[:2])
         check_heatmaps(p, h, 2)
         assert np.array_equal(ex.explain(images[:2])[1], h)
-        assert np.allclose(p, np.asarray(model([images[:2]])), atol=1e-5)
+        assert np.allclose(p, np.asarray(model(images[:2])), atol=1e-5)
 
     def test_gradcam_on_an_earlier_layer(self, model: Any, images: np.ndarray) -> None:
         """Grad-CAM can target another conv layer's output, e.g. the first stage's."""
@@ -123,7 +123,7 @@ class TestLeanBackendPath:
         self, model: Any, cam_explainer: Explainer, images: np.ndarray
     ) -> None:
         """A backend running features_model and calling the pure cam() gets the Explainer's maps and probs."""
-        probs, feats = (np.asarray(t) for t in features_model(model)([images]))
+        probs, feats = (np.asarray(t) for t in features_model(model)(images))
         kernel, _ = cam_weights(model)
         p, h = cam_explainer.explain(images)
         assert np.allclose(probs, p, atol=1e-6)
@@ -131,18 +131,30 @@ class TestLeanBackendPath:
 
 
 class TestSyntheticBlob:
-    def test_pointing_game_finds_a_pasted_blob(self, cam_explainer: Explainer, gradcam_explainer: Explainer) -> None:
-        """On mid-gray noise with one bright 20x20 blob, the CAM/Grad-CAM maximum lies on the blob."""
+    # The defect is a dark 20x20 spot, like NEU-DET's inclusions and pits. A *bright* blob on flat gray is nothing
+    # the model was trained on: it then looks at the image borders (where padding breaks the flat texture), and
+    # pasted onto a real NEU-DET texture the real defect dominates, so neither would test the explanation.
+    CORNERS = ((120, 50), (40, 130), (150, 140))  # top-left (row, col) of the blob in the three images
+
+    def images(self) -> np.ndarray:
         rng = np.random.default_rng(0)
-        img = np.clip(rng.normal(127.5, 6.0, (1, 200, 200, 1)), 0, 255).astype(np.float32)
-        img[0, 120:140, 50:70] = 230.0
-        # The last feature map has a ~16-pixel grid, so one cell of slack around the blob is fair.
-        slack = 16
-        box = (51 - slack, 121 - slack, 70 + slack, 140 + slack)
-        for ex in (cam_explainer, gradcam_explainer):
-            _, heat = ex.explain(img)
-            peak = np.unravel_index(heat[0].argmax(), heat[0].shape)
-            assert audit.pointing_hit(heat[0], [box]), f"{ex.method}: maximum at (row, col) {peak}"
+        img = np.clip(rng.normal(127.5, 6.0, (len(self.CORNERS), 200, 200, 1)), 0, 255).astype(np.float32)
+        for i, (r, c) in enumerate(self.CORNERS):
+            img[i, r : r + 20, c : c + 20] = 30.0
+        return img
+
+    def boxes(self, slack: int) -> list[tuple[int, int, int, int]]:
+        return [(c + 1 - slack, r + 1 - slack, c + 20 + slack, r + 20 + slack) for r, c in self.CORNERS]
+
+    @pytest.mark.parametrize("method", ["cam", "gradcam", "ig"])
+    def test_pointing_game_finds_a_dark_blob(self, model: Any, method: str) -> None:
+        """On mid-gray noise with one dark blob the heatmap maximum lies on the blob (CAM: within 10 px)."""
+        # The last feature map is 13x13, so a CAM peak can sit up to about half a ~15 px cell off the blob.
+        slack = 0 if method == "ig" else 10
+        _, heat = Explainer(model, method).explain(self.images())
+        for h, box in zip(heat, self.boxes(slack), strict=True):
+            peak = np.unravel_index(h.argmax(), h.shape)
+            assert audit.pointing_hit(h, [box]), f"{method}: maximum at (row, col) {peak}, blob box {box}"
 
 
 class TestAuditRun:

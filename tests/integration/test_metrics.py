@@ -32,8 +32,10 @@ class TestScrape:
     """A scrape after some good and bad frames."""
 
     def test_counters_match_heartbeat(self, launcher: Launcher, zctx: zmq.Context[Any]) -> None:
-        """Received, verdicts by status, rejects, batches and histogram counts equal the heartbeat's figures."""
+        """/readyz goes 503 -> 200; received, verdicts, rejects, batches and histograms equal the heartbeat's."""
         agent = launcher.start(explain_interval_s=0)
+        # The server is up before the model loads: /readyz said 503 during warm-up, then 200.
+        assert 503 in agent.readyz_seen, agent.readyz_seen
         assert http_get(agent.url + "/healthz")[0] == 200
         assert check(agent.url + "/readyz", 3)[0]
         sub = subscriber(zctx, agent.publish)

@@ -242,7 +242,8 @@ class TestOverload:
                             zctx: zmq.Context[Any]) -> None:
         """RSS stays bounded, every frame sent gets exactly one verdict, heartbeats never pause for 2.5 s."""
         cap = capacity("tensorflow", shipped_model, 16, seconds=2.0)
-        agent = launcher.start(explain_interval_s=0, max_batch_size=16, queue_cap=64)
+        # The same backend as the capacity probe, so "twice the capacity" means what it says.
+        agent = launcher.start(backend="tensorflow", explain_interval_s=0, max_batch_size=16, queue_cap=64)
         proc = psutil.Process(agent.proc.pid)
         hb_times: list[float] = []
         stop = threading.Event()

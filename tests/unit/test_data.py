@@ -43,7 +43,7 @@ class TestScan:
     def test_unknown_class(self, tmp_path: Path) -> None:
         """An unknown class name is an error naming the file."""
         (tmp_path / "rust_1.jpg").write_bytes(b"x")
-        with pytest.raises(DataError, match="rust_1.jpg.*unknown class 'rust'"):
+        with pytest.raises(DataError, match=r"rust_1\.jpg.*unknown class 'rust'"):
             data.scan(tmp_path)
 
     def test_boxes_required(self, tmp_path: Path, neu_det: Path) -> None:
@@ -69,7 +69,7 @@ class TestLoadImage:
         bad.mkdir()
         (bad / "crazing_1.jpg").write_bytes(good[:50])
         samples = data.scan(tmp_path)
-        with pytest.raises(DataError, match="crazing_1.jpg: unreadable"):
+        with pytest.raises(DataError, match=r"crazing_1\.jpg: unreadable"):
             data.load_arrays(samples)
 
     def test_wrong_size(self, tmp_path: Path) -> None:

@@ -124,6 +124,31 @@ class TestClientKeys:
             curve_client_keys(cam, server)
 
 
+class TestSimulatorOptions:
+    """The camera and bridge command lines take key files only, in a sensible combination."""
+
+    def test_secret_without_server_key(self, tmp_path: Path) -> None:
+        """--curve-secret alone is a usage error (exit 2) for both simulators."""
+        from simulators import camera, plc_bridge
+
+        _, cam = security.make_keypair(tmp_path, "cam")
+        for main_ in (camera.main, plc_bridge.main):
+            with pytest.raises(SystemExit) as err:
+                main_(["--curve-secret", str(cam)])
+            assert err.value.code == 2
+
+    def test_readable_secret_is_a_usage_error(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A group-readable secret stops the camera before it connects, naming the fix."""
+        from simulators import camera
+
+        server, _ = security.make_keypair(tmp_path / "a", "agent")
+        _, cam = security.make_keypair(tmp_path / "c", "cam")
+        cam.chmod(0o640)
+        with pytest.raises(SystemExit):
+            camera.main(["--curve-secret", str(cam), "--curve-server-key", str(server), "--count", "1"])
+        assert "chmod 600" in capsys.readouterr().err
+
+
 class TestKeyPolicy:
     """The ZAP callback: allow-list per domain, denials reported."""
 
