@@ -76,12 +76,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     configure(settings.log_level, settings.log_json)
     log = get_logger("agent")
     _quiet_tf()
-    from agent.backends import create
+    from agent.backends import from_settings
     from agent.backends.base import read_card
     from agent.service import Agent
 
     read_card(settings.model_path)
-    backend = create(settings.backend, str(settings.model_path), settings.threads)
+    backend = from_settings(settings)
     agent = Agent(settings, backend)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())

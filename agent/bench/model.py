@@ -60,13 +60,16 @@ def _time(fn: Any, x: Any, min_s: float) -> float:
 
 def tf_rows(model_path: Path, card: dict[str, Any], acc: float | None) -> list[Row]:
     import keras
+    import tensorflow as tf
 
     from agent.backends.tensorflow import TensorFlowBackend
     from agent.model.flops import profiler_flops
 
+    # The zentf plugin, when installed, disables TF's own remapper fusions in every process (see
+    # agent/backends/ZENDNN.md); native rows must run without it, as the tensorflow backend does.
+    tf.config.optimizer.set_experimental_options({"use_plugin_optimizers": False})
     resnet = keras.applications.ResNet50(weights=None, input_shape=(200, 200, 1), classes=6)
     rflops = profiler_flops(resnet)
-    import tensorflow as tf
 
     fns: dict[int, Any] = {}
 
@@ -108,6 +111,8 @@ def extra_rows(spec: str, model_path: Path, card: dict[str, Any]) -> list[Row]:
         return []
     rows = []
     for v in variants(spec):
+        if v.backend == "zendnn":
+            continue  # needs its own process: ZenDNN must be switched on before TensorFlow is imported
         try:
             b = v.create(str(model_path))
             b.load()
@@ -117,6 +122,71 @@ def extra_rows(spec: str, model_path: Path, card: dict[str, Any]) -> list[Row]:
         rows.append(Row("TinyDefectNet", v.backend, v.precision, card.get("params"), card.get("flops"), None,
                         _backend_forward(b), v.label))
     return rows
+
+
+def zendnn_rows(spec: str, args: argparse.Namespace, card: dict[str, Any]) -> list[dict[str, Any]]:
+    """ZenDNN variants, each timed in a child process (same batch, reps and accuracy split) after the others."""
+    import subprocess
+    import sys
+
+    try:
+        from agent.backends import variants
+    except ImportError:
+        return []
+    out = []
+    for v in variants(spec):
+        if v.backend != "zendnn":
+            continue
+        code = (f"from agent.bench.model import standalone; standalone({v.label!r}, {str(args.model)!r}, "
+                f"{args.batch}, {args.reps}, {args.seconds}, {args.data!r})")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0:
+            print(f"skipping {v.label}: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else '?'}")
+            continue
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row.update(params=card.get("params"), flops=card.get("flops"))
+        out.append(row)
+    return out
+
+
+def standalone(label: str, model: str, batch: int, reps: int, seconds: float, data: str | None) -> None:
+    """Child-process entry: time one variant like the in-process rows and print one JSON line."""
+    from agent.backends import variants
+    from agent.backends.base import read_card
+
+    (v,) = variants(label)
+    b = v.create(model)
+    b.load()
+    row = Row("TinyDefectNet", v.backend, v.precision, None, None, None, _backend_forward(b), v.label)
+    if data:
+        from agent.bench.common import held_out
+
+        x, y = held_out(read_card(Path(model)), data)
+        row.accuracy = accuracy_of(row, x, y, batch)
+    _time_rows([row], batch, reps, seconds)
+    print(json.dumps({"name": row.name, "backend": v.backend, "precision": v.precision, "img_per_s": median(row.tput),
+                      "latency_ms_batch1": median(row.lat1), "accuracy": row.accuracy, "note": b.identity().get(
+                          "runtime", v.label)}))
+
+
+def _time_rows(rows: list[Row], batch: int, reps: int, seconds: float) -> None:
+    """Round-robin timing: each repetition times every row once, so drift hits all rows alike."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(0)
+    xb = rng.uniform(0, 255, (batch, 200, 200, 1)).astype(np.float32)
+    x1 = xb[:1].copy()
+    for r in rows:  # warm-up: compile both shapes
+        r.forward(xb)
+        r.forward(x1)
+    bar = tqdm(total=reps * len(rows), desc="timing (round-robin)", leave=False)
+    for _ in range(reps):
+        for r in rows:
+            # ResNet-50 takes seconds per batch here; one call is already a long enough sample.
+            r.tput.append(batch / _time(r.forward, xb, seconds if r.name != "ResNet-50" else 0.0))
+            r.lat1.append(1000 * _time(r.forward, x1, seconds / 2))
+            bar.update(1)
+    bar.close()
 
 
 def accuracy_of(row: Row, x: np.ndarray, y: np.ndarray, batch: int) -> float:
@@ -134,8 +204,6 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tqdm import tqdm
-
     from agent.backends.base import read_card
     from agent.bench.common import held_out
 
@@ -150,20 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if x_val is not None and y_val is not None:
         for r in rows[1:]:
             r.accuracy = accuracy_of(r, x_val, y_val, args.batch)
-    rng = np.random.default_rng(0)
-    xb = rng.uniform(0, 255, (args.batch, 200, 200, 1)).astype(np.float32)
-    x1 = xb[:1].copy()
-    for r in rows:  # warm-up: compile both shapes
-        r.forward(xb)
-        r.forward(x1)
-    bar = tqdm(total=args.reps * len(rows), desc="timing (round-robin)", leave=False)
-    for _ in range(args.reps):
-        for r in rows:
-            # ResNet-50 takes seconds per batch here; one call is already a long enough sample.
-            r.tput.append(args.batch / _time(r.forward, xb, args.seconds if r.name != "ResNet-50" else 0.0))
-            r.lat1.append(1000 * _time(r.forward, x1, args.seconds / 2))
-            bar.update(1)
-    bar.close()
+    _time_rows(rows, args.batch, args.reps, args.seconds)
     base = median(rows[0].tput)
     out_rows = []
     for r in rows:
@@ -174,6 +229,13 @@ def run(args: argparse.Namespace) -> int:
             "accuracy": r.accuracy, "params": r.params, "flops": r.flops,
             "ratio_vs_resnet50_native": round(ips / base, 2), "note": r.note,
         })
+    if args.backends not in ("none", ""):
+        for z in zendnn_rows(args.backends, args, card):
+            z.update(batch=args.batch, img_per_s=round(z["img_per_s"], 1),
+                     latency_ms_batch1=round(z["latency_ms_batch1"], 3),
+                     ratio_vs_resnet50_native=round(z["img_per_s"] / base, 2))
+            z["note"] += " (own process, timed after the others)"
+            out_rows.append(z)
     md = markdown_table(
         ["model", "backend", "precision", f"img/s @{args.batch}", "batch-1 ms", "accuracy", "params", "FLOPs",
          "x ResNet-50"],

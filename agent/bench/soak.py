@@ -221,7 +221,9 @@ def _summary(args: argparse.Namespace, cap: float, offered: float, samples: list
         "rss_growth_mib": round(last - first, 1), "rss_max_mib": max(rss, default=None),
         "latency_ms": {"p50": _r(percentile(listener.all_ms, 50)), "p99": _r(percentile(listener.all_ms, 99)),
                        "max": _r(max(listener.all_ms, default=None))},
-        "sent": sent, "camera_timeouts": sum(c.stats.timed_out for c in cameras), "verdicts": r["verdicts"],
+        "sent": sent, "sent_per_s": round(sent / (args.minutes * 60), 1) if args.minutes else None,
+        "queue_depth_median": float(np.median([x["queue_depth"] for x in samples])) if samples else None,
+        "camera_timeouts": sum(c.stats.timed_out for c in cameras), "verdicts": r["verdicts"],
         "by_status": r["by_status"], "unaccounted": sent - r["verdicts"], "gaps": r["gaps"],
         "duplicates": r["duplicates"], "agent_restarts": r["agent_restarts"], "agent_lost": r["agent_lost"],
     }
@@ -229,14 +231,16 @@ def _summary(args: argparse.Namespace, cap: float, offered: float, samples: list
 
 def _markdown(s: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     head = markdown_table(
-        ["minutes", "load", "offered/s", "RSS first third MiB", "RSS last third MiB", "growth MiB", "p50 ms",
-         "p99 ms", "verdicts", "shed", "unaccounted", "duplicates"],
-        [[s["minutes"], f"{s['load_pct']:g}%", s["offered_img_per_s"], s["rss_first_third_mib"],
-          s["rss_last_third_mib"], s["rss_growth_mib"], s["latency_ms"]["p50"], s["latency_ms"]["p99"],
-          s["verdicts"], s["by_status"].get("shed", 0), s["unaccounted"], s["duplicates"]]],
+        ["minutes", "load", "offered/s", "sent/s", "queue (median)", "RSS first third MiB", "RSS last third MiB",
+         "growth MiB", "p50 ms", "p99 ms", "verdicts", "shed", "unaccounted", "duplicates"],
+        [[s["minutes"], f"{s['load_pct']:g}%", s["offered_img_per_s"], s["sent_per_s"], s["queue_depth_median"],
+          s["rss_first_third_mib"], s["rss_last_third_mib"], s["rss_growth_mib"], s["latency_ms"]["p50"],
+          s["latency_ms"]["p99"], s["verdicts"], s["by_status"].get("shed", 0), s["unaccounted"],
+          s["duplicates"]]],
     )
     return (f"soak: capacity {s['capacity_img_per_s']:,.0f} img/s ({s['backend']}, batch {s['batch']}), "
-            f"{s['load_pct']:g}% offered, {len(samples)} samples every {s['interval_s']:g} s\n\n{head}\n\n"
+            f"{s['load_pct']:g}% offered, {len(samples)} samples every {s['interval_s']:g} s (sent/s below offered/s "
+            f"with a full queue: the line saturated first)\n\n{head}\n\n"
             f"command: tdn bench soak --minutes {s['minutes']:g} --load {s['load_pct']:g}")
 
 

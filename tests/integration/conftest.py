@@ -49,7 +49,7 @@ def start_agent(tmp_path: Path, shipped_model: Path) -> Iterator[Callable[..., R
         publish = f"tcp://127.0.0.1:{free_port()}"
         log = tmp_path / f"agent{len(started)}.log"
         cmd = [sys.executable, "-m", "agent.cli", "agent", "--frames-endpoint", frames,
-               "--publish-endpoint", publish, "--log-json", "true"]
+               "--publish-endpoint", publish, "--log-json", "true", "--metrics-port", "0"]
         for k, v in settings.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
