@@ -23,7 +23,6 @@ class LiteRTBackend(ArtifactBackend):
 
     name = "litert"
     precisions = ("fp32", "int8")
-    auto_order = ("int8", "fp32")
 
     def artifact(self, precision: str) -> Path:
         return self.folder / f"litert-{precision}.tflite"

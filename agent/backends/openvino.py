@@ -38,7 +38,6 @@ class OpenVINOBackend(ArtifactBackend):
 
     name = "openvino"
     precisions = ("fp32", "bf16", "int8")
-    auto_order = ("int8", "bf16", "fp32")
 
     def artifact(self, precision: str) -> Path:
         # bf16 is a compile-time choice (AMX/AVX512-BF16 kernels), not a different file.

@@ -68,8 +68,7 @@ class TensorFlowBackend(Backend):
 
     def _plugin_optimizers(self, tf: Any) -> None:
         # With zentf installed, its registered CPU optimizer config switches off TF's own remapper even when
-        # ZenDNN is off, losing the conv+bias+add+relu fusions (~25% slower at batch 16; see ZENDNN.md).
-        # Native means without it.
+        # ZenDNN is off, so oneDNN loses its conv+bias+add+relu fusions (ZENDNN.md). Native means without it.
         tf.config.optimizer.set_experimental_options({"use_plugin_optimizers": False})
 
     def load(self) -> None:
