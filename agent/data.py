@@ -12,18 +12,9 @@ import cv2
 import numpy as np
 
 from agent.errors import DataError
-from protocol import CLASSES
+from protocol import CLASSES, NEU_CLS_PREFIXES
 
 IMAGE_SIZE = 200
-# NEU-CLS names its files by a two-letter prefix instead of the class name.
-NEU_CLS_PREFIXES = {
-    "Cr": "crazing",
-    "In": "inclusion",
-    "Pa": "patches",
-    "PS": "pitted_surface",
-    "RS": "rolled-in_scale",
-    "Sc": "scratches",
-}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".bmp", ".png"}
 
 Box = tuple[int, int, int, int]  # xmin, ymin, xmax, ymax in pixels, inclusive as VOC writes them

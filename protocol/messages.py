@@ -22,6 +22,15 @@ CLASSES: tuple[str, ...] = (
     "rolled-in_scale",
     "scratches",
 )
+# The two-letter codes the NEU-CLS release names its files by (Cr_1.bmp); cameras and the loader share them.
+NEU_CLS_PREFIXES: dict[str, str] = {
+    "Cr": "crazing",
+    "In": "inclusion",
+    "Pa": "patches",
+    "PS": "pitted_surface",
+    "RS": "rolled-in_scale",
+    "Sc": "scratches",
+}
 
 MAX_DIM = 4096
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import zmq
 
-from protocol import CLASSES, MAX_DIM, Encoding, Frame, encode_frame, is_valid_id
+from protocol import CLASSES, MAX_DIM, NEU_CLS_PREFIXES, Encoding, Frame, encode_frame, is_valid_id
 from simulators.common import (
     DEFAULT_FRAMES_ENDPOINT,
     CurveKeys,
@@ -31,15 +31,6 @@ from simulators.common import (
 from simulators.surfaces import synthetic_surfaces
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".bmp", ".png"})
-# NEU-CLS names files by a two-letter class prefix (Cr_1.bmp); NEU-DET by the class name (crazing_1.jpg).
-NEU_CLS_PREFIXES = {
-    "Cr": "crazing",
-    "In": "inclusion",
-    "Pa": "patches",
-    "PS": "pitted_surface",
-    "RS": "rolled-in_scale",
-    "Sc": "scratches",
-}
 _IMENCODE_EXT = {Encoding.JPEG: ".jpg", Encoding.PNG: ".png"}
 
 

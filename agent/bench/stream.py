@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
     p.add_argument("--backend", default="tensorflow")
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
+    p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
     p.add_argument("--delay-us", type=int, default=2000, help="the agent's max queue delay")
     p.add_argument("--deadline-ms", type=float, default=250.0, help="the agent's shed deadline")
     p.add_argument("--loads", default="25,50,100,150", help="offered load, percent of capacity")
@@ -39,12 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path)
 
 
-def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0) -> float:
+def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, threads: int = 0) -> float:
     """Raw backend images/s at `batch`, in a child process so the agent later gets the CPU alone."""
     code = (
         "import sys,time,numpy as np\n"
         "from agent.backends import create\n"
-        f"b=create({backend_name!r},{str(model)!r});b.load();b.warmup(({batch},))\n"
+        f"b=create({backend_name!r},{str(model)!r},{threads});b.load();b.warmup(({batch},))\n"
         f"x=np.random.default_rng(0).uniform(0,255,({batch},200,200,1)).astype(np.float32)\n"
         "n=0;t0=time.perf_counter()\n"
         f"while time.perf_counter()-t0<{seconds}: b.infer(x); n+=1\n"
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     print("measuring capacity (raw backend throughput) ...", flush=True)
-    cap = capacity(args.backend, args.model, args.batch)
+    cap = capacity(args.backend, args.model, args.batch, threads=args.threads)
     print(f"capacity: {cap:,.0f} img/s at batch {args.batch} ({args.backend})", flush=True)
     frames = f"tcp://127.0.0.1:{_free_port()}"
     publish = f"tcp://127.0.0.1:{_free_port()}"
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         agent = subprocess.Popen(
             [py, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,
              "--backend", args.backend, "--model-path", str(args.model), "--max-batch-size", str(args.batch),
+             "--threads", str(args.threads),
              "--queue-cap", str(4 * args.batch), "--max-queue-delay-us", str(args.delay_us),
              "--shed-deadline-ms", str(args.deadline_ms), "--log-json", "true"],
             stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -144,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
           f"{100 * r['verdicts_per_s'] / cap:.0f}%", r["p50_ms"], r["p99_ms"], r["shed_share"], r["unaccounted"],
           r["agent_cpu_pct"]] for r in results],
     )
-    md = (f"capacity {cap:,.0f} img/s ({args.backend}, batch {args.batch}, measured in this run)\n\n{md}\n\n"
-          f"command: tdn bench stream --batch {args.batch} --seconds {args.seconds:g} --loads {args.loads}")
+    md = (f"capacity {cap:,.0f} img/s ({args.backend}, batch {args.batch}, threads {args.threads or 'all'}, "
+          f"measured in this run)\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
+          f"--threads {args.threads} --seconds {args.seconds:g} --loads {args.loads}")
     print(md)
     write_outputs(out, "bench-stream", md, summary, args.json)
     _plot(results, cap, out / "bench-stream.png", args.deadline_ms)

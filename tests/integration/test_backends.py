@@ -18,6 +18,7 @@ from agent.backends.artifacts import ArtifactBackend, card_split, model_dir, pre
 from agent.backends.base import read_card
 from agent.data import load_arrays, scan
 from agent.errors import BackendError, ConfigError
+from tests.conftest import data_dir
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +32,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 
 
 def data_root() -> Path:
-    env = os.environ.get("TDN_DATA")
-    root = Path(env) if env else REPO.parent / "shared" / "neu-det"
-    if not root.is_dir():
-        pytest.fail(f"NEU-DET folder {root} not found (TDN_DATA={env!r})")
-    return root
+    return data_dir()
 
 
 def python(code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
