@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -42,7 +43,9 @@ def set_seed(seed: int) -> None:
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    # Thread pools can only be sized before TensorFlow's first op; in a process that already ran one, keep them.
+    with contextlib.suppress(RuntimeError):
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 def augment_fn(seed: int) -> Any:

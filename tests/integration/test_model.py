@@ -1,0 +1,82 @@
+"""The shipped model: parameter and FLOP budget, held-out accuracy, and a smoke training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.data import scan, stratified_split
+from agent.model.arch import ArchSpec, count_macs
+from agent.model.flops import MAX_PARAMS, profiler_flops, within_band
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def card(shipped_model: Path) -> dict:
+    return json.loads(shipped_model.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model(shipped_model: Path):  # type: ignore[no-untyped-def]
+    import keras
+
+    return keras.saving.load_model(shipped_model, compile=False)
+
+
+class TestBudget:
+    """The shipped model meets the paper's constraints, measured with the counter."""
+
+    def test_params_and_flop_band(self, model, card: dict) -> None:  # type: ignore[no-untyped-def]
+        """At most 430K parameters; FLOPs by the TF profiler within 5% of 100M, as the card says."""
+        flops = profiler_flops(model)
+        assert model.count_params() <= MAX_PARAMS
+        assert within_band(flops)
+        assert flops == card["flops"] and count_macs(model) == card["macs"]
+
+    def test_io_contract(self, model) -> None:  # type: ignore[no-untyped-def]
+        """Raw 0..255 float32 [N,200,200,1] in, softmax [N,6] out."""
+        x = np.random.default_rng(0).uniform(0, 255, (3, 200, 200, 1)).astype(np.float32)
+        p = np.asarray(model(x, training=False))
+        assert p.shape == (3, 6)
+        np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+
+
+class TestAccuracy:
+    """Accuracy on NEU-DET images the model was never trained on."""
+
+    def test_held_out_accuracy(self, model, card: dict, neu_det: Path) -> None:  # type: ignore[no-untyped-def]
+        """The card's held-out split (rebuilt from its seed and checked by hash) scores >= 98%."""
+        from agent.data import file_list_hash, load_arrays
+
+        cfg = card["training"]["config"]
+        train, val = stratified_split(scan(neu_det), cfg["val_fraction"], card["training"]["seed"])
+        assert file_list_hash(val) == card["validation"]["files_hash"]
+        assert not {s.path.name for s in train} & {s.path.name for s in val}
+        x, y = load_arrays(val)
+        pred = np.asarray(model.predict(x, batch_size=64, verbose=0)).argmax(1)
+        assert (pred == y).mean() >= 0.98
+
+
+class TestSmokeTraining:
+    """The training pipeline runs end to end on a small subset."""
+
+    @pytest.mark.slow
+    def test_one_epoch_writes_model_and_card(self, neu_det: Path, tmp_path: Path, card: dict) -> None:
+        """One epoch on 10 images per class writes a loadable model and a complete model card."""
+        from agent.model.train import TrainConfig, train_and_ship
+
+        samples = [s for c in range(6) for s in [x for x in scan(neu_det) if x.label == c][:10]]
+        spec = ArchSpec.from_dict(card["architecture"])
+        out = train_and_ship(samples, spec, TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.2), tmp_path,
+                             data_root="subset")
+        new = json.loads((tmp_path / "tinydefectnet.json").read_text())
+        assert (tmp_path / "tinydefectnet.keras").is_file()
+        for key in ("classes", "input", "params", "flops", "macs", "netscore", "validation", "training", "versions"):
+            assert key in new
+        assert new["training"]["images"] == 48 and new["validation"]["n"] == 12
+        assert 0.0 <= out["validation"]["accuracy"] <= 1.0
+        assert np.asarray(new["validation"]["confusion_matrix"]).sum() == 12
