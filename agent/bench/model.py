@@ -272,4 +272,3 @@ def _plot(rows: list[dict[str, Any]], path: Path, batch: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    json.dumps(rows)

@@ -117,10 +117,6 @@ def fold_batchnorm(trained: Any, spec: ArchSpec) -> Any:
     return folded
 
 
-def count_params(model: Any) -> int:
-    return int(model.count_params())
-
-
 def count_macs(model: Any) -> int:
     """Multiply-adds of convolutions and dense layers at batch 1 (the MAC convention)."""
     import numpy as np

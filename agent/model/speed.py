@@ -20,7 +20,8 @@ def compiled_forward(model: Any, batch: int) -> Any:
 def time_batches(fn: Any, x: Any, reps: int, warmup: int = 2) -> list[float]:
     """Seconds per call of fn(x) for `reps` calls after `warmup` calls."""
     for _ in range(warmup):
-        fn(x).numpy() if hasattr(fn(x), "numpy") else None
+        r = fn(x)
+        _ = r.numpy() if hasattr(r, "numpy") else r
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
