@@ -103,16 +103,10 @@ def _backend_forward(backend: Any) -> Any:
     return forward
 
 
-def extra_rows(spec: str, model_path: Path, card: dict[str, Any]) -> list[Row]:
-    """Rows for other backend variants, through agent.backends.variants() when that registry exists."""
-    try:
-        from agent.backends import variants
-    except ImportError:
-        return []
+def extra_rows(vs: list[Any], model_path: Path, card: dict[str, Any]) -> list[Row]:
+    """In-process rows for backend variants that can share this process with TensorFlow."""
     rows = []
-    for v in variants(spec):
-        if v.backend == "zendnn":
-            continue  # needs its own process: ZenDNN must be switched on before TensorFlow is imported
+    for v in vs:
         try:
             b = v.create(str(model_path))
             b.load()
@@ -124,19 +118,13 @@ def extra_rows(spec: str, model_path: Path, card: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def zendnn_rows(spec: str, args: argparse.Namespace, card: dict[str, Any]) -> list[dict[str, Any]]:
-    """ZenDNN variants, each timed in a child process (same batch, reps and accuracy split) after the others."""
+def child_rows(vs: list[Any], args: argparse.Namespace, card: dict[str, Any]) -> list[dict[str, Any]]:
+    """Variants that need their own process (ZenDNN: switched on before TensorFlow's import), timed after the rest."""
     import subprocess
     import sys
 
-    try:
-        from agent.backends import variants
-    except ImportError:
-        return []
     out = []
-    for v in variants(spec):
-        if v.backend != "zendnn":
-            continue
+    for v in vs:
         code = (f"from agent.bench.model import standalone; standalone({v.label!r}, {str(args.model)!r}, "
                 f"{args.batch}, {args.reps}, {args.seconds}, {args.data!r})")
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
@@ -212,9 +200,10 @@ def run(args: argparse.Namespace) -> int:
     acc = card.get("validation", {}).get("accuracy")
     if args.data:
         x_val, y_val = held_out(card, args.data)
-    rows = tf_rows(args.model, card, acc)
-    if args.backends not in ("none", ""):
-        rows += extra_rows(args.backends, args.model, card)
+    from agent.backends import variants
+
+    vs = variants(args.backends)
+    rows = tf_rows(args.model, card, acc) + extra_rows([v for v in vs if v.backend != "zendnn"], args.model, card)
     if x_val is not None and y_val is not None:
         for r in rows[1:]:
             r.accuracy = accuracy_of(r, x_val, y_val, args.batch)
@@ -229,13 +218,12 @@ def run(args: argparse.Namespace) -> int:
             "accuracy": r.accuracy, "params": r.params, "flops": r.flops,
             "ratio_vs_resnet50_native": round(ips / base, 2), "note": r.note,
         })
-    if args.backends not in ("none", ""):
-        for z in zendnn_rows(args.backends, args, card):
-            z.update(batch=args.batch, img_per_s=round(z["img_per_s"], 1),
-                     latency_ms_batch1=round(z["latency_ms_batch1"], 3),
-                     ratio_vs_resnet50_native=round(z["img_per_s"] / base, 2))
-            z["note"] += " (own process, timed after the others)"
-            out_rows.append(z)
+    for z in child_rows([v for v in vs if v.backend == "zendnn"], args, card):
+        z.update(batch=args.batch, img_per_s=round(z["img_per_s"], 1),
+                 latency_ms_batch1=round(z["latency_ms_batch1"], 3),
+                 ratio_vs_resnet50_native=round(z["img_per_s"] / base, 2))
+        z["note"] += " (own process, timed after the others)"
+        out_rows.append(z)
     md = markdown_table(
         ["model", "backend", "precision", f"img/s @{args.batch}", "batch-1 ms", "accuracy", "params", "FLOPs",
          "x ResNet-50"],

@@ -31,10 +31,6 @@ LEAN = [b for b in ("litert", "openvino") if installed(b)]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
 
 
-def data_root() -> Path:
-    return data_dir()
-
-
 def python(code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run code in a fresh interpreter (runtimes that must be set up before TensorFlow's import need one)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=ENV,
@@ -51,7 +47,7 @@ def model() -> Path:
 @pytest.fixture(scope="module")
 def images(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, Path]:
     """~120 held-out images, every class equally, their labels, and the images saved for child processes."""
-    _, val, _ = card_split(read_card(model), scan(data_root()))
+    _, val, _ = card_split(read_card(model), scan(data_dir()))
     x, y = load_arrays(stratified_subset(val, N_IMAGES, seed=0))
     path = tmp_path_factory.mktemp("images") / "x.npy"
     np.save(path, x)
@@ -73,7 +69,7 @@ def artifacts(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
     if LEAN:
         out = subprocess.run(
-            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_root()),
+            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_dir()),
              "--artifacts-dir", str(root), "--backends", ",".join(LEAN), "--calibration", "96"],
             capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -181,7 +177,7 @@ class TestLeanBackends:
     def test_export_is_cached_by_model_hash(self, model: Path, artifacts: Path) -> None:
         """A second export of the same model builds nothing and prints the variant table."""
         out = subprocess.run(
-            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_root()),
+            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_dir()),
              "--artifacts-dir", str(artifacts), "--backends", ",".join(LEAN), "--calibration", "96"],
             capture_output=True, text=True, env=ENV, timeout=300, cwd=REPO)
         assert out.returncode == 0, out.stderr[-2000:]
