@@ -129,7 +129,10 @@ class TestOverload:
 
     def test_shed_under_overload(self, start_agent: Any, tmp_path: Path) -> None:
         """Flat-out cameras with a tight deadline get shed verdicts; every sent frame gets exactly one verdict."""
-        agent = start_agent(shed_deadline_ms=15, max_batch_size=8, queue_cap=64, explain_interval_s=0)
+        # The deadline is below the batch timer, so any frame that waits for a batch to fill, or behind a running
+        # one, is shed: shedding does not depend on how fast this machine happens to be today.
+        agent = start_agent(shed_deadline_ms=2, max_queue_delay_us=5_000, max_batch_size=8, queue_cap=64,
+                            explain_interval_s=0)
         rss0 = psutil.Process(agent.proc.pid).memory_info().rss
         report = tmp_path / "bridge.json"
         bridge = subprocess.Popen([sys.executable, "-m", "simulators.plc_bridge", "--endpoint", agent.publish,
