@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.data import Box, Sample, file_list_hash, load_arrays, scan, stratified_split
+from agent.data import Box, Sample, box_mask, file_list_hash, load_arrays, scan, stratified_split
 from agent.errors import ConfigError, DataError, ModelError
 from agent.explain import METHODS, Explainer, heatmap_u8, overlay, png
 from agent.logging import get_logger
@@ -32,22 +32,6 @@ CAPTION = 18  # height of a grid row's caption band
 
 
 # --- metrics: pure -------------------------------------------------------------------------------------------
-
-
-def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:
-    """Union of the boxes as a bool [h,w] mask.
-
-    VOC boxes are 1-based and inclusive (NEU-DET's reach 200 on a 200-pixel image), so (1,1,200,200) is the
-    whole image.
-    """
-    h, w = shape
-    mask = np.zeros((h, w), bool)
-    for x0, y0, x1, y1 in boxes:
-        c0, r0 = max(int(x0) - 1, 0), max(int(y0) - 1, 0)
-        c1, r1 = min(int(x1), w), min(int(y1), h)
-        if c1 > c0 and r1 > r0:
-            mask[r0:r1, c0:c1] = True
-    return mask
 
 
 def pointing_hit(heatmap: np.ndarray, boxes: Sequence[Box]) -> bool:

@@ -112,6 +112,9 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--patience", type=int, default=25, help="early stopping patience in epochs")
     p.add_argument("--val-fraction", type=float, default=0.2, help="stratified hold-out share")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-weight", type=float, default=0.5,
+                   help="weight of the box-guided attention loss, which pulls the class map into the annotated "
+                        "defect boxes (0 = plain cross-entropy; needs ANNOTATIONS/)")
     p.add_argument("--limit", type=int, help="use only N images per class (smoke runs)")
     p.set_defaults(func=cmd_train)
 
@@ -147,7 +150,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.limit:
         samples = [s for c in range(6) for s in [x for x in samples if x.label == c][: args.limit]]
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                      seed=args.seed, val_fraction=args.val_fraction)
+                      seed=args.seed, val_fraction=args.val_fraction, attention_weight=args.attention_weight)
+    if cfg.attention_weight > 0 and not all(s.boxes for s in samples):
+        raise TdnError(f"--attention-weight needs box annotations for every image; {data} has images without "
+                       "them (pass --attention-weight 0)")
     card = train_and_ship(samples, spec, cfg, args.out, data_root=_display_path(data))
     print(f"validation accuracy {card['validation']['accuracy']:.4f} on {card['validation']['n']} held-out images; "
           f"params {card['params']:,}; FLOPs {card['flops'] / 1e6:.1f}M; wrote {args.out}")

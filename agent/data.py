@@ -114,6 +114,22 @@ def load_arrays(samples: Sequence[Sample], progress: bool = False) -> tuple[np.n
     return x, y
 
 
+def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:
+    """Union of the boxes as a bool [h,w] mask.
+
+    VOC boxes are 1-based and inclusive (NEU-DET's reach 200 on a 200-pixel image), so (1,1,200,200) is the
+    whole image.
+    """
+    h, w = shape
+    mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in boxes:
+        c0, r0 = max(int(x0) - 1, 0), max(int(y0) - 1, 0)
+        c1, r1 = min(int(x1), w), min(int(y1), h)
+        if c1 > c0 and r1 > r0:
+            mask[r0:r1, c0:c1] = True
+    return mask
+
+
 def file_list_hash(samples: Sequence[Sample]) -> str:
     """A short hash of the sorted file names, so a model card names exactly what it was trained on."""
     h = hashlib.sha256("\n".join(sorted(s.path.name for s in samples)).encode())

@@ -8,7 +8,7 @@ import queue
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,9 @@ from protocol import (
 
 log = get_logger("agent.service")
 IMAGE_SIZE = 200
+# Batches handed to the inference thread at once: one running and one queued behind it, so the backend starts
+# the next batch the moment the last one ends instead of waiting for this loop to collect and dispatch.
+PIPELINE_DEPTH = 2
 
 
 @dataclass(slots=True)
@@ -101,6 +104,20 @@ def decode_image(frame: Frame) -> np.ndarray:
     return img
 
 
+def check_output(probs: Any, rows: int) -> np.ndarray:
+    """The backend's [N,6] probabilities for the first `rows` rows; ValueError if short, misshapen or not finite.
+
+    A runtime bug must end as rejected verdicts for its batch, not as an exception in the I/O loop.
+    """
+    out = np.asarray(probs)
+    if out.ndim != 2 or out.shape[0] < rows or out.shape[1] != len(CLASSES):
+        raise ValueError(f"backend returned shape {out.shape} for {rows} frames")
+    out = out[:rows]
+    if not np.isfinite(out).all():
+        raise ValueError("backend returned non-finite probabilities")
+    return out
+
+
 class Agent:
     """Owns the sockets; one instance per process. start() then run(); request_stop() from a signal."""
 
@@ -123,11 +140,11 @@ class Agent:
         self.sequencer: Sequencer[Verdict] = Sequencer()
         self.notifier = Notifier()
         self._stop = threading.Event()
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=PIPELINE_DEPTH + 1)
         self._results: queue.Queue[tuple[Job, np.ndarray | None, int, str | None]] = queue.Queue()
         self._explain_in: queue.Queue[tuple[Accepted, Verdict] | None] = queue.Queue(maxsize=1)
         self._explain_out: queue.Queue[Explanation] = queue.Queue()
-        self._in_flight: Job | None = None
+        self._in_flight: deque[Job] = deque()  # dispatched, not yet collected; the first one is running
         self._explaining = False
         self._candidate: tuple[tuple[bool, float], Accepted, Verdict] | None = None
         self._threads: list[threading.Thread] = []
@@ -231,7 +248,7 @@ class Agent:
                 self.health.state, self.health.ready = "draining", False
                 self.metrics.ready.set(0)
                 self.notifier.stopping("draining")
-                log.info("stopping", queued=len(self.batcher), in_flight=self._in_flight is not None)
+                log.info("stopping", queued=len(self.batcher), in_flight=len(self._in_flight))
                 poller.unregister(self.pull)
                 reading = False
                 self.pull.close(linger=0)
@@ -264,7 +281,7 @@ class Agent:
                 self.notifier.watchdog()
                 next_wd = now + wd
             if drain_deadline is not None:
-                if not len(self.batcher) and self._in_flight is None:
+                if not len(self.batcher) and not self._in_flight:
                     break
                 if now >= drain_deadline:
                     self._abandon("shutdown")
@@ -275,7 +292,7 @@ class Agent:
         if draining:
             return 5
         limit = min(next_hb - now, 0.1)
-        if self._in_flight is None:
+        if len(self._in_flight) < PIPELINE_DEPTH:
             dl = self.batcher.next_deadline_ns()
             if dl is not None:
                 limit = min(limit, (dl - time.monotonic_ns()) / 1e9)
@@ -289,8 +306,7 @@ class Agent:
 
     def _healthy(self, now: float, wd: float) -> bool:
         # Watchdog pings only while batches make progress: a wedged inference stops them.
-        job = self._in_flight
-        return job is None or now - job.started_mono < 2 * wd
+        return not self._in_flight or now - self._in_flight[0].started_mono < 2 * wd
 
     # --- intake ---
 
@@ -371,7 +387,7 @@ class Agent:
             self._shed(expired, "deadline")
 
     def _dispatch(self, draining: bool) -> None:
-        if self._in_flight is not None:
+        if len(self._in_flight) >= PIPELINE_DEPTH:
             return
         batch: Batch[Accepted] | None = next(iter(self.batcher.flush()), None) if draining else self.batcher.poll()
         if batch is None:
@@ -383,7 +399,7 @@ class Agent:
             for p in batch.run:
                 self.metrics.queue_wait.observe(max(0, now_ns - p.payload.received_ns) / 1e9)
             job = Job(batch.run, batch.padded_size, time.monotonic())
-            self._in_flight = job
+            self._in_flight.append(job)
             self.counters.batches += 1
             self._jobs.put(job)
 
@@ -392,12 +408,13 @@ class Agent:
         wake.connect(self._wake_addr)
         try:
             while (job := self._jobs.get()) is not None:
+                job.started_mono = time.monotonic()
                 batch = preprocess([p.payload.image for p in job.run], job.padded_size)
                 error = None
                 probs = None
                 t0 = time.perf_counter()
                 try:
-                    probs = self.backend.infer(batch)
+                    probs = check_output(self.backend.infer(batch), len(job.run))
                 except Exception as exc:  # any runtime failure must still end in verdicts
                     error = f"{type(exc).__name__}: {exc}"
                 job.infer_s = time.perf_counter() - t0
@@ -417,7 +434,7 @@ class Agent:
                 job, probs, inferred_ns, error = self._results.get_nowait()
             except queue.Empty:
                 break
-            self._in_flight = None
+            self._in_flight.popleft()
             self.metrics.inference.observe(job.infer_s)
             if probs is None:
                 log.error("inference failed", error=error, batch=len(job.run))
@@ -429,7 +446,9 @@ class Agent:
                         received_ns=p.payload.received_ns, part_id=p.payload.part_id, label=p.payload.label,
                     ))
                 continue
-            for p, row in zip(job.run, probs, strict=False):
+            # One vectorised clip + tolist per batch: per-row numpy scalar calls cost more than the inference.
+            rows = np.clip(probs.astype(np.float64), 0.0, 1.0).tolist()
+            for p, row in zip(job.run, rows, strict=True):
                 self.counters.inferred += 1
                 v = self._verdict(
                     p.camera_id, p.seq, Status.OK, None, capture_ns=p.capture_ns,
@@ -452,15 +471,13 @@ class Agent:
         """Shutdown bound reached: every frame still owed a verdict is shed, so none is lost silently."""
         self._shed(list(self.batcher.expire()) + [p for b in self.batcher.flush() for p in b.run + b.shed],
                    reason)
-        job = self._in_flight
-        if job is not None:
-            self._shed(job.run, reason)
-            self._in_flight = None
+        while self._in_flight:
+            self._shed(self._in_flight.popleft().run, reason)
 
     # --- verdicts ---
 
     def _verdict(self, camera_id: str, seq: int, status: Status, reason: str | None, *, capture_ns: int | None,
-                 received_ns: int, part_id: str | None, label: str | None, probs: np.ndarray | None = None,
+                 received_ns: int, part_id: str | None, label: str | None, probs: list[float] | None = None,
                  inferred_ns: int | None = None) -> Verdict:
         if probs is None:
             return Verdict(
@@ -469,12 +486,12 @@ class Agent:
                 agent_id=self.s.agent_id, epoch=self.epoch, capture_ns=capture_ns, received_ns=received_ns,
                 inferred_ns=None, published_ns=0, part_id=part_id, label=label,
             )
-        idx = int(np.argmax(probs))
-        conf = float(np.clip(probs[idx], 0.0, 1.0))
+        idx = max(range(len(probs)), key=probs.__getitem__)
+        conf = probs[idx]
         defect = CLASSES[idx] in self.s.reject_classes or conf < self.s.min_confidence
         return Verdict(
             camera_id=camera_id, seq=seq, status=status, reason=reason, class_name=CLASSES[idx], class_index=idx,
-            confidence=conf, probs=tuple(float(np.clip(x, 0.0, 1.0)) for x in probs), defect=defect,
+            confidence=conf, probs=tuple(probs), defect=defect,
             model_id=self.backend.model_id, agent_id=self.s.agent_id, epoch=self.epoch, capture_ns=capture_ns,
             received_ns=received_ns, inferred_ns=inferred_ns, published_ns=0, part_id=part_id, label=label,
         )
@@ -584,6 +601,9 @@ class Agent:
 
     def _shutdown(self) -> None:
         self._heartbeat()
+        with contextlib.suppress(queue.Empty):
+            while True:  # batches abandoned at the shutdown bound were already shed; do not run them
+                self._jobs.get_nowait()
         self._jobs.put(None)
         with contextlib.suppress(queue.Full):
             self._explain_in.put_nowait(None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.data import Sample, file_list_hash, load_arrays, stratified_split
+from agent.data import Sample, box_mask, file_list_hash, load_arrays, stratified_split
 from agent.logging import get_logger
 from agent.model.arch import ArchSpec, build, count_macs, fold_batchnorm
 from agent.model.flops import profiler_flops
@@ -36,6 +36,8 @@ class TrainConfig:
     warmup_epochs: int = 3
     seed: int = 0
     val_fraction: float = 0.2
+    # Weight of the box-guided attention loss (0 = plain cross-entropy); see attention_loss.
+    attention_weight: float = 0.0
 
 
 def set_seed(seed: int) -> None:
@@ -49,37 +51,123 @@ def set_seed(seed: int) -> None:
 
 
 def augment_fn(seed: int) -> Any:
-    """Per-image augmentation suited to steel textures: the defects have no canonical orientation."""
+    """Per-image augmentation suited to steel textures: the defects have no canonical orientation.
+
+    The input is the image stacked with its box mask as a second channel: the geometric steps move both, the
+    photometric ones touch only the image, so the mask stays on the defect.
+    """
     import tensorflow as tf
 
     pad = 12
 
-    def aug(x: Any, y: Any) -> tuple[Any, Any]:
-        x = tf.image.random_flip_left_right(x)
-        x = tf.image.random_flip_up_down(x)
-        x = tf.image.rot90(x, tf.random.uniform([], 0, 4, tf.int32))
+    def aug(xm: Any, y: Any) -> tuple[Any, Any]:
+        xm = tf.image.random_flip_left_right(xm)
+        xm = tf.image.random_flip_up_down(xm)
+        xm = tf.image.rot90(xm, tf.random.uniform([], 0, 4, tf.int32))
         # Small shifts with mirrored borders keep the texture statistics at the edges.
-        x = tf.pad(x, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-        x = tf.image.random_crop(x, [200, 200, 1])
+        xm = tf.pad(xm, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        xm = tf.image.random_crop(xm, [200, 200, 2])
+        x, mask = xm[..., :1], xm[..., 1:]
         mean = tf.reduce_mean(x)
         contrast = tf.random.uniform([], 0.75, 1.25)
         brightness = tf.random.uniform([], -25.0, 25.0)
         x = (x - mean) * contrast + mean + brightness
         x = x + tf.random.normal(tf.shape(x), 0.0, tf.random.uniform([], 0.0, 6.0))
-        return tf.clip_by_value(x, 0.0, 255.0), y
+        return (tf.clip_by_value(x, 0.0, 255.0), mask), y
 
     return aug
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch: int, train: bool, seed: int) -> Any:
+def box_masks(samples: Sequence[Sample]) -> np.ndarray:
+    """uint8 [N,200,200,1] union-of-boxes masks; an image without boxes gets all ones (nothing to guide)."""
+    m = np.ones((len(samples), 200, 200, 1), np.uint8)
+    for i, s in enumerate(samples):
+        if s.boxes:
+            m[i, :, :, 0] = box_mask(s.boxes, (200, 200))
+    return m
+
+
+def make_dataset(
+    x: np.ndarray, y: np.ndarray, batch: int, train: bool, seed: int, masks: np.ndarray | None = None
+) -> Any:
+    """Batches of (image, one-hot); training batches are augmented and carry ((image, mask), one-hot)."""
     import tensorflow as tf
 
     yo = np.eye(len(CLASSES), dtype=np.float32)[y]
-    ds = tf.data.Dataset.from_tensor_slices((x, yo))
-    if train:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(augment_fn(seed), num_parallel_calls=tf.data.AUTOTUNE)
+    if not train:
+        return tf.data.Dataset.from_tensor_slices((x, yo)).batch(batch).prefetch(tf.data.AUTOTUNE)
+    m = masks if masks is not None else np.ones(x.shape, np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices((x, m, yo))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda xi, mi, yi: (tf.concat([xi, tf.cast(mi, tf.float32)], -1), yi))
+    ds = ds.map(augment_fn(seed), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+def attention_loss(features: Any, kernel: Any, y: Any, mask: Any) -> Any:
+    """Box-guided attention: -log of the class map's spatial-softmax mass inside the defect boxes.
+
+    With a GAP + dense head the true class's CAM is the last feature map times that class's dense weights; its
+    spatial softmax is where the model "looks". Pushing that mass into NEU-DET's boxes (area-resized to the
+    feature grid) teaches the model to decide from the defect, not from the plain steel or the zero-padded
+    border, which is what the audit's pointing game measures. Zero when the boxes cover the whole image.
+    """
+    import tensorflow as tf
+
+    cam = tf.einsum("nhwc,ck->nhwk", features, kernel)
+    cam_true = tf.reduce_sum(cam * y[:, None, None, :], -1)
+    shape = tf.shape(cam_true)
+    n, cells = shape[0], shape[1] * shape[2]
+    inside = tf.image.resize(mask, shape[1:3], method="area")
+    logp = tf.nn.log_softmax(tf.reshape(cam_true, [n, cells]), -1)
+    p_in = tf.reduce_sum(tf.exp(logp) * tf.reshape(inside, [n, cells]), -1)
+    return -tf.reduce_mean(tf.math.log(p_in + 1e-6))
+
+
+def guided(net: Any, cfg: TrainConfig) -> Any:
+    """Wrap a built model so fit() minimises cross-entropy + attention_weight x attention_loss."""
+    import keras
+    import tensorflow as tf
+
+    class Guided(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="guided")
+            self.net = net
+            self.feat = keras.Model(net.inputs, [net.outputs[0], net.get_layer("gap").input])
+            self.dense = net.get_layer("logits")
+            self.ce = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+            self.loss_m = keras.metrics.Mean(name="loss")
+            self.att_m = keras.metrics.Mean(name="attention")
+            self.acc_m = keras.metrics.CategoricalAccuracy(name="accuracy")
+
+        @property
+        def metrics(self) -> list[Any]:
+            return [self.loss_m, self.att_m, self.acc_m]
+
+        def call(self, x: Any, training: bool = False) -> Any:
+            return self.net(x, training=training)
+
+        def train_step(self, data: Any) -> dict[str, Any]:
+            (x, mask), y = data
+            with tf.GradientTape() as tape:
+                probs, feats = self.feat(x, training=True)
+                att = attention_loss(feats, self.dense.kernel, y, mask)
+                loss = self.ce(y, probs) + cfg.attention_weight * att
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(grads, self.trainable_variables)
+            self.loss_m.update_state(loss)
+            self.att_m.update_state(att)
+            self.acc_m.update_state(y, probs)
+            return {m.name: m.result() for m in self.metrics}
+
+        def test_step(self, data: Any) -> dict[str, Any]:
+            x, y = data
+            probs = self.net(x, training=False)
+            self.loss_m.update_state(self.ce(y, probs))
+            self.acc_m.update_state(y, probs)
+            return {m.name: m.result() for m in (self.loss_m, self.acc_m)}
+
+    return Guided()
 
 
 class EpochLog:
@@ -121,12 +209,20 @@ def fit(
     cfg: TrainConfig,
     quiet: bool = False,
     desc: str = "training",
+    masks: np.ndarray | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train one model; return it (best val weights restored) and its history."""
+    """Train one model; return it (best val weights restored) and its history.
+
+    masks (box masks of the training images, see box_masks) feed the attention loss when
+    cfg.attention_weight > 0.
+    """
     import keras
 
+    if cfg.attention_weight > 0 and masks is None:
+        raise ValueError("attention_weight > 0 needs the training images' box masks")
     set_seed(cfg.seed)
-    model = build(spec)
+    net = build(spec)
+    model = guided(net, cfg)
     steps = int(np.ceil(len(train[0]) / cfg.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=cfg.lr / 10,
@@ -137,8 +233,6 @@ def fit(
     )
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy"],
     )
     callbacks = [
         keras.callbacks.EarlyStopping(
@@ -147,13 +241,13 @@ def fit(
         EpochLog(cfg.epochs, desc, quiet),
     ]
     hist = model.fit(
-        make_dataset(*train, cfg.batch_size, True, cfg.seed),
+        make_dataset(*train, cfg.batch_size, True, cfg.seed, masks),
         validation_data=make_dataset(*val, 64, False, cfg.seed),
         epochs=cfg.epochs,
         callbacks=callbacks,
         verbose=0,
     )
-    return model, hist.history
+    return net, hist.history
 
 
 def evaluate(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
@@ -185,7 +279,7 @@ def train_and_ship(
     log.info("split", train=len(train_s), val=len(val_s), seed=cfg.seed)
     xtr, ytr = load_arrays(train_s, progress=True)
     xva, yva = load_arrays(val_s, progress=True)
-    model, hist = fit(spec, (xtr, ytr), (xva, yva), cfg)
+    model, hist = fit(spec, (xtr, ytr), (xva, yva), cfg, masks=box_masks(train_s))
     folded = fold_batchnorm(model, spec)
     acc, cm, pred = evaluate(folded, xva, yva)
     train_seconds = time.monotonic() - t0

@@ -66,12 +66,13 @@ class TestSmokeTraining:
 
     @pytest.mark.slow
     def test_one_epoch_writes_model_and_card(self, neu_det: Path, tmp_path: Path, card: dict) -> None:
-        """One epoch on 10 images per class writes a loadable model and a complete model card."""
+        """One epoch on 10 images per class, with the box-guided attention loss, writes a model and a full card."""
         from agent.model.train import TrainConfig, train_and_ship
 
         samples = [s for c in range(6) for s in [x for x in scan(neu_det) if x.label == c][:10]]
         spec = ArchSpec.from_dict(card["architecture"])
-        out = train_and_ship(samples, spec, TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.2), tmp_path,
+        out = train_and_ship(samples, spec, TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.2,
+                                                                        attention_weight=0.5), tmp_path,
                              data_root="subset")
         new = json.loads((tmp_path / "tinydefectnet.json").read_text())
         assert (tmp_path / "tinydefectnet.keras").is_file()

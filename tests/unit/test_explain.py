@@ -15,7 +15,6 @@ from agent import audit
 from agent.audit import (
     ImageResult,
     box_area_share,
-    box_mask,
     decision_changed,
     energy_in_boxes,
     interleave_by_class,
@@ -27,7 +26,7 @@ from agent.audit import (
     summarize,
     top_mask,
 )
-from agent.data import Sample
+from agent.data import Sample, box_mask
 from agent.errors import DataError
 from agent.explain import (
     cam,
