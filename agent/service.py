@@ -43,8 +43,8 @@ from protocol import (
 
 log = get_logger("agent.service")
 IMAGE_SIZE = 200
-# Batches handed to the inference thread at once: one running and one queued behind it, so the backend starts
-# the next batch the moment the last one ends instead of waiting for this loop to collect and dispatch.
+# Batches handed to the inference thread at once: one running and one (full) queued behind it, so under load the
+# backend starts the next batch the moment the last one ends instead of waiting for this loop to dispatch it.
 PIPELINE_DEPTH = 2
 
 
@@ -292,7 +292,7 @@ class Agent:
         if draining:
             return 5
         limit = min(next_hb - now, 0.1)
-        if len(self._in_flight) < PIPELINE_DEPTH:
+        if not self._in_flight:
             dl = self.batcher.next_deadline_ns()
             if dl is not None:
                 limit = min(limit, (dl - time.monotonic_ns()) / 1e9)
@@ -388,6 +388,10 @@ class Agent:
 
     def _dispatch(self, draining: bool) -> None:
         if len(self._in_flight) >= PIPELINE_DEPTH:
+            return
+        if self._in_flight and not draining and len(self.batcher) < self.policy.max_batch_size:
+            # Queue a batch behind the running one only when it is full: a partial one would start as a small,
+            # inefficient batch, while waiting lets the frames arriving meanwhile join it.
             return
         batch: Batch[Accepted] | None = next(iter(self.batcher.flush()), None) if draining else self.batcher.poll()
         if batch is None:
