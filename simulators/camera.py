@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=None, help="frames per camera, then exit (default: endless)")
     parser.add_argument("--no-loop", action="store_true", help="stop after one pass over the folder")
     parser.add_argument("--shuffle", action="store_true", help="shuffle the folder (a new order each pass)")
+    parser.add_argument("--lazy", action="store_true",
+                        help="decode images while sending instead of all up front (up to 4,096 are cached)")
     parser.add_argument("--seed", type=int, default=0, help="seed for shuffling and synthetic surfaces")
     parser.add_argument("--encoding", choices=[e.value for e in Encoding], default=Encoding.GRAY8.value)
     parser.add_argument("--send-timeout-ms", type=int, default=1000, help="drop a frame not taken within this")
@@ -328,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     curve = curve_from_args(args, parser)
     try:
         files = list_images(args.source) if args.source is not None else None
+        if files is not None and not args.lazy:
+            # Decode up front: a first pass decoding as it goes sends slower than later ones, which skews any
+            # rate measured from the start, and a corrupt file is better reported before the first frame.
+            for path, _ in files[: read_gray.cache_info().maxsize or 0]:
+                read_gray(path)
     except SourceError as exc:
         print(f"camera: {exc}", file=sys.stderr)
         return 1

@@ -487,6 +487,16 @@ class TestCameraOverZeroMQ:
         assert camera_mod.main(["--source", str(tmp_path), "--count", "1"]) == 1
         assert "no images" in capsys.readouterr().err
 
+    def test_corrupt_file_found_before_sending(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Images are decoded up front, so a corrupt one stops the camera before its first frame, named."""
+        _write_images(tmp_path, ["Cr_1.bmp"])
+        (tmp_path / "Sc_9.bmp").write_bytes(b"not a bitmap")
+        report = tmp_path / "cams.json"
+        argv = ["--source", str(tmp_path), "--count", "1", "--endpoint", "tcp://127.0.0.1:1", "--report", str(report)]
+        assert camera_mod.main(argv) == 1
+        assert "Sc_9.bmp" in capsys.readouterr().err
+        assert not report.exists(), "no camera should have started"
+
 
 class TestBridgeOverZeroMQ:
     """The bridge's main loop against a real publisher."""
