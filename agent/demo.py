@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -28,12 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="also write the summary here")
 
 
-def _free_port() -> int:
+def free_endpoints(n: int = 2) -> list[str]:
+    """n distinct free loopback TCP endpoints: all n sockets are held open while the ports are chosen, so the
+    kernel cannot hand the same port out twice."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
 
 
 def wait_ready(endpoint: str, proc: subprocess.Popen[bytes], timeout_s: float, log_path: Path) -> dict[str, Any]:
@@ -67,8 +72,7 @@ def wait_ready(endpoint: str, proc: subprocess.Popen[bytes], timeout_s: float, l
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    frames = f"tcp://127.0.0.1:{_free_port()}"
-    publish = f"tcp://127.0.0.1:{_free_port()}"
+    frames, publish = free_endpoints()
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     agent_cmd = [py, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     import zmq
 
     from agent.bench.stream import capacity
-    from agent.demo import _free_port, wait_ready
+    from agent.demo import free_endpoints, wait_ready
     from simulators.camera import Camera
 
     out: Path = args.out
@@ -132,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
     offered = cap * args.load / 100
     print(f"capacity {cap:,.0f} img/s; offering {offered:,.0f} img/s ({args.load:g}%) for {args.minutes:g} min",
           flush=True)
-    frames = f"tcp://127.0.0.1:{_free_port()}"
-    publish = f"tcp://127.0.0.1:{_free_port()}"
+    frames, publish = free_endpoints()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = out / "agent.log"
     with log.open("wb") as f:

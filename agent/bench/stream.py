@@ -1,8 +1,10 @@
 """The line under load: capacity measured first, then 25/50/100/150% of it offered by camera processes.
 
-Capacity is the raw backend throughput at the agent's batch size, measured in this run. For each load the
-agent (one process for the whole run), camera processes and a PLC bridge run for --seconds; the bridge
-reports verdicts/s, capture-to-verdict latency and statuses, and psutil the agent's CPU.
+Capacity is the raw backend throughput at the agent's batch size, measured in this run: before the first step
+and after every step, so each step is compared with the mean of the two probes around it (on a shared host the
+backend's speed drifts by 10-20% within minutes). For each load the agent (one process for the whole run),
+camera processes and a PLC bridge run for --seconds; the bridge reports verdicts/s, capture-to-verdict latency
+and statuses, and psutil the agent's CPU.
 """
 
 from __future__ import annotations
@@ -76,15 +78,18 @@ def _pinner(cpus: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     import psutil
 
-    from agent.demo import _free_port, wait_ready
+    from agent.demo import free_endpoints, wait_ready
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     print("measuring capacity (raw backend throughput) ...", flush=True)
-    cap = capacity(args.backend, args.model, args.batch, threads=args.threads, cpus=args.agent_cpus)
-    print(f"capacity: {cap:,.0f} img/s at batch {args.batch} ({args.backend})", flush=True)
-    frames = f"tcp://127.0.0.1:{_free_port()}"
-    publish = f"tcp://127.0.0.1:{_free_port()}"
+    def probe() -> float:
+        c = capacity(args.backend, args.model, args.batch, threads=args.threads, cpus=args.agent_cpus)
+        print(f"capacity: {c:,.0f} img/s at batch {args.batch} ({args.backend})", flush=True)
+        return c
+
+    caps = [probe()]
+    frames, publish = free_endpoints()
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = out / "agent.log"
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         wait_ready(publish, agent, 180, log)
         proc = psutil.Process(agent.pid)
         for load in [float(x) for x in args.loads.split(",")]:
-            offered = cap * load / 100
+            offered = caps[-1] * load / 100
             fps = offered / args.cameras
             tag = f"load{load:g}"
             bridge = subprocess.Popen(
@@ -125,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(2.5)  # last verdicts, and the bridge's verdict timeout
             bridge.send_signal(signal.SIGINT)
             bridge.wait(30)
+            caps.append(probe())  # the agent idles meanwhile: its queue is empty and no camera sends
+            cap = (caps[-2] + caps[-1]) / 2
             br = json.loads((out / f"{tag}-bridge.json").read_text())
             cm = json.loads((out / f"{tag}-cams.json").read_text())
             by = br.get("by_status", {})
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             # when nothing is offered yet. Every sent frame gets its verdict, so ok/window is the delivered rate.
             elapsed = float(cm.get("seconds") or wall)
             results.append({
-                "load_pct": load, "offered_img_per_s": round(offered, 1),
+                "load_pct": load, "capacity_img_per_s": round(cap, 1), "offered_img_per_s": round(offered, 1),
                 "sent_img_per_s": round(cm.get("sent", 0) / elapsed, 1),
                 "verdicts_per_s": round(by.get("ok", 0) / elapsed, 1),
                 "all_verdicts_per_s": round(v / elapsed, 1),
@@ -146,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
                 "agent_cpu_pct": round(cpu, 1), "agent_rss_mib": round(rss, 1),
             })
             r = results[-1]
-            print(f"{load:>5g}%: offered {offered:,.0f}/s sent {r['sent_img_per_s']:,.0f}/s -> ok verdicts "
-                  f"{r['verdicts_per_s']:,.0f}/s, p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms, "
+            print(f"{load:>5g}%: capacity {cap:,.0f}/s offered {offered:,.0f}/s sent {r['sent_img_per_s']:,.0f}/s -> "
+                  f"ok verdicts {r['verdicts_per_s']:,.0f}/s, p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms, "
                   f"shed {r['shed_share']}, unaccounted {r['unaccounted']}", flush=True)
     finally:
         if agent.poll() is None:
@@ -156,25 +163,28 @@ def run(args: argparse.Namespace) -> int:
                 agent.wait(30)
             except subprocess.TimeoutExpired:
                 agent.kill()
-    summary = {"capacity_img_per_s": round(cap, 1), "batch": args.batch, "backend": args.backend,
-               "deadline_ms": args.deadline_ms, "rows": results}
+    summary = {"capacity_probes_img_per_s": [round(c, 1) for c in caps], "batch": args.batch,
+               "backend": args.backend, "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
     md = markdown_table(
-        ["load", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed", "unaccounted",
-         "agent CPU %"],
-        [[f"{r['load_pct']:g}%", r["offered_img_per_s"], r["sent_img_per_s"], r["verdicts_per_s"],
-          f"{100 * r['verdicts_per_s'] / cap:.0f}%", r["p50_ms"], r["p99_ms"], r["shed_share"], r["unaccounted"],
-          r["agent_cpu_pct"]] for r in results],
+        ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
+         "unaccounted", "agent CPU %"],
+        [[f"{r['load_pct']:g}%", r["capacity_img_per_s"], r["offered_img_per_s"], r["sent_img_per_s"],
+          r["verdicts_per_s"], f"{100 * r['verdicts_per_s'] / r['capacity_img_per_s']:.0f}%", r["p50_ms"],
+          r["p99_ms"], r["shed_share"], r["unaccounted"], r["agent_cpu_pct"]] for r in results],
     )
-    md = (f"capacity {cap:,.0f} img/s ({args.backend}, batch {args.batch}, threads {args.threads or 'all'}, "
-          f"measured in this run)\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
-          f"--threads {args.threads} --seconds {args.seconds:g} --loads {args.loads}")
+    pins = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("sim_cpus", args.sim_cpus),
+                                                                ("agent_cpus", args.agent_cpus)) if v)
+    md = (f"capacity probes {', '.join(f'{c:,.0f}' for c in caps)} img/s ({args.backend}, batch {args.batch}, "
+          f"threads {args.threads or 'all'}), before the first step and after each; a step's capacity is the mean "
+          f"of the two around it\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
+          f"--threads {args.threads} --seconds {args.seconds:g} --loads {args.loads}{pins}")
     print(md)
     write_outputs(out, "bench-stream", md, summary, args.json)
-    _plot(results, cap, out / "bench-stream.png", args.deadline_ms)
+    _plot(results, out / "bench-stream.png", args.deadline_ms)
     return 0
 
 
-def _plot(rows: list[dict[str, Any]], cap: float, path: Path, deadline: float) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, deadline: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +201,7 @@ def _plot(rows: list[dict[str, Any]], cap: float, path: Path, deadline: float) -
     a1.legend()
     a2.plot(loads, [r["verdicts_per_s"] for r in rows], "o-", label="ok verdicts/s")
     a2.plot(loads, [r["offered_img_per_s"] for r in rows], "--", color="gray", label="offered")
-    a2.axhline(cap, color="k", ls=":", label="capacity")
+    a2.plot(loads, [r["capacity_img_per_s"] for r in rows], "k:", label="capacity (probed around each step)")
     a2.set_xlabel("offered load, % of capacity")
     a2.set_ylabel("images/s")
     a2.legend()
