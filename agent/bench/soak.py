@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
     p.add_argument("--backend", default="tensorflow")
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
+    p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
     p.add_argument("--cameras", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/bench-soak"))
     p.add_argument("--json", type=Path)
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     print("measuring capacity (raw backend throughput) ...", flush=True)
-    cap = capacity(args.backend, args.model, args.batch)
+    cap = capacity(args.backend, args.model, args.batch, threads=args.threads)
     offered = cap * args.load / 100
     print(f"capacity {cap:,.0f} img/s; offering {offered:,.0f} img/s ({args.load:g}%) for {args.minutes:g} min",
           flush=True)
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,
              "--backend", args.backend, "--model-path", str(args.model), "--max-batch-size", str(args.batch),
+             "--threads", str(args.threads),
              "--queue-cap", str(4 * args.batch), "--metrics-port", "0", "--log-json", "true"],
             stdout=f, stderr=subprocess.STDOUT, env=env)
     samples: list[dict[str, Any]] = []
@@ -216,6 +218,7 @@ def _summary(args: argparse.Namespace, cap: float, offered: float, samples: list
     return {
         "capacity_img_per_s": round(cap, 1), "load_pct": args.load, "offered_img_per_s": round(offered, 1),
         "minutes": args.minutes, "interval_s": args.interval, "backend": args.backend, "batch": args.batch,
+        "threads": args.threads,
         "rss_first_third_mib": round(first, 1), "rss_last_third_mib": round(last, 1),
         "rss_growth_mib": round(last - first, 1), "rss_max_mib": max(rss, default=None),
         "latency_ms": {"p50": _r(percentile(listener.all_ms, 50)), "p99": _r(percentile(listener.all_ms, 99)),
@@ -240,7 +243,8 @@ def _markdown(s: dict[str, Any], samples: list[dict[str, Any]]) -> str:
     return (f"soak: capacity {s['capacity_img_per_s']:,.0f} img/s ({s['backend']}, batch {s['batch']}), "
             f"{s['load_pct']:g}% offered, {len(samples)} samples every {s['interval_s']:g} s (sent/s below offered/s "
             f"with a full queue: the line saturated first)\n\n{head}\n\n"
-            f"command: tdn bench soak --minutes {s['minutes']:g} --load {s['load_pct']:g}")
+            f"command: tdn bench soak --minutes {s['minutes']:g} --load {s['load_pct']:g} --backend {s['backend']} "
+            f"--threads {s.get('threads', 0)}")
 
 
 def _plot(samples: list[dict[str, Any]], s: dict[str, Any], path: Path) -> None:
