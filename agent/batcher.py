@@ -185,30 +185,35 @@ class MicroBatcher(Generic[T]):
             self._min_capture_ns = item.capture_ns
         return True
 
-    def next_deadline_ns(self) -> int | None:
-        """Monotonic ns by which poll() should next run (<= now: poll at once); None when empty.
+    def next_deadline_ns(self, *, busy: bool = False) -> int | None:
+        """Monotonic ns by which poll(busy=...) should next run (<= now: poll at once); None when empty.
 
-        That is when the oldest item has waited max_queue_delay, or earlier if a batch is already
-        full or some item crosses the shed deadline first (converted from wall to monotonic time).
+        That is when the oldest item has waited max_queue_delay (not while busy, see poll), or earlier if a
+        batch is already full or some item crosses the shed deadline first (converted from wall to monotonic
+        time).
         """
         if not self._queue:
             return None
         now = self._monotonic_ns()
         if len(self._queue) >= self.policy.max_batch_size:
             return now
-        deadline = self._queue[0].received_ns + self.policy.max_queue_delay_ns
         assert self._min_capture_ns is not None
         # Age is "> shed_deadline", so the item becomes sheddable one nanosecond after this point.
-        shed_in = self._min_capture_ns + self.policy.shed_deadline_ns + 1 - self._wall_ns()
-        return min(deadline, now + shed_in)
+        shed_at = now + self._min_capture_ns + self.policy.shed_deadline_ns + 1 - self._wall_ns()
+        if busy:
+            return shed_at
+        return min(self._queue[0].received_ns + self.policy.max_queue_delay_ns, shed_at)
 
-    def poll(self) -> Batch[T] | None:
+    def poll(self, *, busy: bool = False) -> Batch[T] | None:
         """Form a batch if one is due (full, or oldest waited max_queue_delay), shedding stale items first.
+
+        busy: a batch is already running. Then only a full batch is due: a partial one would queue behind it
+        as a small, inefficient batch, while waiting lets the frames arriving meanwhile join it.
 
         Also returns a shed-only batch as soon as any waiting item is over the shed deadline, so under
         overload stale frames get their verdict promptly instead of riding the batch timer.
         """
-        return self._form(force=False)
+        return self._form(force=False, busy=busy)
 
     def expire(self) -> list[Pending[T]]:
         """Take out every item over the shed deadline now, without forming a run batch.
@@ -223,14 +228,14 @@ class MicroBatcher(Generic[T]):
         while (batch := self._form(force=True)) is not None:
             yield batch
 
-    def _form(self, *, force: bool) -> Batch[T] | None:
+    def _form(self, *, force: bool, busy: bool = False) -> Batch[T] | None:
         if not self._queue:
             return None
         shed = self._shed_stale()
         # The trigger is judged after shedding: a stale head must not drag fresh items out early,
         # and shed slots should not count toward a "full" batch.
         run: list[Pending[T]] = []
-        if self._queue and (force or self._run_due()):
+        if self._queue and (force or self._run_due(busy)):
             n = min(len(self._queue), self.policy.max_batch_size)
             run = [self._queue.popleft() for _ in range(n)]
             self._min_capture_ns = min((p.capture_ns for p in self._queue), default=None)
@@ -240,9 +245,11 @@ class MicroBatcher(Generic[T]):
             return None
         return Batch(run=run, shed=shed, padded_size=pad_to_compiled(len(run), self.policy.batch_sizes))
 
-    def _run_due(self) -> bool:
+    def _run_due(self, busy: bool) -> bool:
         if len(self._queue) >= self.policy.max_batch_size:
             return True
+        if busy:
+            return False
         waited = self._monotonic_ns() - self._queue[0].received_ns
         return waited >= self.policy.max_queue_delay_ns
 

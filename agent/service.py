@@ -45,8 +45,9 @@ from protocol import (
 
 log = get_logger("agent.service")
 IMAGE_SIZE = 200
-# Batches handed to the inference thread at once: one running and one (full) queued behind it, so under load the
-# backend starts the next batch the moment the last one ends instead of waiting for this loop to dispatch it.
+# Batches handed to the inference thread at once: one running and one queued behind it (the batcher makes that
+# one a full batch), so under load the backend starts the next batch the moment the last one ends instead of
+# waiting for this loop to dispatch it.
 PIPELINE_DEPTH = 2
 # Python hands the GIL to a waiting thread only every switch interval (5 ms by default). The inference thread
 # needs it briefly around every batch, and a 5 ms wait behind the busy I/O loop is a third of a batch here.
@@ -145,7 +146,7 @@ class Agent:
         self.sequencer: Sequencer[Verdict] = Sequencer()
         self.notifier = Notifier()
         self._stop = threading.Event()
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=PIPELINE_DEPTH + 1)
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=PIPELINE_DEPTH + 1)  # + the shutdown sentinel
         self._results: queue.Queue[tuple[Job, np.ndarray | None, int, str | None]] = queue.Queue()
         self._explain_in: queue.Queue[tuple[Accepted, Verdict] | None] = queue.Queue(maxsize=1)
         self._explain_out: queue.Queue[Explanation] = queue.Queue()
@@ -302,8 +303,8 @@ class Agent:
         if draining:
             return 5
         limit = min(next_hb - now, 0.1)
-        if not self._in_flight:
-            dl = self.batcher.next_deadline_ns()
+        if len(self._in_flight) < PIPELINE_DEPTH:
+            dl = self.batcher.next_deadline_ns(busy=bool(self._in_flight))
             if dl is not None:
                 limit = min(limit, (dl - time.monotonic_ns()) / 1e9)
         return max(0, int(limit * 1000 + 0.999))
@@ -399,11 +400,8 @@ class Agent:
     def _dispatch(self, draining: bool) -> None:
         if len(self._in_flight) >= PIPELINE_DEPTH:
             return
-        if self._in_flight and not draining and len(self.batcher) < self.policy.max_batch_size:
-            # Queue a batch behind the running one only when it is full: a partial one would start as a small,
-            # inefficient batch, while waiting lets the frames arriving meanwhile join it.
-            return
-        batch: Batch[Accepted] | None = next(iter(self.batcher.flush()), None) if draining else self.batcher.poll()
+        batch: Batch[Accepted] | None = (next(iter(self.batcher.flush()), None) if draining
+                                         else self.batcher.poll(busy=bool(self._in_flight)))
         if batch is None:
             return
         self._shed(batch.shed, "deadline")

@@ -71,9 +71,8 @@ class TestSmokeTraining:
 
         samples = [s for c in range(6) for s in [x for x in scan(neu_det) if x.label == c][:10]]
         spec = ArchSpec.from_dict(card["architecture"])
-        out = train_and_ship(samples, spec, TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.2,
-                                                                        attention_weight=0.5), tmp_path,
-                             data_root="subset")
+        cfg = TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.2, attention_weight=0.5)
+        out = train_and_ship(samples, spec, cfg, tmp_path, data_root="subset")
         new = json.loads((tmp_path / "tinydefectnet.json").read_text())
         assert (tmp_path / "tinydefectnet.keras").is_file()
         for key in ("classes", "input", "params", "flops", "macs", "netscore", "validation", "training", "versions"):

@@ -406,3 +406,40 @@ class TestMicroBatcherPendingHelper:
         b = make_batcher(clock)
         p = b.pending("x", camera_id="c", seq=7, capture_ns=123)
         assert (p.payload, p.camera_id, p.seq, p.capture_ns, p.received_ns) == ("x", "c", 7, 123, clock.mono)
+
+
+class TestMicroBatcherBusy:
+    """While a batch is already running, only a full batch is due; stale items are still shed."""
+
+    def test_partial_batch_waits_while_busy(self, clock: FakeClock) -> None:
+        """Past the batch timer a partial batch goes when idle, but not while busy."""
+        b = make_batcher(clock)
+        for i in range(2):
+            b.offer(frame(clock, i))
+        clock.advance(5 * MS)
+        assert b.poll(busy=True) is None
+        batch = b.poll()
+        assert batch is not None and seqs(batch.run) == [0, 1]
+
+    def test_full_batch_goes_while_busy(self, clock: FakeClock) -> None:
+        """A full batch is due at once even while busy."""
+        b = make_batcher(clock)
+        for i in range(5):
+            b.offer(frame(clock, i))
+        batch = b.poll(busy=True)
+        assert batch is not None and seqs(batch.run) == [0, 1, 2, 3]
+
+    def test_busy_deadline_is_the_shed_deadline(self, clock: FakeClock) -> None:
+        """While busy the next deadline ignores the batch timer and is when the oldest capture goes stale."""
+        b = make_batcher(clock)
+        b.offer(frame(clock, 0, age_ns=40 * MS))
+        assert b.next_deadline_ns() == clock.mono + 2 * MS
+        assert b.next_deadline_ns(busy=True) == clock.mono + 60 * MS + 1
+
+    def test_stale_items_shed_while_busy(self, clock: FakeClock) -> None:
+        """An item over the shed deadline comes out as shed even while busy."""
+        b = make_batcher(clock)
+        b.offer(frame(clock, 0, age_ns=150 * MS))
+        b.offer(frame(clock, 1))
+        batch = b.poll(busy=True)
+        assert batch is not None and seqs(batch.shed) == [0] and batch.run == []
