@@ -339,8 +339,8 @@ class LineTracker:
             agents += " NO AGENT: LINE UNINSPECTED"
         return (
             f"verdicts {self.verdicts} (ok {by_status['ok']} shed {by_status['shed']} "
-            f"rej {by_status['rejected']}) | rejects {self.rejects} gaps {self.gaps} dup {self.duplicates} "
-            f"| acc {accuracy} | {latency} | {agents}"
+            f"rejected {by_status['rejected']}) | parts diverted {self.rejects} | gaps {self.gaps} "
+            f"dup {self.duplicates} | acc {accuracy} | {latency} | {agents}"
         )
 
     def summary(self) -> dict[str, Any]:
