@@ -20,7 +20,7 @@ from agent.errors import BackendError
 from agent.hostinfo import cores
 
 if TYPE_CHECKING:
-    from agent.data import Sample
+    from agent.lab.data import Sample
 
 FORMAT = 1  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt
 MAX_ACCURACY_DROP = 0.005  # a variant may lose at most 0.5 accuracy points against fp32 ...
@@ -142,7 +142,7 @@ def stratified_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[
 
 def card_split(card: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample], str]:
     """(train, held-out, how) of the model card; a stratified 20% sample when the card names no split."""
-    from agent.data import file_list_hash, stratified_split
+    from agent.lab.data import file_list_hash, stratified_split
 
     training = card.get("training", {})
     cfg = training.get("config", {})
@@ -276,7 +276,7 @@ class ArtifactBackend(Backend):
 
     def _export_fp32(self) -> None:
         # fp32 needs no data: convert it now, in a child process, so this one never imports TensorFlow.
-        cmd = [sys.executable, "-m", "agent.export", "--model", str(self.model_path), "--artifacts-dir",
+        cmd = [sys.executable, "-m", "agent.lab.export", "--model", str(self.model_path), "--artifacts-dir",
                str(self.artifacts_dir), "--backends", self.name, "--precisions", "fp32", "--quiet"]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

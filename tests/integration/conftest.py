@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import zmq
 
-from agent.demo import wait_ready
+from agent.cli.demo import wait_ready
 from protocol import HEARTBEAT_PREFIX, VERDICT_PREFIX, decode
 from tests.conftest import free_port
 

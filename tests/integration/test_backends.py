@@ -16,8 +16,8 @@ import pytest
 from agent.backends import create, installed
 from agent.backends.artifacts import ArtifactBackend, card_split, model_dir, predict_all, read_gate, stratified_subset
 from agent.backends.base import read_card
-from agent.data import load_arrays, scan
 from agent.errors import BackendError, ConfigError
+from agent.lab.data import load_arrays, scan
 from tests.conftest import data_dir
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ def artifacts(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifacts")
     if LEAN:
         out = subprocess.run(
-            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_dir()),
+            [sys.executable, "-m", "agent.lab.export", "--model", str(model), "--data", str(data_dir()),
              "--artifacts-dir", str(root), "--backends", ",".join(LEAN), "--calibration", "96"],
             capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -177,7 +177,7 @@ class TestLeanBackends:
     def test_export_is_cached_by_model_hash(self, model: Path, artifacts: Path) -> None:
         """A second export of the same model builds nothing and prints the variant table."""
         out = subprocess.run(
-            [sys.executable, "-m", "agent.export", "--model", str(model), "--data", str(data_dir()),
+            [sys.executable, "-m", "agent.lab.export", "--model", str(model), "--data", str(data_dir()),
              "--artifacts-dir", str(artifacts), "--backends", ",".join(LEAN), "--calibration", "96"],
             capture_output=True, text=True, env=ENV, timeout=300, cwd=REPO)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import audit
-from agent.data import Sample, load_arrays, scan
 from agent.explain import Explainer, cam, cam_weights, features_model
+from agent.lab import audit
+from agent.lab.data import Sample, load_arrays, scan
 
 pytestmark = pytest.mark.integration
 

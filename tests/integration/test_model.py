@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.data import scan, stratified_split
-from agent.model.arch import ArchSpec, count_macs
-from agent.model.flops import MAX_PARAMS, profiler_flops, within_band
+from agent.lab.data import scan, stratified_split
+from agent.lab.model.arch import ArchSpec, count_macs
+from agent.lab.model.flops import MAX_PARAMS, profiler_flops, within_band
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ class TestAccuracy:
 
     def test_held_out_accuracy(self, model, card: dict, neu_det: Path) -> None:  # type: ignore[no-untyped-def]
         """The card's held-out split (rebuilt from its seed and checked by hash) scores >= 98%."""
-        from agent.data import file_list_hash, load_arrays
+        from agent.lab.data import file_list_hash, load_arrays
 
         cfg = card["training"]["config"]
         train, val = stratified_split(scan(neu_det), cfg["val_fraction"], card["training"]["seed"])
@@ -67,7 +67,7 @@ class TestSmokeTraining:
     @pytest.mark.slow
     def test_one_epoch_writes_model_and_card(self, neu_det: Path, tmp_path: Path, card: dict) -> None:
         """One epoch on 10 images per class, with the box-guided attention loss, writes a model and a full card."""
-        from agent.model.train import TrainConfig, train_and_ship
+        from agent.lab.model.train import TrainConfig, train_and_ship
 
         samples = [s for c in range(6) for s in [x for x in scan(neu_det) if x.label == c][:10]]
         spec = ArchSpec.from_dict(card["architecture"])

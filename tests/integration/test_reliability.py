@@ -21,7 +21,7 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from agent.bench.stream import capacity
+from agent.lab.bench.stream import capacity
 from protocol import HEARTBEAT_PREFIX, VERDICT_PREFIX, Heartbeat, ProtocolError, Status, Verdict, decode, topic_for
 from simulators.camera import Camera, Shot, list_images, read_gray
 from tests.integration.agentproc import Launcher

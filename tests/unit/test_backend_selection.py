@@ -11,9 +11,9 @@ import pytest
 
 from agent.backends import SUPPORTED, Choice, create, load_profile, parse, profile_choice, variants
 from agent.backends.artifacts import gate_decision, gate_record, stratified_subset
-from agent.data import Sample
 from agent.errors import BackendError, ConfigError
-from agent.tune import select
+from agent.lab.data import Sample
+from agent.lab.tune import select
 
 
 def record(acc: float, fp32: float, agree: float, n: int = 1000) -> dict[str, Any]:

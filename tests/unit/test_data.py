@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent import data
 from agent.errors import DataError
+from agent.lab import data
 from protocol import CLASSES
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.demo import free_endpoints
+from agent.cli.demo import free_endpoints
 
 
 class TestFreeEndpoints:

@@ -11,22 +11,6 @@ import cv2
 import numpy as np
 import pytest
 
-from agent import audit
-from agent.audit import (
-    ImageResult,
-    box_area_share,
-    decision_changed,
-    energy_in_boxes,
-    interleave_by_class,
-    mask_random,
-    mask_top,
-    neutral_fill,
-    pointing_hit,
-    render_row,
-    summarize,
-    top_mask,
-)
-from agent.data import Sample, box_mask
 from agent.errors import DataError
 from agent.explain import (
     cam,
@@ -41,6 +25,22 @@ from agent.explain import (
     to_heatmaps,
     weighted_maps,
 )
+from agent.lab import audit
+from agent.lab.audit import (
+    ImageResult,
+    box_area_share,
+    decision_changed,
+    energy_in_boxes,
+    interleave_by_class,
+    mask_random,
+    mask_top,
+    neutral_fill,
+    pointing_hit,
+    render_row,
+    summarize,
+    top_mask,
+)
+from agent.lab.data import Sample, box_mask
 
 REPO = Path(__file__).resolve().parents[2]
 BOX = (51, 101, 100, 150)  # VOC, 1-based inclusive: columns 50..99, rows 100..149 (0-based)
@@ -56,7 +56,8 @@ def perfect_heatmap(box: tuple[int, int, int, int] = BOX) -> np.ndarray:
 class TestImports:
     def test_pure_modules_do_not_import_tensorflow(self) -> None:
         """Lean backends import explain and audit without pulling TensorFlow in."""
-        code = "import sys, agent.explain, agent.audit; sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)"
+        code = ("import sys, agent.explain, agent.lab.audit; "
+                "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
         assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

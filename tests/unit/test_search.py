@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from agent.model.flops import netscore
-from agent.model.search import analytic_macs, best, candidates
+from agent.lab.model.flops import netscore
+from agent.lab.model.search import analytic_macs, best, candidates
 
 
 class TestCandidates:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.data import Sample, box_mask
-from agent.model.train import TrainConfig, attention_loss, box_masks, make_dataset
+from agent.lab.data import Sample, box_mask
+from agent.lab.model.train import TrainConfig, attention_loss, box_masks, make_dataset
 
 
 def _onehot(label: int) -> np.ndarray:
@@ -80,8 +80,8 @@ class TestGuidedAugmentation:
 
     def test_attention_without_masks_is_an_error(self) -> None:
         """Training with attention but no masks fails fast instead of guiding towards nothing."""
-        from agent.model.arch import ArchSpec
-        from agent.model.train import fit
+        from agent.lab.model.arch import ArchSpec
+        from agent.lab.model.train import fit
 
         x = np.zeros((2, 200, 200, 1), np.float32)
         with pytest.raises(ValueError, match="box masks"):

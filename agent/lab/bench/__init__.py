@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from agent.bench import model, soak, stream
+    from agent.lab.bench import model, soak, stream
 
     for name, module in (("model", model), ("stream", stream), ("soak", soak)):
         doc = (module.__doc__ or "").strip().replace("%", "%%")  # argparse formats help with %

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,16 @@ IMAGE_SIZE = 200
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".bmp", ".png"}
 
 Box = tuple[int, int, int, int]  # xmin, ymin, xmax, ymax in pixels, inclusive as VOC writes them
+
+REPO_DATA = Path(__file__).resolve().parents[3] / "shared" / "neu-det"
+
+
+def default_data() -> str | None:
+    """The NEU-DET folder from TDN_DATA, else ../shared/neu-det beside the checkout when it exists."""
+    env = os.environ.get("TDN_DATA")
+    if env:
+        return env
+    return str(REPO_DATA) if REPO_DATA.is_dir() else None
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.common import markdown_table, write_outputs
+from agent.lab.bench.common import markdown_table, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.cli import default_data
     from agent.config import DEFAULT_MODEL
+    from agent.lab.data import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
@@ -78,7 +78,7 @@ def _pinner(cpus: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     import psutil
 
-    from agent.demo import free_endpoints, wait_ready
+    from agent.cli.demo import free_endpoints, wait_ready
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.config import MODELS_DIR
 from agent.errors import TdnError
+from agent.lab.data import default_data
 
-REPO_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "neu-det"
 DELEGATED = {
     "camera": ("simulators.camera", "camera simulator: replay NEU-DET (or synthetic surfaces) as PUSH cameras"),
     "plc-bridge": ("simulators.plc_bridge", "PLC bridge simulator: subscribe to verdicts, track gaps, fail safe"),
@@ -20,22 +21,16 @@ DELEGATED = {
 
 # Subcommands whose module provides add_arguments(parser) and run(args) -> exit code; imported without TensorFlow.
 MODULE_COMMANDS = {
-    "demo": ("agent.demo", "the demo line: agent + 2 NEU-DET cameras + a PLC bridge, live, then a summary"),
-    "bench": ("agent.bench", "benchmarks: model (Table 1 / Figure 4), stream (the line under load)"),
-    "audit": ("agent.audit", "explainability audit: Grad-CAM vs NEU-DET defect boxes, decision impact, report"),
-    "keygen": ("agent.keygen", "make a CurveZMQ key pair (NAME.key public, NAME.key_secret mode 0600)"),
+    "demo": ("agent.cli.demo", "the demo line: agent + 2 NEU-DET cameras + a PLC bridge, live, then a summary"),
+    "bench": ("agent.lab.bench", "benchmarks: model (Table 1 / Figure 4), stream (the line under load)"),
+    "audit": ("agent.lab.audit", "explainability audit: Grad-CAM vs NEU-DET defect boxes, decision impact, report"),
+    "keygen": ("agent.cli.keygen", "make a CurveZMQ key pair (NAME.key public, NAME.key_secret mode 0600)"),
     "health": ("agent.health", "exit 0 when the local agent answers ready on /readyz"),
-    "export": ("agent.export", "build LiteRT/OpenVINO artifacts (fp32, bf16, int8) of a model, gated on NEU-DET"),
-    "tune": ("agent.tune", "sweep backend x precision x threads x batch here; write the profile `auto` uses"),
+    "export": ("agent.lab.export", "build LiteRT/OpenVINO artifacts (fp32, bf16, int8) of a model, gated on NEU-DET"),
+    "tune": ("agent.lab.tune", "sweep backend x precision x threads x batch here; write the profile `auto` uses"),
 }
 
 
-def default_data() -> str | None:
-    """The NEU-DET folder from TDN_DATA, else ../shared/neu-det beside the checkout when it exists."""
-    env = os.environ.get("TDN_DATA")
-    if env:
-        return env
-    return str(REPO_DATA) if REPO_DATA.is_dir() else None
 
 
 def _quiet_tf() -> None:
@@ -103,9 +98,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser("train", help="train TinyDefectNet on a NEU-DET folder and write the model + model card")
     p.add_argument("--data", default=default_data(), help="NEU-DET or NEU-CLS folder (default: $TDN_DATA)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "models", help="output folder")
+    p.add_argument("--out", type=Path, default=MODELS_DIR, help="output folder")
     p.add_argument("--arch", type=Path, help="architecture JSON (default: the winner of the design-search log)")
-    p.add_argument("--search-log", type=Path, default=Path(__file__).parent / "models" / "design_search.jsonl")
+    p.add_argument("--search-log", type=Path, default=MODELS_DIR / "design_search.jsonl")
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -130,11 +125,11 @@ def _need_data(path: str | None) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from agent.data import scan
+    from agent.lab.data import scan
+    from agent.lab.model.arch import ArchSpec
+    from agent.lab.model.search import best, read_log
+    from agent.lab.model.train import TrainConfig, train_and_ship
     from agent.logging import configure
-    from agent.model.arch import ArchSpec
-    from agent.model.search import best, read_log
-    from agent.model.train import TrainConfig, train_and_ship
 
     configure()
     _quiet_tf()
@@ -163,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _display_path(p: str) -> str:
     # Model cards are committed: record the data location relative to the project, not this machine's root.
     try:
-        return os.path.relpath(p, Path(__file__).resolve().parent.parent)
+        return os.path.relpath(p, Path(__file__).resolve().parent.parent.parent)
     except ValueError:
         return p
 
@@ -177,7 +172,7 @@ def _search_parser(sub: Any) -> None:
         "briefly; score by NetScore. Every candidate is appended to --log as JSON; re-running resumes.",
     )
     p.add_argument("--data", default=default_data())
-    p.add_argument("--log", type=Path, default=Path(__file__).parent / "models" / "design_search.jsonl")
+    p.add_argument("--log", type=Path, default=MODELS_DIR / "design_search.jsonl")
     p.add_argument("--budget-minutes", type=float, default=30.0)
     p.add_argument("--epochs", type=int, default=8, help="training epochs per candidate")
     p.add_argument("--flops", type=float, default=100e6, help="FLOP target of the indicator function")
@@ -191,8 +186,8 @@ def _search_parser(sub: Any) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from agent.lab.model.search import run_finalists, run_search
     from agent.logging import configure
-    from agent.model.search import run_finalists, run_search
 
     configure()
     _quiet_tf()

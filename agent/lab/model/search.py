@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.lab.model.arch import ArchSpec, Stage
 from agent.logging import get_logger
-from agent.model.arch import ArchSpec, Stage
 
 log = get_logger("agent.search")
 
@@ -119,11 +119,11 @@ def run_search(
     """
     from tqdm import tqdm
 
-    from agent.data import load_arrays, scan, stratified_split
-    from agent.model.arch import build, count_macs, fold_batchnorm
-    from agent.model.flops import netscore, profiler_flops, within_band
-    from agent.model.speed import images_per_second
-    from agent.model.train import TrainConfig, evaluate, fit, set_seed
+    from agent.lab.data import load_arrays, scan, stratified_split
+    from agent.lab.model.arch import build, count_macs, fold_batchnorm
+    from agent.lab.model.flops import netscore, profiler_flops, within_band
+    from agent.lab.model.speed import images_per_second
+    from agent.lab.model.train import TrainConfig, evaluate, fit, set_seed
 
     done = {r["key"] for r in read_log(log_path)}
     samples = scan(data_root)
@@ -176,7 +176,7 @@ def resnet50_ips(batch: int = 64) -> float:
     """Native-TF images/s of the baseline, ResNet-50 at 200x200x1 with 6 classes."""
     import keras
 
-    from agent.model.speed import images_per_second
+    from agent.lab.model.speed import images_per_second
 
     return images_per_second(keras.applications.ResNet50(weights=None, input_shape=(200, 200, 1), classes=6),
                              batch, reps=3)
@@ -188,10 +188,10 @@ def run_finalists(data_root: str, log_path: Path, k: int, epochs: int, seed: int
     Short screening runs barely separate candidates by accuracy, so NetScore alone would favour the fewest
     parameters; a longer run shows which small designs really learn the task.
     """
-    from agent.data import load_arrays, scan, stratified_split
-    from agent.model.arch import ArchSpec
-    from agent.model.flops import netscore
-    from agent.model.train import TrainConfig, evaluate, fit
+    from agent.lab.data import load_arrays, scan, stratified_split
+    from agent.lab.model.arch import ArchSpec
+    from agent.lab.model.flops import netscore
+    from agent.lab.model.train import TrainConfig, evaluate, fit
 
     rows = read_log(log_path)
     done = {r["key"] for r in rows if r.get("status") == "finalist" and r.get("epochs") == epochs}

@@ -109,7 +109,7 @@ def measure(backend: str, precision: str, threads: int, knobs: dict[str, Any], b
 
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration in a fresh interpreter; returns its per-batch results or an error."""
-    cmd = [sys.executable, "-m", "agent.tune", "--worker", json.dumps(config)]
+    cmd = [sys.executable, "-m", "agent.lab.tune", "--worker", json.dumps(config)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

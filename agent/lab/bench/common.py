@@ -42,7 +42,7 @@ def median(xs: Sequence[float]) -> float:
 
 def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray]:
     """The model card's validation split of `data`: images the shipped model was never trained on."""
-    from agent.data import load_arrays, scan, stratified_split
+    from agent.lab.data import load_arrays, scan, stratified_split
 
     cfg = card["training"]["config"]
     _, val = stratified_split(scan(data), cfg["val_fraction"], card["training"]["seed"])

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.data import Sample, box_mask, file_list_hash, load_arrays, stratified_split
+from agent.lab.data import Sample, box_mask, file_list_hash, load_arrays, stratified_split
+from agent.lab.model.arch import ArchSpec, build, count_macs, fold_batchnorm
+from agent.lab.model.flops import profiler_flops
 from agent.logging import get_logger
-from agent.model.arch import ArchSpec, build, count_macs, fold_batchnorm
-from agent.model.flops import profiler_flops
 from protocol import CLASSES
 
 log = get_logger("agent.train")
@@ -288,7 +288,7 @@ def train_and_ship(
     folded.save(model_path)
     flops = profiler_flops(folded)
     macs = count_macs(folded)
-    from agent.model.flops import netscore
+    from agent.lab.model.flops import netscore
 
     errors = [
         {"file": s.path.name, "true": CLASSES[int(t)], "pred": CLASSES[int(p)]}

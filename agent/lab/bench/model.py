@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.common import markdown_table, median, write_outputs
+from agent.lab.bench.common import markdown_table, median, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.cli import default_data
     from agent.config import DEFAULT_MODEL
+    from agent.lab.data import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--data", default=default_data(),
@@ -63,7 +63,7 @@ def tf_rows(model_path: Path, card: dict[str, Any], acc: float | None) -> list[R
     import tensorflow as tf
 
     from agent.backends.tensorflow import TensorFlowBackend
-    from agent.model.flops import profiler_flops
+    from agent.lab.model.flops import profiler_flops
 
     # The zentf plugin, when installed, disables TF's own remapper fusions in every process (see
     # agent/backends/ZENDNN.md); native rows must run without it, as the tensorflow backend does.
@@ -125,7 +125,7 @@ def child_rows(vs: list[Any], args: argparse.Namespace, card: dict[str, Any]) ->
 
     out = []
     for v in vs:
-        code = (f"from agent.bench.model import standalone; standalone({v.label!r}, {str(args.model)!r}, "
+        code = (f"from agent.lab.bench.model import standalone; standalone({v.label!r}, {str(args.model)!r}, "
                 f"{args.batch}, {args.reps}, {args.seconds}, {args.data!r})")
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
         if res.returncode != 0:
@@ -147,7 +147,7 @@ def standalone(label: str, model: str, batch: int, reps: int, seconds: float, da
     b.load()
     row = Row("TinyDefectNet", v.backend, v.precision, None, None, None, _backend_forward(b), v.label)
     if data:
-        from agent.bench.common import held_out
+        from agent.lab.bench.common import held_out
 
         x, y = held_out(read_card(Path(model)), data)
         row.accuracy = accuracy_of(row, x, y, batch)
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from agent.backends.base import read_card
-    from agent.bench.common import held_out
+    from agent.lab.bench.common import held_out
 
     card = read_card(args.model)
     x_val = y_val = None

@@ -26,8 +26,8 @@ ALL_PRECISIONS = ("fp32", "bf16", "int8")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from agent.backends.artifacts import default_artifacts_dir
-    from agent.cli import default_data
     from agent.config import DEFAULT_MODEL
+    from agent.lab.data import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the .keras model (its card beside it)")
     p.add_argument("--data", default=default_data(),
@@ -85,7 +85,7 @@ class Exporter:
         """Calibration images (training split) and held-out images, labels and fp32 predictions."""
         if not self._arrays:
             from agent.backends.artifacts import card_split, predict_all, stratified_subset
-            from agent.data import load_arrays, scan
+            from agent.lab.data import load_arrays, scan
 
             samples = scan(self.args.data)
             train, val, how = card_split(self.card, samples)
@@ -294,8 +294,8 @@ def _installed(name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m agent.export`: what lean backends run, in a child process, to build a missing fp32 artifact."""
-    p = argparse.ArgumentParser(prog="python -m agent.export", description=__doc__)
+    """`python -m agent.lab.export`: what lean backends run, in a child process, to build a missing fp32 artifact."""
+    p = argparse.ArgumentParser(prog="python -m agent.lab.export", description=__doc__)
     add_arguments(p)
     try:
         return run(p.parse_args(argv))

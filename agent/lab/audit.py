@@ -15,15 +15,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.data import Box, Sample, box_mask, file_list_hash, load_arrays, scan, stratified_split
+from agent.config import DEFAULT_MODEL
 from agent.errors import ConfigError, DataError, ModelError
 from agent.explain import METHODS, Explainer, heatmap_u8, overlay, png
+from agent.lab.data import Box, Sample, box_mask, file_list_hash, load_arrays, scan, stratified_split
 from agent.logging import get_logger
 from protocol import CLASSES
 
-log = get_logger("agent.audit")
+log = get_logger("agent.lab.audit")
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "tinydefectnet.keras"
 FRACS = (0.05, 0.10, 0.20)
 CONFIDENCE_FLOOR = 0.5  # Lin et al.'s impact counts a drop of the original class below this as a change
 BLUR_SIGMA = 8.0  # for --fill blur: wide enough to wipe a scratch or pit, narrow enough to keep the shading
@@ -378,7 +378,7 @@ def write_report(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tdn audit`."""
-    from agent.cli import default_data  # imported here: the CLI imports this module while building its parser
+    from agent.lab.data import default_data
 
     parser.add_argument(
         "--data",

@@ -17,7 +17,7 @@ from agent.errors import TdnError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.cli import default_data
+    from agent.lab.data import default_data
 
     p.add_argument("--data", default=default_data(), help="NEU-DET folder to replay (default: $TDN_DATA; "
                    "without one, synthetic surfaces)")

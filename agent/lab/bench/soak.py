@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.common import markdown_table, percentile, write_outputs
+from agent.lab.bench.common import markdown_table, percentile, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.cli import default_data
     from agent.config import DEFAULT_MODEL
+    from agent.lab.data import default_data
 
     p.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")
     p.add_argument("--load", type=float, default=80.0, help="offered load, percent of capacity")
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     import psutil
     import zmq
 
-    from agent.bench.stream import capacity
-    from agent.demo import free_endpoints, wait_ready
+    from agent.cli.demo import free_endpoints, wait_ready
+    from agent.lab.bench.stream import capacity
     from simulators.camera import Camera
 
     out: Path = args.out
