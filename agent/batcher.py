@@ -8,9 +8,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-T = TypeVar("T")
+T = TypeVar("T", bound="Queued")
 
 Clock = Callable[[], int]
 
@@ -82,25 +82,19 @@ class BatchPolicy:
         return round(self.shed_deadline_ms * 1_000_000)
 
 
-@dataclass(frozen=True, slots=True)
-class Pending(Generic[T]):
-    """One accepted frame waiting for a batch; the payload is opaque to the policy."""
+class Queued(Protocol):
+    """What the batcher needs of an item: when it arrived, on the agent's own monotonic clock."""
 
-    payload: T
-    camera_id: str
-    seq: int
-    # Camera's wall clock: only meaningful against the agent's wall clock, for age/shedding.
-    capture_ns: int
-    # Agent's monotonic clock at receipt: drives the batch timer, immune to NTP steps.
-    received_ns: int
+    @property
+    def received_ns(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Batch(Generic[T]):
     """What poll() hands out: frames to infer (padded to a compiled size) and frames to shed."""
 
-    run: list[Pending[T]]
-    shed: list[Pending[T]]
+    run: list[T]
+    shed: list[T]
     padded_size: int
 
     @property
@@ -129,19 +123,12 @@ class BatcherStats:
 class MicroBatcher(Generic[T]):
     """Bounded FIFO with a Triton-style trigger (full or oldest waited long enough) plus age shedding."""
 
-    def __init__(
-        self,
-        policy: BatchPolicy,
-        monotonic_ns: Clock = time.monotonic_ns,
-        wall_ns: Clock = time.time_ns,
-    ) -> None:
+    def __init__(self, policy: BatchPolicy, monotonic_ns: Clock = time.monotonic_ns) -> None:
         self.policy = policy
         self._monotonic_ns = monotonic_ns
-        self._wall_ns = wall_ns
-        self._queue: deque[Pending[T]] = deque()
-        # Earliest capture_ns in the queue. Camera clocks differ, so FIFO order is not age order;
-        # caching the minimum keeps poll() O(1) until some item is actually due for shedding.
-        self._min_capture_ns: int | None = None
+        # Age is judged on the agent's own receive time, never the camera's clock: a camera whose NTP offset
+        # exceeds the deadline must not get every frame shed (SPEC section 7). So FIFO order is age order.
+        self._queue: deque[T] = deque()
         self._stats = BatcherStats()
 
     def __len__(self) -> int:
@@ -170,36 +157,27 @@ class MicroBatcher(Generic[T]):
             depth=len(self._queue),
         )
 
-    def pending(self, payload: T, *, camera_id: str, seq: int, capture_ns: int) -> Pending[T]:
-        """Wrap a payload, stamping received_ns from this batcher's own monotonic clock."""
-        return Pending(payload, camera_id, seq, capture_ns, self._monotonic_ns())
-
-    def offer(self, item: Pending[T]) -> bool:
+    def offer(self, item: T) -> bool:
         """Enqueue item; False (and nothing queued) when at queue_cap, which is the backpressure signal."""
         self._stats.offered += 1
         if self.full:
             self._stats.refused += 1
             return False
         self._queue.append(item)
-        if self._min_capture_ns is None or item.capture_ns < self._min_capture_ns:
-            self._min_capture_ns = item.capture_ns
         return True
 
     def next_deadline_ns(self, *, busy: bool = False) -> int | None:
         """Monotonic ns by which poll(busy=...) should next run (<= now: poll at once); None when empty.
 
         That is when the oldest item has waited max_queue_delay (not while busy, see poll), or earlier if a
-        batch is already full or some item crosses the shed deadline first (converted from wall to monotonic
-        time).
+        batch is already full or the oldest item crosses the shed deadline first.
         """
         if not self._queue:
             return None
-        now = self._monotonic_ns()
         if len(self._queue) >= self.policy.max_batch_size:
-            return now
-        assert self._min_capture_ns is not None
+            return self._monotonic_ns()
         # Age is "> shed_deadline", so the item becomes sheddable one nanosecond after this point.
-        shed_at = now + self._min_capture_ns + self.policy.shed_deadline_ns + 1 - self._wall_ns()
+        shed_at = self._queue[0].received_ns + self.policy.shed_deadline_ns + 1
         if busy:
             return shed_at
         return min(self._queue[0].received_ns + self.policy.max_queue_delay_ns, shed_at)
@@ -215,7 +193,7 @@ class MicroBatcher(Generic[T]):
         """
         return self._form(force=False, busy=busy)
 
-    def expire(self) -> list[Pending[T]]:
+    def expire(self) -> list[T]:
         """Take out every item over the shed deadline now, without forming a run batch.
 
         The service calls this while inference is busy, so stale frames get their shed verdict promptly
@@ -234,11 +212,10 @@ class MicroBatcher(Generic[T]):
         shed = self._shed_stale()
         # The trigger is judged after shedding: a stale head must not drag fresh items out early,
         # and shed slots should not count toward a "full" batch.
-        run: list[Pending[T]] = []
+        run: list[T] = []
         if self._queue and (force or self._run_due(busy)):
             n = min(len(self._queue), self.policy.max_batch_size)
             run = [self._queue.popleft() for _ in range(n)]
-            self._min_capture_ns = min((p.capture_ns for p in self._queue), default=None)
             self._stats.inferred += n
             self._stats.batches_by_size[n] = self._stats.batches_by_size.get(n, 0) + 1
         if not run and not shed:
@@ -253,20 +230,11 @@ class MicroBatcher(Generic[T]):
         waited = self._monotonic_ns() - self._queue[0].received_ns
         return waited >= self.policy.max_queue_delay_ns
 
-    def _shed_stale(self) -> list[Pending[T]]:
-        assert self._min_capture_ns is not None
-        now = self._wall_ns()
-        limit = self.policy.shed_deadline_ns
-        if now - self._min_capture_ns <= limit:
-            return []
-        shed: list[Pending[T]] = []
-        keep: deque[Pending[T]] = deque()
-        for item in self._queue:
-            if now - item.capture_ns > limit:
-                shed.append(item)
-            else:
-                keep.append(item)
-        self._queue = keep
-        self._min_capture_ns = min((p.capture_ns for p in keep), default=None)
+    def _shed_stale(self) -> list[T]:
+        oldest_ok = self._monotonic_ns() - self.policy.shed_deadline_ns
+        shed: list[T] = []
+        q = self._queue
+        while q and q[0].received_ns < oldest_ok:
+            shed.append(q.popleft())
         self._stats.shed += len(shed)
         return shed

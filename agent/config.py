@@ -12,19 +12,40 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.errors import ConfigError
-from protocol import CLASSES
+from protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MAX_TOPIC_BYTES
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "tinydefectnet.keras"
-_ENDPOINT_RE = re.compile(r"^(tcp://[^\s:]+:\d{1,5}|ipc://\S+|inproc://\S+)$")
+# The largest message the SPEC allows: topic, a 64 KiB header and a 16 MiB payload. The default reads them all.
+MAX_FRAME_MESSAGE = MAX_TOPIC_BYTES + MAX_HEADER_BYTES + MAX_PAYLOAD_BYTES
+# tcp://host:* lets ZeroMQ choose a free port (tests, benchmarks); the agent logs the port it bound.
+_ENDPOINT_RE = re.compile(r"^(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+|inproc://\S+)$")
 BackendName = Literal["auto", "tensorflow", "zendnn", "litert", "openvino"]
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 
 
-def _default_state_dir() -> Path:
-    from agent.backends.artifacts import default_state_dir
+def default_state_dir() -> Path:
+    """systemd's StateDirectory ($STATE_DIRECTORY) when run as the unit, else ~/.cache/tdn."""
+    env = os.environ.get("STATE_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    return Path.home() / ".cache" / "tdn"
 
-    return default_state_dir()
+
+def default_artifacts_dir() -> Path:
+    """Where `tdn export` writes and the agent reads artifacts by default, as the agent's settings resolve it."""
+    if os.environ.get("TDN_ARTIFACTS_DIR"):
+        return Path(os.environ["TDN_ARTIFACTS_DIR"])
+    state = os.environ.get("TDN_STATE_DIR")
+    return (Path(state) if state else default_state_dir()) / "artifacts"
+
+
+def default_profile_path() -> Path:
+    """Where `tdn tune` writes and the agent reads the tuning profile by default, as the settings resolve it."""
+    if os.environ.get("TDN_PROFILE_PATH"):
+        return Path(os.environ["TDN_PROFILE_PATH"])
+    state = os.environ.get("TDN_STATE_DIR")
+    return (Path(state) if state else default_state_dir()) / "profile.json"
 
 
 class AgentSettings(BaseSettings):
@@ -48,7 +69,7 @@ class AgentSettings(BaseSettings):
     )
     threads: int = Field(0, ge=0, le=256, description="intra-op threads of the backend (0: all cores)")
     state_dir: Path = Field(
-        default_factory=_default_state_dir,
+        default_factory=default_state_dir,
         description="exported artifacts and the tuning profile ($STATE_DIRECTORY under systemd, else ~/.cache/tdn)",
     )
     artifacts_dir: Path | None = Field(None, description="artifacts of `tdn export` (default: <state_dir>/artifacts)")
@@ -83,14 +104,25 @@ class AgentSettings(BaseSettings):
     rcvhwm: int = Field(8, ge=1, le=100_000, description="ZeroMQ receive high-water mark of the frame socket")
     sndhwm: int = Field(10_000, ge=1, le=1_000_000, description="ZeroMQ send high-water mark of the PUB socket")
     max_frame_bytes: int = Field(
-        1 << 20, ge=1024, le=64 << 20, description="largest frame message accepted; ZMQ_MAXMSGSIZE is twice this"
+        MAX_FRAME_MESSAGE, ge=1024, le=MAX_FRAME_MESSAGE,
+        description="largest frame message read; larger ones are answered rejected/oversized (the heartbeat says it)",
     )
+    seq_window: int = Field(
+        4096, ge=1, le=1_000_000, description="seqs remembered per camera: a repeat within them is duplicate_seq"
+    )
+    # Decision thresholds: unset, the model card's values (chosen on its validation split) apply.
     # NoDecode: the environment carries the list as comma-separated text, which _split parses.
-    reject_classes: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: list(CLASSES), description="classes whose verdict sets the defect flag"
+    pass_classes: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="classes that may be decided pass (default: the card's pass classes)"
     )
-    min_confidence: float = Field(
-        0.5, ge=0.0, le=1.0, description="a verdict less confident than this sets the defect flag (fail safe)"
+    pass_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="pass only when the calibrated pass probability is at least this"
+    )
+    min_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="a defect class below this calibrated confidence is decided review"
+    )
+    ood_threshold: float | None = Field(
+        None, ge=0.0, description="out-of-distribution score above which a frame is decided review"
     )
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between heartbeats")
     explain_interval_s: float = Field(
@@ -130,7 +162,7 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"{v!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
         return v
 
-    @field_validator("reject_classes", mode="before")
+    @field_validator("pass_classes", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         # Environment variables carry lists as comma-separated text.
@@ -138,19 +170,26 @@ class AgentSettings(BaseSettings):
             return [c.strip() for c in v.split(",") if c.strip()]
         return v
 
-    @field_validator("reject_classes")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [c for c in v if c not in CLASSES]
-        if bad:
-            raise ValueError(f"unknown class {bad[0]!r}; known: {', '.join(CLASSES)}")
-        return v
+    @model_validator(mode="after")
+    def _card(self) -> AgentSettings:
+        # The class names are the model's: checked against its card here, so a typo fails at start-up.
+        if self.pass_classes is not None and self.model_path.is_file():
+            from agent.card import read
+
+            try:
+                classes = read(self.model_path).classes
+            except Exception as exc:  # a bad card is reported as such, once the model is loaded
+                raise ValueError(str(exc)) from None
+            bad = [c for c in self.pass_classes if c not in classes]
+            if bad:
+                raise ValueError(f"pass_classes: unknown class {bad[0]!r}; the model has: {', '.join(classes)}")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> AgentSettings:
         if self.queue_cap < self.max_batch_size:
             raise ValueError(f"queue_cap ({self.queue_cap}) must be >= max_batch_size ({self.max_batch_size})")
-        if self.frames_endpoint == self.publish_endpoint:
+        if self.frames_endpoint == self.publish_endpoint and not self.frames_endpoint.endswith(":*"):
             raise ValueError("frames_endpoint and publish_endpoint must differ")
         if not self.model_path.is_file():
             raise ValueError(f"model_path: {self.model_path} does not exist")

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,7 +22,10 @@ from prometheus_client import (
 )
 
 from agent.logging import get_logger
-from protocol import CLASSES, Status
+
+if TYPE_CHECKING:
+    from agent.line import Job
+    from protocol import Verdict
 
 log = get_logger("agent.metrics")
 
@@ -45,8 +48,11 @@ class Metrics:
                                 ["reason"], registry=r)
         self.shed = Counter("tdn_frames_shed", "Frames too old at batch time, answered shed without inference",
                             registry=r)
-        self.verdicts = Counter("tdn_verdicts", "Verdicts published, by status and predicted class",
-                                ["status", "class"], registry=r)
+        self.verdicts = Counter("tdn_verdicts", "Verdicts published, by status, decision and predicted class",
+                                ["status", "decision", "class"], registry=r)
+        self.swaps = Counter("tdn_model_swaps", "Models swapped in without a restart (SIGHUP)", registry=r)
+        self.refused = Counter("tdn_models_refused", "New models refused by their checks; the old one served on",
+                               registry=r)
         self.queue_depth = Gauge("tdn_queue_depth", "Accepted frames waiting for a batch", registry=r)
         self.batch_size = Histogram("tdn_batch_size", "Frames per inference batch (before padding)",
                                     buckets=BATCH_BUCKETS, registry=r)
@@ -63,26 +69,39 @@ class Metrics:
                                    ["socket", "reason"], registry=r)
         self.ready = Gauge("tdn_ready", "1 once warmed up and serving, 0 while starting or draining", registry=r)
         # Label children resolved once: a .labels() lookup per frame would cost a lock and a dict build.
-        self._verdict: dict[tuple[str, str | None], Any] = {
-            (Status.OK.value, c): self.verdicts.labels(Status.OK.value, c) for c in CLASSES
-        }
-        for status in (Status.SHED, Status.REJECTED):
-            self._verdict[(status.value, None)] = self.verdicts.labels(status.value, NO_CLASS)
+        self._verdict: dict[tuple[str, str, str | None], Any] = {}
         self._rejected: dict[str, Any] = {}
+        self._counters: dict[str, Any] = {"received": self.received, "shed": self.shed, "model_swaps": self.swaps,
+                                          "model_refused": self.refused}
 
-    def verdict(self, status: str, class_name: str | None) -> None:
-        """Count one published verdict."""
-        child = self._verdict.get((status, class_name))
-        if child is None:
-            child = self._verdict[(status, class_name)] = self.verdicts.labels(status, class_name or NO_CLASS)
-        child.inc()
+    def record(self, event: str, reason: str | None, n: int) -> None:
+        """The line core's accounting sink: the same events its heartbeat counters count."""
+        if event in ("rejected", "rejected_unattributed"):
+            key = reason or "unknown"
+            child = self._rejected.get(key)
+            if child is None:
+                child = self._rejected[key] = self.rejected.labels(key)
+            child.inc(n)
+            return
+        counter = self._counters.get(event)
+        if counter is not None:
+            counter.inc(n)
 
-    def reject(self, reason: str) -> None:
-        """Count one refused frame."""
-        child = self._rejected.get(reason)
+    def verdict(self, v: Verdict, published_ns: int) -> None:
+        """Observe one published verdict: its status, decision and class, and its capture-to-verdict latency."""
+        key = (v.status.value, v.decision.value if v.decision else NO_CLASS, v.class_name)
+        child = self._verdict.get(key)
         if child is None:
-            child = self._rejected[reason] = self.rejected.labels(reason)
+            child = self._verdict[key] = self.verdicts.labels(key[0], key[1], v.class_name or NO_CLASS)
         child.inc()
+        if v.capture_ns:
+            self.latency.observe(max(0, published_ns - v.capture_ns) / 1e9)
+
+    def batch(self, job: Job, now_mono_ns: int) -> None:
+        """Observe a dispatched batch: its size, and how long each frame waited for it."""
+        self.batch_size.observe(len(job.items))
+        for p in job.items:
+            self.queue_wait.observe(max(0, now_mono_ns - p.received_ns) / 1e9)
 
     def identity(self, backend: Mapping[str, str], model_id: str, agent_id: str, epoch: int) -> None:
         """Set the info metric once the backend is loaded."""

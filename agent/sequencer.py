@@ -9,43 +9,39 @@ V = TypeVar("V")
 
 
 class Sequencer(Generic[V]):
-    """Holds finished verdicts until every earlier accepted frame of the same camera has one.
+    """Holds finished verdicts until every frame the same camera had accepted before has one.
 
-    A camera's frames arrive over one connection in seq order, so acceptance order is seq order; shed and
-    rejected verdicts are ready sooner than inferred ones and would otherwise overtake them.
+    Each accepted frame gets a ticket, so a camera that reuses a seq still gets each answer in its place; shed
+    and rejected verdicts are ready sooner than inferred ones and would otherwise overtake them.
     """
 
     def __init__(self) -> None:
         self._order: dict[str, deque[int]] = {}
         self._done: dict[str, dict[int, V]] = {}
-        self._owed: dict[str, set[int]] = {}
+        self._owed: dict[int, str] = {}  # ticket -> camera, until its verdict is in
+        self._next = 0
 
-    def accept(self, camera_id: str, seq: int) -> bool:
-        """Record that a frame was accepted and is owed exactly one verdict; False if already owed one."""
-        owed = self._owed.setdefault(camera_id, set())
-        if seq in owed:
-            return False
-        owed.add(seq)
-        self._order.setdefault(camera_id, deque()).append(seq)
+    def admit(self, camera_id: str) -> int:
+        """Record that a frame of this camera was accepted and is owed exactly one verdict; returns its ticket."""
+        self._next += 1
+        self._owed[self._next] = camera_id
+        self._order.setdefault(camera_id, deque()).append(self._next)
         self._done.setdefault(camera_id, {})
-        return True
+        return self._next
 
-    def complete(self, camera_id: str, seq: int, verdict: V) -> list[V]:
-        """Store a verdict; return the verdicts of this camera that may now be published, in order."""
-        owed = self._owed.get(camera_id, set())
-        done = self._done.get(camera_id, {})
-        if seq not in owed or seq in done:
-            raise ValueError(f"no verdict is owed for camera {camera_id!r} seq {seq}")
-        done[seq] = verdict
-        order = self._order[camera_id]
+    def complete(self, camera_id: str, ticket: int, verdict: V) -> list[V]:
+        """Store a ticket's verdict; return the verdicts of this camera that may now be published, in order."""
+        if self._owed.get(ticket) != camera_id:
+            raise ValueError(f"no verdict is owed for camera {camera_id!r} ticket {ticket}")
+        del self._owed[ticket]
+        done, order = self._done[camera_id], self._order[camera_id]
+        done[ticket] = verdict
         out = []
         while order and order[0] in done:
-            head = order.popleft()
-            owed.discard(head)
-            out.append(done.pop(head))
+            out.append(done.pop(order.popleft()))
         if not order:
             # Forget idle cameras so a long run with many camera ids does not grow without bound.
-            del self._order[camera_id], self._done[camera_id], self._owed[camera_id]
+            del self._order[camera_id], self._done[camera_id]
         return out
 
     @property

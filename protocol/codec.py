@@ -11,8 +11,11 @@ import msgpack
 
 from protocol.errors import OversizedError, ProtocolError, Reason, VersionError
 from protocol.messages import (
+    INT64_MAX,
     MAX_HEADER_BYTES,
+    MAX_ID_LEN,
     MAX_PAYLOAD_BYTES,
+    MAX_TEXT_LEN,
     MAX_TOPIC_BYTES,
     PROTOCOL_VERSION,
     UINT64_MAX,
@@ -171,6 +174,28 @@ def _context(header: dict[Any, Any]) -> tuple[str | None, int | None]:
     seq = header.get("seq")
     seq_ok = isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= UINT64_MAX
     return (camera if is_valid_id(camera) else None), (seq if seq_ok else None)
+
+
+def peek_context(parts: Sequence[Any]) -> tuple[str | None, int | None, dict[str, Any]]:
+    """What a refused frame's header still says: camera_id, seq, and the echoable fields that are valid.
+
+    An agent answers a refused frame with these (SPEC 9): the PLC keeps the part's tracking id and capture time
+    even for the parts it must divert. Each field is taken only when it is valid on its own.
+    """
+    try:
+        header = _unpack_header(_buffer(parts[1]))
+    except (ProtocolError, IndexError, TypeError):
+        return None, None, {}
+    camera_id, seq = _context(header)
+    fields: dict[str, Any] = {}
+    capture = header.get("capture_ns")
+    if type(capture) is int and 0 <= capture <= INT64_MAX:
+        fields["capture_ns"] = capture
+    for name, limit in (("part_id", MAX_TEXT_LEN), ("label", MAX_ID_LEN)):
+        value = header.get(name)
+        if isinstance(value, str) and 1 <= len(value) <= limit:
+            fields[name] = value
+    return camera_id, seq, fields
 
 
 def _decode(parts: Sequence[Any], expected: Kind | None) -> Message:

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """Stable machine-readable codes carried by ProtocolError.reason (safe to count and log)."""
+    """Every reason code a shed or rejected verdict (or a rejection counter) can carry: SPEC.md section 9."""
 
     BAD_VERSION = "bad_version"
     BAD_KIND = "bad_kind"
@@ -21,6 +21,13 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"
     BAD_MSGPACK = "bad_msgpack"
     FRAME_COUNT = "frame_count"
+    # Refused by the agent after the message itself decoded.
+    UNDECODABLE = "undecodable"  # the JPEG/PNG payload does not decode to an image
+    DUPLICATE_SEQ = "duplicate_seq"  # this camera's seq was already accepted within the seq window
+    INFERENCE_ERROR = "inference_error"  # the backend failed or returned unusable output for the batch
+    # Shed: accepted, then answered without inference.
+    DEADLINE = "deadline"  # waited longer than the shed deadline before its batch formed
+    SHUTDOWN = "shutdown"  # still queued or in flight when the shutdown bound ran out
 
 
 class ProtocolError(ValueError):

@@ -13,8 +13,9 @@ from protocol.errors import OversizedError, PayloadError, ProtocolError, Reason
 
 PROTOCOL_VERSION = 1
 
-# Class order is part of the wire format: class_index and probs are positions in this tuple.
-CLASSES: tuple[str, ...] = (
+# The reference six-class model's classes (NEU-DET). A model's own class list comes from its card and reaches
+# bridges in the heartbeat; this tuple stays for v1 peers, which knew no other list, and for the NEU test cameras.
+NEU_CLASSES: tuple[str, ...] = (
     "crazing",
     "inclusion",
     "patches",
@@ -31,6 +32,7 @@ NEU_CLS_PREFIXES: dict[str, str] = {
     "RS": "rolled-in_scale",
     "Sc": "scratches",
 }
+MAX_CLASSES = 256
 
 MAX_DIM = 4096
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
@@ -73,6 +75,14 @@ class Status(StrEnum):
     OK = "ok"
     SHED = "shed"
     REJECTED = "rejected"
+
+
+class Decision(StrEnum):
+    """What the line does with the part: pass it, divert it, or divert it for a person to review."""
+
+    PASS = "pass"
+    DIVERT = "divert"
+    REVIEW = "review"
 
 
 class AgentState(StrEnum):
@@ -187,13 +197,8 @@ def _bool(name: str, value: object) -> bool:
 
 
 def _opt_label(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ProtocolError(Reason.BAD_TYPE, detail=f"{name} must be a string")
-    if value not in CLASSES:
-        raise ProtocolError(Reason.BAD_VALUE, detail=f"{name}={value[:32]!r} is not one of CLASSES")
-    return value
+    # A class name of the line's own model: any 1..64 chars; the agent does not judge it against its classes.
+    return None if value is None else _text(name, value, 1, MAX_ID_LEN)
 
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -208,11 +213,9 @@ def _enum(name: str, value: object, enum: type[_E], reason: Reason = Reason.BAD_
         raise ProtocolError(reason, detail=f"unknown {name} {value[:32]!r}") from None
 
 
-def _class(name_value: object, index_value: object) -> tuple[str, int]:
-    index = _int("class_index", index_value, 0, len(CLASSES) - 1)
-    name = _text("class_name", name_value)
-    if name != CLASSES[index]:
-        raise ProtocolError(Reason.BAD_VALUE, detail=f"class_name {name[:32]!r} != CLASSES[{index}]")
+def _class(name_value: object, index_value: object, n_classes: int = MAX_CLASSES) -> tuple[str, int]:
+    index = _int("class_index", index_value, 0, n_classes - 1)
+    name = _text("class_name", name_value, 1, MAX_ID_LEN)
     return name, index
 
 
@@ -240,8 +243,21 @@ def _str_map(name: str, value: object, value_kind: type) -> dict[str, Any]:
         key_s = _text(f"{name} key", key, 1, MAX_ID_LEN)
         if value_kind is int:
             out[key_s] = _int(f"{name}[{key_s}]", item, 0, UINT64_MAX)
+        elif value_kind is float:
+            out[key_s] = _float(f"{name}[{key_s}]", item, -math.inf, math.inf)
         else:
             out[key_s] = _text(f"{name}[{key_s}]", item, 0, MAX_TEXT_LEN)
+    return out
+
+
+def _names(name: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise ProtocolError(Reason.BAD_TYPE, detail=f"{name} must be an array")
+    if len(value) > MAX_CLASSES:
+        raise ProtocolError(Reason.BAD_VALUE, detail=f"{name} has more than {MAX_CLASSES} entries")
+    out = tuple(_text(f"{name}[]", v, 1, MAX_ID_LEN) for v in value)
+    if len(set(out)) != len(out):
+        raise ProtocolError(Reason.BAD_VALUE, detail=f"{name} has duplicates")
     return out
 
 
@@ -371,6 +387,8 @@ class Verdict:
     published_ns: int
     part_id: str | None = None
     label: str | None = None
+    # Added in v1.1; None only from older agents (derive it with decision_of()).
+    decision: Decision | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -389,14 +407,24 @@ class Verdict:
         put(self, "part_id", _opt_text("part_id", self.part_id))
         put(self, "label", _opt_label("label", self.label))
         put(self, "confidence", _opt_unit("confidence", self.confidence))
+        n_classes = MAX_CLASSES
         if self.probs is not None:
             if not isinstance(self.probs, (tuple, list)):
                 raise ProtocolError(Reason.BAD_TYPE, detail="probs must be an array")
-            if len(self.probs) != len(CLASSES):
-                raise ProtocolError(Reason.BAD_VALUE, detail=f"probs must have {len(CLASSES)} entries")
+            if not 1 <= len(self.probs) <= MAX_CLASSES:
+                raise ProtocolError(Reason.BAD_VALUE, detail=f"probs must have 1..{MAX_CLASSES} entries")
             put(self, "probs", tuple(_unit("probs[]", p) for p in self.probs))
+            n_classes = len(self.probs)
+        if self.decision is not None:
+            decision = _enum("decision", self.decision, Decision)
+            put(self, "decision", decision)
+            # pass and defect=false are one fact said twice; a bridge that reads either must read the same.
+            if (decision is Decision.PASS) == self.defect:
+                raise ProtocolError(Reason.BAD_VALUE, detail=f"decision {decision} with defect={self.defect}")
+            if self.status is not Status.OK and decision is not Decision.DIVERT:
+                raise ProtocolError(Reason.BAD_VALUE, detail=f"status {self.status} must have decision divert")
         if self.status is Status.OK:
-            name, index = _class(self.class_name, self.class_index)
+            name, index = _class(self.class_name, self.class_index, n_classes)
             put(self, "class_name", name)
             put(self, "class_index", index)
             if self.confidence is None or self.inferred_ns is None:
@@ -415,6 +443,7 @@ class Verdict:
         """Plain JSON-ready dict (enums as strings, probs as a list)."""
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
         out["status"] = self.status.value
+        out["decision"] = None if self.decision is None else self.decision.value
         out["probs"] = None if self.probs is None else list(self.probs)
         return out
 
@@ -475,6 +504,12 @@ class Heartbeat:
     batch_sizes: dict[str, int]
     backend: dict[str, str]
     model_id: str
+    # Added in v1.1 (empty from older agents): the serving model's class list (probs order), the classes that
+    # pass, the decision thresholds in force, and the largest frame message this agent reads.
+    classes: tuple[str, ...] = ()
+    pass_classes: tuple[str, ...] = ()
+    thresholds: dict[str, float] = field(default_factory=dict)
+    max_frame_bytes: int | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -490,14 +525,28 @@ class Heartbeat:
         put(self, "backend", _str_map("backend", self.backend, str))
         # Empty while the model is still loading (state "starting").
         put(self, "model_id", _text("model_id", self.model_id, 0))
+        put(self, "classes", _names("classes", self.classes))
+        put(self, "pass_classes", _names("pass_classes", self.pass_classes))
+        if not set(self.pass_classes) <= set(self.classes):
+            raise ProtocolError(Reason.BAD_VALUE, detail="pass_classes must be among classes")
+        put(self, "thresholds", _str_map("thresholds", self.thresholds, float))
+        put(self, "max_frame_bytes", _opt_int("max_frame_bytes", self.max_frame_bytes, 1, UINT64_MAX))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (state as a string, maps copied)."""
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
         out["state"] = self.state.value
-        for name in ("counters", "batch_sizes", "backend"):
+        for name in ("counters", "batch_sizes", "backend", "thresholds"):
             out[name] = dict(out[name])
+        out["classes"], out["pass_classes"] = list(self.classes), list(self.pass_classes)
         return out
 
 
 Message = Frame | Verdict | Explanation | Heartbeat
+
+
+def decision_of(v: Verdict) -> Decision:
+    """The verdict's decision; for a v1 agent that sent none, divert what is a defect and pass the rest."""
+    if v.decision is not None:
+        return v.decision
+    return Decision.DIVERT if v.defect else Decision.PASS

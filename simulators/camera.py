@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import zmq
 
-from protocol import CLASSES, MAX_DIM, NEU_CLS_PREFIXES, Encoding, Frame, encode_frame, is_valid_id
+from protocol import MAX_DIM, NEU_CLASSES, NEU_CLS_PREFIXES, Encoding, Frame, encode_frame, is_valid_id
 from simulators.common import (
     DEFAULT_FRAMES_ENDPOINT,
     CurveKeys,
@@ -57,7 +57,7 @@ def label_for(path: Path) -> str | None:
     if sep and prefix in NEU_CLS_PREFIXES and number.isdigit():
         return NEU_CLS_PREFIXES[prefix]
     name = stem.rpartition("_")[0]
-    return name if name in CLASSES else None
+    return name if name in NEU_CLASSES else None
 
 
 def _natural_key(path: Path) -> list[Any]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import cv2
 import numpy as np
 
-from protocol import CLASSES
+from protocol import NEU_CLASSES
 
 SIZE = 200
 
@@ -168,13 +168,13 @@ _GENERATORS: dict[str, Callable[[_Rng, np.ndarray], None]] = {
     "rolled-in_scale": _rolled_in_scale,
     "scratches": _scratches,
 }
-assert tuple(_GENERATORS) == CLASSES
+assert tuple(_GENERATORS) == NEU_CLASSES
 
 
 def generate(label: str, rng: _Rng, size: int = SIZE) -> Image:
     """A size x size uint8 grayscale surface showing a defect of class `label`."""
     if label not in _GENERATORS:
-        raise ValueError(f"unknown class {label!r}; expected one of {', '.join(CLASSES)}")
+        raise ValueError(f"unknown class {label!r}; expected one of {', '.join(NEU_CLASSES)}")
     img = _background(rng, size, label)
     _GENERATORS[label](rng, img)
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -184,6 +184,6 @@ def synthetic_surfaces(seed: int = 0, size: int = SIZE) -> Iterator[tuple[Image,
     """Endless (image, label) pairs: every class once per round of six, in a seeded random order."""
     rng = np.random.default_rng(seed)
     while True:
-        for index in rng.permutation(len(CLASSES)):
-            label = CLASSES[int(index)]
+        for index in rng.permutation(len(NEU_CLASSES)):
+            label = NEU_CLASSES[int(index)]
             yield generate(label, rng, size), label

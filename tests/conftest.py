@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,21 @@ def data_dir() -> Path:
     return path
 
 
+def mt_data_dir() -> Path:
+    """Magnetic-tile from TDN_MT_DATA (set by .ci/run); when set and missing, tests fail rather than skip."""
+    env = os.environ.get("TDN_MT_DATA")
+    path = Path(env) if env else ROOT.parent / "shared" / "magnetic-tile"
+    if not path.is_dir():
+        pytest.fail(f"Magnetic-tile folder {path} not found (TDN_MT_DATA={env!r})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile() -> Path:
+    """The Magnetic-tile training pool (MT_<Class>/Imgs/<stem>.jpg + <stem>.png masks)."""
+    return mt_data_dir()
+
+
 @pytest.fixture(scope="session")
 def neu_det() -> Path:
     """The NEU-DET training pool (IMAGES/, ANNOTATIONS/)."""
@@ -44,6 +60,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# A test that has not finished in this long is stuck: fail it with a traceback instead of stalling CI (pyzmq's
+# suite does the same). Mark a longer test with @pytest.mark.hang_guard(seconds).
+HANG_GUARD_S = 300
+
+
+def _hang(signum: int, frame: object) -> None:
+    raise TimeoutError("test still running after its hang guard; stuck (see the traceback)")
+
+
+@pytest.fixture(autouse=True)
+def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """SIGALRM fails a stuck test (main thread only; the timers of the alarm are per process)."""
+    marker = request.node.get_closest_marker("hang_guard")
+    seconds = int(marker.args[0]) if marker else HANG_GUARD_S
+    previous = signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
     reason = ""
     if backend == "auto":
         if profile_path is None:
-            from agent.backends.artifacts import default_profile_path
+            from agent.config import default_profile_path
 
             profile_path = default_profile_path()
         choice = choose_auto(Path(model_path), threads, artifacts_dir, profile_path)
@@ -186,7 +186,7 @@ def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir:
                 profile_path: str | Path | None = None) -> Choice:
     """The tuned profile's choice if it fits this model and host; else the fastest exported lean variant by a
     probe of a few seconds; else ZenDNN on AMD (where it pays) or native TensorFlow."""
-    from agent.backends.artifacts import file_sha256
+    from agent.card import file_sha256
     from agent.hostinfo import cores, cpu_model, cpu_vendor
     from agent.logging import get_logger
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.backends.base import Backend, model_id, read_card
+from agent.backends.base import Backend
+from agent.card import file_sha256
+from agent.config import default_artifacts_dir
 from agent.errors import BackendError
 from agent.hostinfo import cores
 
@@ -27,38 +28,6 @@ MAX_ACCURACY_DROP = 0.005  # a variant may lose at most 0.5 accuracy points agai
 MAX_DISAGREEMENT = 0.01  # ... and change at most 1% of the fp32 model's top-1 decisions
 KERNEL_FILE = "cam_kernel.npy"
 MANIFEST = "manifest.json"
-
-
-def default_state_dir() -> Path:
-    """systemd's StateDirectory ($STATE_DIRECTORY) when run as the unit, else ~/.cache/tdn."""
-    env = os.environ.get("STATE_DIRECTORY")
-    if env:
-        return Path(env.split(":")[0])
-    return Path.home() / ".cache" / "tdn"
-
-
-def default_artifacts_dir() -> Path:
-    """Where `tdn export` writes and the agent reads artifacts by default, as the agent's settings resolve it."""
-    if os.environ.get("TDN_ARTIFACTS_DIR"):
-        return Path(os.environ["TDN_ARTIFACTS_DIR"])
-    state = os.environ.get("TDN_STATE_DIR")
-    return (Path(state) if state else default_state_dir()) / "artifacts"
-
-
-def default_profile_path() -> Path:
-    """Where `tdn tune` writes and the agent reads the tuning profile by default, as the settings resolve it."""
-    if os.environ.get("TDN_PROFILE_PATH"):
-        return Path(os.environ["TDN_PROFILE_PATH"])
-    state = os.environ.get("TDN_STATE_DIR")
-    return (Path(state) if state else default_state_dir()) / "profile.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_dir(artifacts_dir: Path, model_path: Path) -> Path:
@@ -209,15 +178,13 @@ class ArtifactBackend(Backend):
 
     def open_ungated(self, precision: str) -> None:
         """Open an exported artifact without consulting the gate: how `tdn export` measures it for the gate."""
-        self.card = read_card(self.model_path)
-        self.model_id = model_id(self.model_path)
+        self.read_card()
         self.folder = model_dir(self.artifacts_dir, self.model_path)
         self.precision = precision
         self._kernel = np.load(self.folder / KERNEL_FILE)
 
     def load(self) -> None:
-        self.card = read_card(self.model_path)
-        self.model_id = model_id(self.model_path)
+        self.read_card()
         self.folder = model_dir(self.artifacts_dir, self.model_path)
         self._fresh = manifest_ok(self.folder)
         self.precision = self._resolve(self.requested)
@@ -255,7 +222,7 @@ class ArtifactBackend(Backend):
             run = self._runner(batch, self.threads or cores())
         finally:
             self.precision = saved
-        x = np.zeros((batch, 200, 200, 1), np.float32)
+        x = np.zeros((batch, *self.input_shape), np.float32)
         run(x)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -287,9 +254,9 @@ class ArtifactBackend(Backend):
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
         for n in batch_sizes:
             run = self._runner(n, self.threads or cores())
-            run(np.zeros((n, 200, 200, 1), np.float32))
+            run(np.zeros((n, *self.input_shape), np.float32))
             self._runners[n] = run
-        self.features(np.zeros((1, 200, 200, 1), np.float32))
+        self.features(np.zeros((1, *self.input_shape), np.float32))
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         run = self._runners.get(len(batch))
@@ -297,6 +264,14 @@ class ArtifactBackend(Backend):
             raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._runners)})")
         probs: np.ndarray = run(batch)[0]
         return probs
+
+    def infer_pooled(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The artifact computes the feature map with the probabilities anyway: pooling it costs one mean.
+        run = self._runners.get(len(batch))
+        if run is None:
+            raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._runners)})")
+        probs, feats = run(batch)
+        return probs, np.asarray(feats, np.float32).mean(axis=(1, 2))
 
     def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # Explanations run on another thread than infer(); runtimes' compiled requests are not reentrant, so

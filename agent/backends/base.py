@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.errors import ModelError
-
 IMAGE_SHAPE = (200, 200, 1)
 
 
-def preprocess(images: list[np.ndarray], padded: int) -> np.ndarray:
-    """Stack uint8 [200,200] images into float32 [padded,200,200,1]; rows past len(images) stay zero."""
-    batch = np.zeros((padded, *IMAGE_SHAPE), np.float32)
+def preprocess(images: list[Any], padded: int) -> np.ndarray:
+    """Stack uint8 [S,S] model inputs into float32 [padded,S,S,1]; rows past len(images) stay zero."""
+    h, w = images[0].shape[:2] if images else IMAGE_SHAPE[:2]
+    batch = np.zeros((padded, h, w, 1), np.float32)
     for i, img in enumerate(images):
         batch[i, :, :, 0] = img
     return batch
@@ -26,26 +23,6 @@ def preprocess(images: list[np.ndarray], padded: int) -> np.ndarray:
 def postprocess(probs: np.ndarray, n: int) -> np.ndarray:
     """Drop the padding rows."""
     return np.asarray(probs[:n], np.float32)
-
-
-def read_card(model_path: Path) -> dict[str, Any]:
-    """The model card (JSON beside the model), or raise naming what is missing."""
-    card_path = model_path.with_suffix(".json")
-    if not model_path.is_file():
-        raise ModelError(f"model {model_path} not found")
-    if not card_path.is_file():
-        raise ModelError(f"model card {card_path} not found (it is written beside the model by `tdn train`)")
-    try:
-        card: dict[str, Any] = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"model card {card_path}: invalid JSON ({exc})") from None
-    return card
-
-
-def model_id(model_path: Path) -> str:
-    """Name plus content hash, so every verdict names the exact weights that made it."""
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]
-    return f"tinydefectnet-{digest}"
 
 
 class Backend(ABC):
@@ -58,6 +35,25 @@ class Backend(ABC):
         self.threads = threads
         self.model_id = ""
         self.card: dict[str, Any] = {}
+        self.input_shape: tuple[int, int, int] = IMAGE_SHAPE  # [S,S,1] from the card, once load() read it
+        self.precision = "fp32"  # what runs, once resolved from the requested precision at load()
+        self.selected_by = ""  # why `auto` chose this backend or precision, when it did
+
+    def read_card(self) -> None:
+        """Read the model card (ModelError if missing or bad): classes, input size, and the id verdicts carry."""
+        from agent import card
+
+        c = card.read(self.model_path)
+        self.card, self.model_id, self.input_shape = c.raw, c.model_id, c.input_shape
+
+    def infer_any(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for any number of rows, one warmed batch-1 call per row (self-tests, not the hot path)."""
+        return np.concatenate([np.asarray(self.infer(batch[i:i + 1]))[:1] for i in range(len(batch))])
+
+    def infer_pooled(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and the GAP-pooled last feature map [n,C], for decision rules with an OOD score."""
+        probs, feats = self.features(batch)
+        return probs, np.asarray(feats, np.float32).mean(axis=(1, 2))
 
     @abstractmethod
     def load(self) -> None:

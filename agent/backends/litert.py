@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from agent.backends.artifacts import ArtifactBackend
-from agent.backends.base import IMAGE_SHAPE
 from agent.errors import BackendError
 
 
@@ -37,7 +36,7 @@ class LiteRTBackend(ArtifactBackend):
             interp = Interpreter(model_path=str(self.artifact(self.precision)), num_threads=threads)
             inp = interp.get_input_details()[0]["index"]
             # One interpreter per batch size: switching sizes on one would reallocate tensors in the hot path.
-            interp.resize_tensor_input(inp, [n, *IMAGE_SHAPE], strict=False)
+            interp.resize_tensor_input(inp, [n, *self.input_shape], strict=False)
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"litert: cannot load {self.artifact(self.precision)}: {exc}") from None

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from agent.backends.artifacts import ArtifactBackend
-from agent.backends.base import IMAGE_SHAPE
 from agent.errors import BackendError
 
 
@@ -51,7 +50,7 @@ class OpenVINOBackend(ArtifactBackend):
         core = _core()
         try:
             model = core.read_model(str(self.artifact(self.precision)))
-            model.reshape([n, *IMAGE_SHAPE])  # static shapes let the CPU plugin pick kernels for exactly n
+            model.reshape([n, *self.input_shape])  # static shapes let the CPU plugin pick kernels for exactly n
             config = {
                 # Without the hint OpenVINO would run bf16 on AMX CPUs by default; fp32 must mean fp32.
                 "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",

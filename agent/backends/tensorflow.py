@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import IMAGE_SHAPE, Backend, model_id, read_card
+from agent.backends.base import Backend
 from agent.errors import BackendError, ModelError
 from agent.hostinfo import cores
 
@@ -72,7 +72,7 @@ class TensorFlowBackend(Backend):
         tf.config.optimizer.set_experimental_options({"use_plugin_optimizers": False})
 
     def load(self) -> None:
-        self.card = read_card(self.model_path)
+        self.read_card()
         tf = self._import_tf()
         import keras
 
@@ -88,7 +88,6 @@ class TensorFlowBackend(Backend):
             self.model = keras.saving.load_model(self.model_path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user.
             raise ModelError(f"cannot load model {self.model_path}: {exc}") from None
-        self.model_id = model_id(self.model_path)
         gap = self.model.get_layer("gap")
         feats = keras.Model(self.model.inputs, [self.model.output, gap.input])
         self._feat_fn = tf.function(lambda x: feats(x, training=False), reduce_retracing=True)
@@ -97,15 +96,15 @@ class TensorFlowBackend(Backend):
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
         tf = self._import_tf()
         for n in batch_sizes:
-            spec = tf.TensorSpec([n, *IMAGE_SHAPE], tf.float32)
+            spec = tf.TensorSpec([n, *self.input_shape], tf.float32)
             fn = tf.function(lambda x: self.model(x, training=False)).get_concrete_function(spec)
             if not self.ops:
                 # The first call compiles the graph; record what ran, to prove which kernels serve.
-                self.ops = graph_ops(fn, tf.zeros([n, *IMAGE_SHAPE]))
+                self.ops = graph_ops(fn, tf.zeros([n, *self.input_shape]))
                 self._check_ops()
-            fn(tf.zeros([n, *IMAGE_SHAPE])).numpy()
+            fn(tf.zeros([n, *self.input_shape])).numpy()
             self._fns[n] = fn
-        self.features(np.zeros((1, *IMAGE_SHAPE), np.float32))
+        self.features(np.zeros((1, *self.input_shape), np.float32))
 
     def _check_ops(self) -> None:
         zen = sorted(op for op in self.ops if op.startswith("_Zen"))

@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.config import MODELS_DIR
 from agent.errors import TdnError
-from agent.lab.data import default_data
+from agent.lab import default_data
 
 DELEGATED = {
     "camera": ("simulators.camera", "camera simulator: replay NEU-DET (or synthetic surfaces) as PUSH cameras"),
@@ -27,7 +27,9 @@ MODULE_COMMANDS = {
     "keygen": ("agent.cli.keygen", "make a CurveZMQ key pair (NAME.key public, NAME.key_secret mode 0600)"),
     "health": ("agent.health", "exit 0 when the local agent answers ready on /readyz"),
     "export": ("agent.lab.export", "build LiteRT/OpenVINO artifacts (fp32, bf16, int8) of a model, gated on NEU-DET"),
+    "robustness": ("agent.lab.robustness", "accuracy and decisions under line-camera degradations, table + plot"),
     "tune": ("agent.lab.tune", "sweep backend x precision x threads x batch here; write the profile `auto` uses"),
+    "console": ("agent.console", "operator console: a live web page of the line, explanations and a review queue"),
 }
 
 
@@ -72,22 +74,23 @@ def cmd_agent(args: argparse.Namespace) -> int:
     log = get_logger("agent")
     _quiet_tf()
     from agent.backends import from_settings
-    from agent.backends.base import read_card
+    from agent.card import read
     from agent.service import Agent
 
-    read_card(settings.model_path)
+    read(settings.model_path)
     backend = from_settings(settings)
     agent = Agent(settings, backend)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
     try:
-        agent.start()
+        agent.startup()
     except Exception as exc:
         # zmq address-in-use and backend failures are the usual cases; one line, exit 1.
         if isinstance(exc, TdnError):
             raise
         raise TdnError(f"agent failed to start: {type(exc).__name__}: {exc}") from None
-    agent.run()
+    agent.main_loop()
     log.info("exit", code=0)
     return 0
 
@@ -96,21 +99,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _train_parser(sub: Any) -> None:
-    p = sub.add_parser("train", help="train TinyDefectNet on a NEU-DET folder and write the model + model card")
-    p.add_argument("--data", default=default_data(), help="NEU-DET or NEU-CLS folder (default: $TDN_DATA)")
-    p.add_argument("--out", type=Path, default=MODELS_DIR, help="output folder")
-    p.add_argument("--arch", type=Path, help="architecture JSON (default: the winner of the design-search log)")
-    p.add_argument("--search-log", type=Path, default=MODELS_DIR / "design_search.jsonl")
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--patience", type=int, default=25, help="early stopping patience in epochs")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="stratified hold-out share")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-weight", type=float, default=0.5,
-                   help="weight of the box-guided attention loss, which pulls the class map into the annotated "
-                        "defect boxes (0 = plain cross-entropy; needs ANNOTATIONS/)")
-    p.add_argument("--limit", type=int, help="use only N images per class (smoke runs)")
+    p = sub.add_parser("train", help="train TinyDefectNet on a dataset folder and write the model + model card",
+                       description="Layouts: NEU-DET (IMAGES/ + ANNOTATIONS/), NEU-CLS (flat), or one folder per "
+                       "class (images at any depth, <stem>.png masks beside <stem>.jpg).")
+    from agent.lab.model.train import add_arguments
+
+    add_arguments(p, MODELS_DIR)
     p.set_defaults(func=cmd_train)
 
 
@@ -123,36 +117,13 @@ def _need_data(path: str | None) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import json
-
-    from agent.lab.data import scan
-    from agent.lab.model.arch import ArchSpec
-    from agent.lab.model.search import best, read_log
-    from agent.lab.model.train import TrainConfig, train_and_ship
+    from agent.lab.model.train import train_command
     from agent.logging import configure
 
     configure()
     _quiet_tf()
-    data = _need_data(args.data)
-    if args.arch:
-        spec = ArchSpec.from_dict(json.loads(args.arch.read_text()))
-    else:
-        winner = best(read_log(args.search_log))
-        if winner is None:
-            raise TdnError(f"no trained candidate in {args.search_log}; run `tdn design-search` or pass --arch")
-        spec = ArchSpec.from_dict(winner["arch"])
-    samples = scan(data)
-    if args.limit:
-        samples = [s for c in range(6) for s in [x for x in samples if x.label == c][: args.limit]]
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                      seed=args.seed, val_fraction=args.val_fraction, attention_weight=args.attention_weight)
-    if cfg.attention_weight > 0 and not all(s.boxes for s in samples):
-        raise TdnError(f"--attention-weight needs box annotations for every image; {data} has images without "
-                       "them (pass --attention-weight 0)")
-    card = train_and_ship(samples, spec, cfg, args.out, data_root=_display_path(data))
-    print(f"validation accuracy {card['validation']['accuracy']:.4f} on {card['validation']['n']} held-out images; "
-          f"params {card['params']:,}; FLOPs {card['flops'] / 1e6:.1f}M; wrote {args.out}")
-    return 0
+    args.data = _need_data(args.data)
+    return train_command(args)
 
 
 def _display_path(p: str) -> str:
@@ -208,7 +179,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 # --- entry point ---
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; module commands are imported only when `command` names them (None: all of them).
+
+    So `tdn agent` never imports the lab (OpenCV, matplotlib, TensorFlow) just to build its own arguments.
+    """
     parser = argparse.ArgumentParser(
         prog="tdn",
         description="TinyDefectNet Line: streaming steel-surface inspection over ZeroMQ.",
@@ -224,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     for name, (module_name, text) in MODULE_COMMANDS.items():
+        if command not in (None, name):
+            sub.add_parser(name, help=text)
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=text, description=(module.__doc__ or text).strip())
         module.add_arguments(p)
@@ -239,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
             module = importlib.import_module(DELEGATED[argv[0]][0])
             return int(module.main(argv[1:]) or 0)
-        parser = build_parser()
+        command = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(command if command in MODULE_COMMANDS or command in ("agent", "train") else None)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()

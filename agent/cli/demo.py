@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import TdnError
+from agent.testing import start_agent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.lab.data import default_data
+    from agent.lab import default_data
 
     p.add_argument("--data", default=default_data(), help="NEU-DET folder to replay (default: $TDN_DATA; "
                    "without one, synthetic surfaces)")
@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="agent backend (default: the agent's own default)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="logs, reports and explanation PNGs")
     p.add_argument("--json", type=Path, help="also write the summary here")
+    p.add_argument("--console", action="store_true",
+                   help="also run the operator console (tdn console) on a free loopback port and print its URL")
 
 
 def free_endpoints(n: int = 2) -> list[str]:
@@ -41,58 +43,29 @@ def free_endpoints(n: int = 2) -> list[str]:
         return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
 
 
-def wait_ready(endpoint: str, proc: subprocess.Popen[bytes], timeout_s: float, log_path: Path) -> dict[str, Any]:
-    """Block until the agent's heartbeat says ready; fail with its log tail if it dies or stalls."""
-    import zmq
-
-    from protocol import HEARTBEAT_PREFIX, AgentState, ProtocolError, decode_heartbeat
-
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_PREFIX)
-    sub.connect(endpoint)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise TdnError(f"agent exited with code {proc.returncode} before ready; log tail:\n{tail}")
-            if sub.poll(200):
-                try:
-                    hb = decode_heartbeat(sub.recv_multipart())
-                except ProtocolError:
-                    continue
-                if hb.state is AgentState.READY:
-                    return hb.to_dict()
-        raise TdnError(f"agent not ready after {timeout_s:.0f} s; see {log_path}")
-    finally:
-        sub.close(linger=0)
-
-
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    frames, publish = free_endpoints()
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    agent_cmd = [py, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,
-                 "--explain-dir", str(out / "explanations"), "--log-json", "true", "--agent-id", "demo"]
-    if args.backend:
-        agent_cmd += ["--backend", args.backend]
+    settings = {"explain_dir": out / "explanations", "agent_id": "demo", "backend": args.backend}
     agent_log = out / "agent.log"
+    agent_log.unlink(missing_ok=True)
     print(f"starting the agent (log: {agent_log}) ...", flush=True)
     t0 = time.monotonic()
-    with agent_log.open("wb") as alog:
-        agent = subprocess.Popen(agent_cmd, stdout=alog, stderr=subprocess.STDOUT, env=env)
-    procs: list[subprocess.Popen[bytes]] = [agent]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        hb = wait_ready(publish, agent, 180, agent_log)
-        print(f"agent ready in {time.monotonic() - t0:.1f} s: {hb['backend'].get('runtime', '?')}, "
-              f"model {hb['model_id']}", flush=True)
+        agent = start_agent(agent_log, settings)
+        procs.append(agent.proc)
+        frames, publish = agent.frames, agent.publish
+        ready = agent.event("ready") or {}
+        print(f"agent ready in {time.monotonic() - t0:.1f} s: model {ready.get('model_id', '?')}", flush=True)
         bridge = subprocess.Popen(
             [py, "-m", "simulators.plc_bridge", "--endpoint", publish, "--report", str(out / "bridge.json"),
              "--timeout", str(args.seconds + 30)], env=env)
         procs.append(bridge)
+        if args.console:
+            procs.append(_start_console(py, env, publish, out))
         time.sleep(0.5)  # let the bridge subscribe before the first verdict (PUB has no history)
         cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
                    "--fps", str(args.fps), "--shuffle", "--report", str(out / "cameras.json"), "--quiet"]
@@ -106,17 +79,33 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
-        _stop_line(procs)
-    summary = _summary(out, agent.returncode)
+        if procs:
+            _stop_line(procs)
+    code = procs[0].returncode if procs else 1
+    summary = _summary(out, code)
     _print_summary(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    return 0 if summary["unaccounted"] == 0 and agent.returncode == 0 else 1
+    return 0 if summary["unaccounted"] == 0 and code == 0 else 1
+
+
+def _start_console(py: str, env: dict[str, str], publish: str, out: Path) -> subprocess.Popen[bytes]:
+    """The operator console beside the line; it stops with the demo (its review items stay in out/console)."""
+    port = free_endpoints(1)[0].rsplit(":", 1)[1]
+    # The demo's agent publishes no review decision yet: queue its least sure verdicts so the review page fills.
+    cmd = [py, "-m", "agent.console", "--endpoint", publish, "--listen", f"127.0.0.1:{port}",
+           "--state-dir", str(out / "console"), "--review-below", "0.8", "--quiet"]
+    with (out / "console.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"operator console: http://127.0.0.1:{port}/ (log: {out / 'console.log'})", flush=True)
+    return proc
 
 
 def _stop_line(procs: list[subprocess.Popen[bytes]]) -> None:
     """Cameras first, then let the last verdicts arrive, then the bridge, then the agent (SIGTERM drains)."""
     agent, rest = procs[0], procs[1:]
+    consoles = [p for p in rest if "agent.console" in p.args]
+    rest = [p for p in rest if p not in consoles]
     cameras = rest[1] if len(rest) > 1 else None
     bridge = rest[0] if rest else None
     if cameras is not None and cameras.poll() is None:
@@ -126,6 +115,10 @@ def _stop_line(procs: list[subprocess.Popen[bytes]]) -> None:
     if bridge is not None and bridge.poll() is None:
         bridge.send_signal(signal.SIGINT)
         _wait(bridge, 10)
+    for console in consoles:
+        if console.poll() is None:
+            console.send_signal(signal.SIGINT)
+            _wait(console, 10)
     if agent.poll() is None:
         agent.send_signal(signal.SIGTERM)
         _wait(agent, 20)

@@ -27,8 +27,7 @@ ZENDNN_KNOB_SETS: tuple[dict[str, Any], ...] = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.backends.artifacts import default_artifacts_dir, default_profile_path
-    from agent.config import DEFAULT_MODEL
+    from agent.config import DEFAULT_MODEL, default_artifacts_dir, default_profile_path
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--artifacts-dir", type=Path, default=default_artifacts_dir())
@@ -61,7 +60,7 @@ def select(rows: list[dict[str, Any]], latency_ms: float) -> tuple[dict[str, Any
 
 def profile_from(choice: dict[str, Any], meets: bool, rows: list[dict[str, Any]], model: Path,
                  latency_ms: float) -> dict[str, Any]:
-    from agent.backends.artifacts import file_sha256
+    from agent.card import file_sha256
     from agent.hostinfo import cores, cpu_model, cpu_vendor
 
     return {
@@ -197,9 +196,9 @@ def table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], chosen: dic
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from agent.backends.base import read_card
+    from agent.card import read_dict
 
-    read_card(args.model)
+    read_dict(args.model)
     if args.latency_ms <= 0:
         raise TdnError("--latency-ms must be > 0")
     try:

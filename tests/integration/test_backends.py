@@ -15,7 +15,7 @@ import pytest
 
 from agent.backends import create, installed
 from agent.backends.artifacts import ArtifactBackend, card_split, model_dir, predict_all, read_gate, stratified_subset
-from agent.backends.base import read_card
+from agent.card import read_dict
 from agent.errors import BackendError, ConfigError
 from agent.lab.data import load_arrays, scan
 from tests.conftest import data_dir
@@ -47,7 +47,7 @@ def model() -> Path:
 @pytest.fixture(scope="module")
 def images(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray, Path]:
     """~120 held-out images, every class equally, their labels, and the images saved for child processes."""
-    _, val, _ = card_split(read_card(model), scan(data_dir()))
+    _, val, _ = card_split(read_dict(model), scan(data_dir()))
     x, y = load_arrays(stratified_subset(val, N_IMAGES, seed=0))
     path = tmp_path_factory.mktemp("images") / "x.npy"
     np.save(path, x)
@@ -144,7 +144,7 @@ class TestLeanBackends:
     def test_reduced_precision_is_gated(self, name: str, model: Path, artifacts: Path) -> None:
         """Every variant below fp32 has a gate record on the held-out split, and auto serves only passing ones."""
         folder = model_dir(artifacts, model)
-        n_val = read_card(model).get("validation", {}).get("n")
+        n_val = read_dict(model).get("validation", {}).get("n")
         b = create(name, model, artifacts_dir=artifacts)
         assert isinstance(b, ArtifactBackend)
         for precision in b.precisions[1:]:

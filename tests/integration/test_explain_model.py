@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.explain import Explainer, cam, cam_weights, features_model
+from agent.explain import cam
+from agent.lab.explain import Explainer, cam_weights, features_model
 from agent.lab import audit
 from agent.lab.data import Sample, load_arrays, scan
 

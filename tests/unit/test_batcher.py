@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.batcher import BatchPolicy, MicroBatcher, Pending, pad_to_compiled
+from dataclasses import dataclass
+
+from agent.batcher import BatchPolicy, MicroBatcher, pad_to_compiled
 
 MS = 1_000_000
 US = 1_000
@@ -43,16 +45,26 @@ def make_policy(**overrides: object) -> BatchPolicy:
     return BatchPolicy(**kwargs)  # type: ignore[arg-type]
 
 
-def make_batcher(clock: FakeClock, **overrides: object) -> MicroBatcher[str]:
-    return MicroBatcher(make_policy(**overrides), monotonic_ns=clock.monotonic_ns, wall_ns=clock.wall_ns)
+@dataclass(frozen=True)
+class Item:
+    """A queued frame as the batcher sees it: an id and its monotonic receive time."""
+
+    payload: str
+    camera_id: str
+    seq: int
+    received_ns: int
 
 
-def frame(clock: FakeClock, seq: int, camera: str = "cam0", age_ns: int = 0) -> Pending[str]:
-    """A frame received now whose capture stamp is age_ns in the past."""
-    return Pending(f"{camera}#{seq}", camera, seq, clock.wall - age_ns, clock.mono)
+def make_batcher(clock: FakeClock, **overrides: object) -> MicroBatcher[Item]:
+    return MicroBatcher(make_policy(**overrides), monotonic_ns=clock.monotonic_ns)
 
 
-def seqs(items: list[Pending[str]]) -> list[int]:
+def frame(clock: FakeClock, seq: int, camera: str = "cam0", age_ns: int = 0) -> Item:
+    """A frame that reached the agent age_ns ago."""
+    return Item(f"{camera}#{seq}", camera, seq, clock.mono - age_ns)
+
+
+def seqs(items: list[Item]) -> list[int]:
     return [p.seq for p in items]
 
 
@@ -197,8 +209,8 @@ class TestMicroBatcherDeadline:
         assert b.next_deadline_ns() == clock.mono
 
     def test_shed_deadline_comes_first_for_stale_arrival(self, clock: FakeClock) -> None:
-        """An item arriving nearly stale sets the deadline to when it crosses the age limit."""
-        b = make_batcher(clock)
+        """With a batch timer longer than the deadline, the next deadline is when the item crosses the age limit."""
+        b = make_batcher(clock, max_queue_delay_us=200_000)
         b.offer(frame(clock, 0, age_ns=99_500 * US))
         deadline = b.next_deadline_ns()
         assert deadline == clock.mono + 500 * US + 1
@@ -267,8 +279,8 @@ class TestMicroBatcherShedding:
     def test_shed_promptly_before_batch_timer(self, clock: FakeClock) -> None:
         """A stale item is shed at once, without waiting for the batch timer or the fresh items."""
         b = make_batcher(clock)
-        b.offer(frame(clock, 0, age_ns=1 * MS))
         b.offer(frame(clock, 1, age_ns=200 * MS))
+        b.offer(frame(clock, 0, age_ns=1 * MS))
         batch = b.poll()
         assert batch is not None
         assert seqs(batch.shed) == [1]
@@ -280,8 +292,8 @@ class TestMicroBatcherShedding:
         """Four queued items of which two are stale are not a full batch of fresh work."""
         b = make_batcher(clock)
         b.offer(frame(clock, 0, age_ns=200 * MS))
-        b.offer(frame(clock, 1))
         b.offer(frame(clock, 2, age_ns=200 * MS))
+        b.offer(frame(clock, 1))
         b.offer(frame(clock, 3))
         batch = b.poll()
         assert batch is not None
@@ -289,11 +301,11 @@ class TestMicroBatcherShedding:
         assert batch.run == []
         assert len(b) == 2
 
-    def test_shedding_uses_capture_time_across_cameras(self, clock: FakeClock) -> None:
-        """Age comes from each frame's capture stamp, so a stale frame behind fresh ones is still shed."""
+    def test_shedding_is_by_receipt_across_cameras(self, clock: FakeClock) -> None:
+        """Age comes from each frame's receipt on the agent's clock, whichever camera sent it."""
         b = make_batcher(clock)
-        b.offer(frame(clock, 0, camera="a"))
         b.offer(frame(clock, 0, camera="b", age_ns=150 * MS))
+        b.offer(frame(clock, 0, camera="a"))
         b.offer(frame(clock, 1, camera="a"))
         clock.advance(2 * MS)
         batch = b.poll()
@@ -327,7 +339,7 @@ class TestMicroBatcherOrder:
     def test_per_camera_seq_order_within_batch(self, clock: FakeClock) -> None:
         """Interleaved cameras keep each camera's seq ascending in the run, even after a shed gap."""
         b = make_batcher(clock, max_batch_size=8, queue_cap=8, batch_sizes=(1, 2, 4, 8))
-        arrivals = [("a", 0, 0), ("b", 10, 0), ("a", 1, 150 * MS), ("b", 11, 0), ("a", 2, 0), ("b", 12, 0)]
+        arrivals = [("a", 0, 150 * MS), ("b", 10, 0), ("a", 1, 0), ("b", 11, 0), ("a", 2, 0), ("b", 12, 0)]
         for cam, seq, age in arrivals:
             b.offer(frame(clock, seq, camera=cam, age_ns=age))
         clock.advance(2 * MS)
@@ -336,7 +348,7 @@ class TestMicroBatcherOrder:
         by_cam: dict[str, list[int]] = {}
         for p in batch.run:
             by_cam.setdefault(p.camera_id, []).append(p.seq)
-        assert by_cam == {"a": [0, 2], "b": [10, 11, 12]}
+        assert by_cam == {"a": [1, 2], "b": [10, 11, 12]}
         assert batch.padded_size == 8
 
 
@@ -369,7 +381,7 @@ class TestMicroBatcherStats:
         """Stats count offers, refusals, sheds and batches by run size, and every accept is accounted for."""
         b = make_batcher(clock)
         for i in range(9):
-            b.offer(frame(clock, i, age_ns=200 * MS if i == 5 else 0))
+            b.offer(frame(clock, i, age_ns=200 * MS if i == 0 else 0))
         first = b.poll()
         assert first is not None
         clock.advance(2 * MS)
@@ -400,14 +412,6 @@ class TestMicroBatcherStats:
         assert b.stats.depth == 2 == len(b)
 
 
-class TestMicroBatcherPendingHelper:
-    def test_pending_stamps_monotonic_receipt(self, clock: FakeClock) -> None:
-        """pending() stamps received_ns from the batcher's monotonic clock."""
-        b = make_batcher(clock)
-        p = b.pending("x", camera_id="c", seq=7, capture_ns=123)
-        assert (p.payload, p.camera_id, p.seq, p.capture_ns, p.received_ns) == ("x", "c", 7, 123, clock.mono)
-
-
 class TestMicroBatcherBusy:
     """While a batch is already running, only a full batch is due; stale items are still shed."""
 
@@ -430,11 +434,11 @@ class TestMicroBatcherBusy:
         assert batch is not None and seqs(batch.run) == [0, 1, 2, 3]
 
     def test_busy_deadline_is_the_shed_deadline(self, clock: FakeClock) -> None:
-        """While busy the next deadline ignores the batch timer and is when the oldest capture goes stale."""
+        """While busy the next deadline ignores the batch timer and is when the oldest item goes stale."""
         b = make_batcher(clock)
-        b.offer(frame(clock, 0, age_ns=40 * MS))
-        assert b.next_deadline_ns() == clock.mono + 2 * MS
-        assert b.next_deadline_ns(busy=True) == clock.mono + 60 * MS + 1
+        b.offer(frame(clock, 0, age_ns=1 * MS))
+        assert b.next_deadline_ns() == clock.mono + 1 * MS
+        assert b.next_deadline_ns(busy=True) == clock.mono + 99 * MS + 1
 
     def test_stale_items_shed_while_busy(self, clock: FakeClock) -> None:
         """An item over the shed deadline comes out as shed even while busy."""

@@ -22,11 +22,11 @@ class TestSettings:
     def test_env_prefix(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """TDN_* environment variables set values, lists as comma-separated text."""
         monkeypatch.setenv("TDN_MAX_BATCH_SIZE", "12")
-        monkeypatch.setenv("TDN_REJECT_CLASSES", "scratches,patches")
+        monkeypatch.setenv("TDN_PASS_CLASSES", "scratches,patches")
         s = config.load()
         assert s.max_batch_size == 12
         assert s.batch_sizes == (1, 2, 4, 8, 12)
-        assert s.reject_classes == ["scratches", "patches"]
+        assert s.pass_classes == ["scratches", "patches"]
 
     def test_config_file_key_value(self, tmp_path: Path) -> None:
         """A KEY=VALUE file with TDN_ prefixes and comments is read."""
@@ -47,7 +47,7 @@ class TestSettings:
         [
             ({"max_batch_size": "0"}, "max_batch_size"),
             ({"frames_endpoint": "http://x"}, "frames_endpoint"),
-            ({"reject_classes": "rust"}, "unknown class 'rust'"),
+            ({"pass_classes": "rust"}, "unknown class 'rust'"),
             ({"queue_cap": "4", "max_batch_size": "8"}, "queue_cap"),
             ({"model_path": "/nonexistent/model.keras"}, "does not exist"),
             ({"agent_id": "bad id!"}, "agent_id"),

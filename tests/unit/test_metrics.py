@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.cli import main
 from agent.metrics import Health, Metrics, MetricsServer
+from protocol import Decision
 from tests.conftest import free_port
+from tests.unit.test_protocol import make_shed, make_verdict
 
 
 def get(url: str) -> tuple[int, str, str]:
@@ -44,16 +46,20 @@ class TestMetrics:
         assert a.registry.get_sample_value("tdn_frames_received_total") == 3
 
     def test_verdict_and_reject_labels(self) -> None:
-        """Verdicts count by status and class (class 'none' when not inferred); rejects by reason."""
+        """Verdicts count by status, decision and class (class 'none' when not inferred); rejects by reason."""
         m = Metrics()
-        m.verdict("ok", "scratches")
-        m.verdict("ok", "scratches")
-        m.verdict("shed", None)
-        m.reject("bad_msgpack")
+        ok = make_verdict(decision=Decision.DIVERT)
+        shed = make_shed(decision=Decision.DIVERT)
+        m.verdict(ok, ok.received_ns)
+        m.verdict(ok, ok.received_ns)
+        m.verdict(shed, shed.received_ns)
+        m.record("rejected_unattributed", "bad_msgpack", 1)
+        m.record("rejected", "undecodable", 2)
         v = m.registry.get_sample_value
-        assert v("tdn_verdicts_total", {"status": "ok", "class": "scratches"}) == 2
-        assert v("tdn_verdicts_total", {"status": "shed", "class": "none"}) == 1
+        assert v("tdn_verdicts_total", {"status": "ok", "decision": "divert", "class": "scratches"}) == 2
+        assert v("tdn_verdicts_total", {"status": "shed", "decision": "divert", "class": "none"}) == 1
         assert v("tdn_frames_rejected_total", {"reason": "bad_msgpack"}) == 1
+        assert v("tdn_frames_rejected_total", {"reason": "undecodable"}) == 2
 
     def test_identity_info(self) -> None:
         """Backend identity, model, agent and epoch appear as one info series."""

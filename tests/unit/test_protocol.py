@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 import protocol
 from protocol import (
-    CLASSES,
     HEARTBEAT_PREFIX,
     MAX_DIM,
     MAX_HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
+    NEU_CLASSES,
     PROTOCOL_VERSION,
     VERDICT_PREFIX,
     AgentState,
@@ -298,7 +298,8 @@ class TestFrame:
             ({"seq": -1}, "bad_value"),
             ({"seq": 2**64}, "bad_value"),
             ({"seq": 1.0}, "bad_type"),
-            ({"label": "rust"}, "bad_value"),
+            ({"label": ""}, "bad_value"),
+            ({"label": "x" * 65}, "bad_value"),
             ({"encoding": "bmp"}, "bad_encoding"),
             ({"payload": bytes(11)}, "payload_size"),
             ({"payload": "text"}, "bad_type"),
@@ -372,8 +373,10 @@ class TestVerdict:
         [
             ({"class_index": -1}, "bad_value"),
             ({"class_index": 6}, "bad_value"),
-            ({"class_name": "patches"}, "bad_value"),
+            ({"class_name": ""}, "bad_value"),
             ({"class_index": None}, "bad_type"),
+            ({"decision": "maybe"}, "bad_value"),
+            ({"decision": "pass"}, "bad_value"),  # contradicts defect=true
             ({"confidence": None}, "bad_value"),
             ({"confidence": math.nan}, "bad_value"),
             ({"confidence": 1.5}, "bad_value"),
@@ -427,7 +430,7 @@ class TestExplanation:
         [
             ({"heatmap_png": _jpeg()}, "bad_encoding"),
             ({"overlay_png": b""}, "payload_size"),
-            ({"class_index": 3}, "bad_value"),
+            ({"class_index": 256}, "bad_value"),
             ({"method": ""}, "bad_value"),
         ],
     )
@@ -678,9 +681,9 @@ class TestConstants:
     """Protocol-wide constants."""
 
     def test_classes_order(self) -> None:
-        """CLASSES is the six NEU classes in alphabetical (wire) order."""
-        assert CLASSES == ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
-        assert list(CLASSES) == sorted(CLASSES)
+        """NEU_CLASSES is the six NEU classes in alphabetical (wire) order."""
+        assert NEU_CLASSES == ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+        assert list(NEU_CLASSES) == sorted(NEU_CLASSES)
 
     def test_limits(self) -> None:
         """The limits match the SPEC."""
@@ -739,7 +742,7 @@ _scalars = st.one_of(
     st.sampled_from([0, 1, -1, 2, 6, 4096, 4097, 2**32, 2**63 - 1, 2**64 - 1]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
-    st.sampled_from(["ok", "shed", "rejected", "gray8", "jpeg", "png", "ready", *CLASSES, "cam1", "", "frame"]),
+    st.sampled_from(["ok", "shed", "rejected", "gray8", "jpeg", "png", "ready", *NEU_CLASSES, "cam1", "", "frame"]),
     st.binary(max_size=20),
 )
 _junk = st.recursive(

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from protocol import (
-    CLASSES,
+    NEU_CLASSES,
     AgentState,
     Encoding,
     Heartbeat,
@@ -117,7 +117,7 @@ def tracker(clock: FakeClock) -> LineTracker:
 class TestSurfaces:
     """The procedural surface generator."""
 
-    @pytest.mark.parametrize("label", CLASSES)
+    @pytest.mark.parametrize("label", NEU_CLASSES)
     def test_shape_and_type(self, label: str) -> None:
         """Every class gives a 200x200 uint8 image that is not flat."""
         img = generate(label, np.random.default_rng(0))
@@ -139,7 +139,7 @@ class TestSurfaces:
         """Each round of six images holds every class once, labelled with its class."""
         stream = synthetic_surfaces(seed=3)
         labels = [next(stream)[1] for _ in range(12)]
-        assert sorted(labels[:6]) == sorted(CLASSES) and sorted(labels[6:]) == sorted(CLASSES)
+        assert sorted(labels[:6]) == sorted(NEU_CLASSES) and sorted(labels[6:]) == sorted(NEU_CLASSES)
 
     def test_classes_differ(self) -> None:
         """Scratches are long bright lines: more very bright pixels than an inclusion image."""
@@ -174,7 +174,7 @@ class TestImageFolders:
         names = ["Cr_1.bmp", "In_1.bmp", "Pa_1.bmp", "PS_1.bmp", "RS_1.bmp", "Sc_1.bmp", "other_1.bmp"]
         _write_images(tmp_path, names)
         labels = dict((p.name, label) for p, label in list_images(tmp_path))
-        assert [labels[n] for n in names[:6]] == list(CLASSES)
+        assert [labels[n] for n in names[:6]] == list(NEU_CLASSES)
         assert labels["other_1.bmp"] is None
 
     @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ class TestImageFolders:
     def test_real_neu_det(self) -> None:
         """The shared NEU-DET folder lists 1,440 labelled 200x200 images."""
         files = list_images(NEU_DET)
-        assert len(files) == 1440 and all(label in CLASSES for _, label in files)
+        assert len(files) == 1440 and all(label in NEU_CLASSES for _, label in files)
         assert next(folder_shots(files)).image.shape == (200, 200)
 
 
@@ -448,7 +448,7 @@ class TestCameraOverZeroMQ:
             ctx.term()
         assert result == [0]
         assert [f.seq for f in frames] == list(range(12))
-        assert {f.camera_id for f in frames} == {"cam1"} and all(f.label in CLASSES for f in frames)
+        assert {f.camera_id for f in frames} == {"cam1"} and all(f.label in NEU_CLASSES for f in frames)
         assert all((f.width, f.height, f.encoding, len(f.payload)) == (200, 200, Encoding.GRAY8, 40000) for f in frames)
         data = json.loads(report.read_text())
         assert (data["sent"], data["timed_out"], data["camera_id"]) == (12, 0, "cam1")

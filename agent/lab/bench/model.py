@@ -19,7 +19,7 @@ from agent.lab.bench.common import markdown_table, median, write_outputs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from agent.config import DEFAULT_MODEL
-    from agent.lab.data import default_data
+    from agent.lab import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--data", default=default_data(),
@@ -140,7 +140,7 @@ def child_rows(vs: list[Any], args: argparse.Namespace, card: dict[str, Any]) ->
 def standalone(label: str, model: str, batch: int, reps: int, seconds: float, data: str | None) -> None:
     """Child-process entry: time one variant like the in-process rows and print one JSON line."""
     from agent.backends import variants
-    from agent.backends.base import read_card
+    from agent.card import read_dict
 
     (v,) = variants(label)
     b = v.create(model)
@@ -149,7 +149,7 @@ def standalone(label: str, model: str, batch: int, reps: int, seconds: float, da
     if data:
         from agent.lab.bench.common import held_out
 
-        x, y = held_out(read_card(Path(model)), data)
+        x, y = held_out(read_dict(Path(model)), data)
         row.accuracy = accuracy_of(row, x, y, batch)
     _time_rows([row], batch, reps, seconds)
     print(json.dumps({"name": row.name, "backend": v.backend, "precision": v.precision, "img_per_s": median(row.tput),
@@ -192,10 +192,10 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from agent.backends.base import read_card
+    from agent.card import read_dict
     from agent.lab.bench.common import held_out
 
-    card = read_card(args.model)
+    card = read_dict(args.model)
     x_val = y_val = None
     acc = card.get("validation", {}).get("accuracy")
     if args.data:

@@ -10,10 +10,8 @@ last third of the run: a leak shows there, warm-up allocations do not.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from itertools import cycle, islice
@@ -27,7 +25,7 @@ from agent.lab.bench.common import markdown_table, percentile, write_outputs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from agent.config import DEFAULT_MODEL
-    from agent.lab.data import default_data
+    from agent.lab import default_data
 
     p.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")
     p.add_argument("--load", type=float, default=80.0, help="offered load, percent of capacity")
@@ -122,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     import psutil
     import zmq
 
-    from agent.cli.demo import free_endpoints, wait_ready
     from agent.lab.bench.stream import capacity
+    from agent.testing import start_agent
     from simulators.camera import Camera
 
     out: Path = args.out
@@ -133,22 +131,17 @@ def run(args: argparse.Namespace) -> int:
     offered = cap * args.load / 100
     print(f"capacity {cap:,.0f} img/s; offering {offered:,.0f} img/s ({args.load:g}%) for {args.minutes:g} min",
           flush=True)
-    frames, publish = free_endpoints()
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = out / "agent.log"
-    with log.open("wb") as f:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,
-             "--backend", args.backend, "--model-path", str(args.model), "--max-batch-size", str(args.batch),
-             "--threads", str(args.threads),
-             "--queue-cap", str(4 * args.batch), "--metrics-port", "0", "--log-json", "true"],
-            stdout=f, stderr=subprocess.STDOUT, env=env)
+    log.unlink(missing_ok=True)
+    settings = {"backend": args.backend, "model_path": args.model, "max_batch_size": args.batch,
+                "threads": args.threads, "queue_cap": 4 * args.batch, "metrics_port": 0}
+    agent_proc = start_agent(log, settings)
+    agent, frames, publish = agent_proc.proc, agent_proc.frames, agent_proc.publish
     samples: list[dict[str, Any]] = []
     listener = _Listener(publish)
     ctx: zmq.Context[Any] = zmq.Context()
     cameras: list[Any] = []
     try:
-        wait_ready(publish, agent, 180, log)
         proc = psutil.Process(agent.pid)
         listener.thread.start()
         listener.heartbeat.wait(10)

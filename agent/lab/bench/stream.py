@@ -26,7 +26,7 @@ from agent.lab.bench.common import markdown_table, write_outputs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from agent.config import DEFAULT_MODEL
-    from agent.lab.data import default_data
+    from agent.lab import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
@@ -78,7 +78,7 @@ def _pinner(cpus: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     import psutil
 
-    from agent.cli.demo import free_endpoints, wait_ready
+    from agent.testing import start_agent
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -89,21 +89,18 @@ def run(args: argparse.Namespace) -> int:
         return c
 
     caps = [probe()]
-    frames, publish = free_endpoints()
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = out / "agent.log"
-    with log.open("wb") as f:
-        agent = subprocess.Popen(
-            [py, "-m", "agent.cli", "agent", "--frames-endpoint", frames, "--publish-endpoint", publish,
-             "--backend", args.backend, "--model-path", str(args.model), "--max-batch-size", str(args.batch),
-             "--threads", str(args.threads),
-             "--queue-cap", str(4 * args.batch), "--max-queue-delay-us", str(args.delay_us),
-             "--shed-deadline-ms", str(args.deadline_ms), "--log-json", "true"],
-            stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_pinner(args.agent_cpus))
+    log.unlink(missing_ok=True)
+    settings = {"backend": args.backend, "model_path": args.model, "max_batch_size": args.batch,
+                "threads": args.threads, "queue_cap": 4 * args.batch, "max_queue_delay_us": args.delay_us,
+                "shed_deadline_ms": args.deadline_ms}
+    cpus = [int(c) for c in args.agent_cpus.split(",")] if args.agent_cpus else None
+    agent_proc = start_agent(log, settings, cpus=cpus)
+    agent, frames, publish = agent_proc.proc, agent_proc.frames, agent_proc.publish
     results = []
     try:
-        wait_ready(publish, agent, 180, log)
         proc = psutil.Process(agent.pid)
         for load in [float(x) for x in args.loads.split(",")]:
             offered = caps[-1] * load / 100

@@ -1,0 +1,185 @@
+"""Gradient explanations of a Keras TinyDefectNet (Grad-CAM, Grad-CAM++, integrated gradients), for the audit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ModelError
+from agent.explain import (
+    IG_BASELINE,
+    IG_STEPS,
+    IMAGE_SIZE,
+    METHODS,
+    cam,
+    gradcam_weights,
+    gradcampp_weights,
+    ig_heatmaps,
+    to_heatmaps,
+    weighted_maps,
+)
+
+
+def _layer(model: Any, name: str) -> Any:
+    try:
+        return model.get_layer(name)
+    except ValueError as exc:
+        raise ModelError(f"model {model.name!r} has no layer {name!r}; is it a TinyDefectNet?") from exc
+
+
+def _inputs(model: Any) -> Any:
+    # A single-input model must be rebuilt on the bare input tensor (not a one-item list), so the sub-model
+    # takes a plain tensor like the model itself does.
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
+def cam_weights(model: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The "logits" Dense layer's kernel [C,6] and bias [6], as float32 arrays."""
+    weights = _layer(model, "logits").get_weights()
+    if len(weights) != 2:
+        raise ModelError("the 'logits' layer has no bias; expected Dense(6) with bias")
+    kernel, bias = weights
+    return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
+
+
+def features_model(model: Any) -> Any:
+    """A Keras model with outputs [probs, last feature map (the input of "gap")] for backends to export."""
+    import keras
+
+    return keras.Model(
+        _inputs(model), [_layer(model, "probs").output, _layer(model, "gap").input], name=f"{model.name}_features"
+    )
+
+
+class Explainer:
+    """Batched probabilities and [0,1] heatmaps for a TinyDefectNet Keras model.
+
+    "cam" weights the last feature map by the dense kernel (no gradients); "gradcam" and "gradcampp" use the
+    gradients of the class logit (pre-softmax, so saturated probabilities do not flatten them) w.r.t. `layer`'s
+    output (default: the input of "gap"); "ig" integrates the logit's input gradients from a mid-gray baseline.
+    """
+
+    def __init__(self, model: Any, method: str = "cam", layer: str | None = None, batch: int = 32) -> None:
+        import keras
+        import tensorflow as tf
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if method == "cam" and layer is not None:
+            raise ValueError("method 'cam' always uses the input of 'gap'; use 'gradcam' to pick a layer")
+        self.model = model
+        self.method = method
+        self.batch = batch
+        self.kernel, self.bias = cam_weights(model)
+        probs = _layer(model, "probs").output
+        logits = _layer(model, "logits").output
+        feats = _layer(model, "gap").input if layer is None else _layer(model, layer).output
+        self.layer = layer or "gap:input"
+        # One sub-model and one traced function per Explainer; a fixed signature avoids a retrace for the
+        # last, smaller batch.
+        self._sub = keras.Model(_inputs(model), [probs, logits, feats], name=f"{model.name}_explain")
+        img_spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)
+        idx_spec = tf.TensorSpec([None], tf.int32)
+        sub = self._sub
+
+        def pick(logits: Any, class_idx: Any) -> Any:
+            # class_idx < 0 means "the predicted class".
+            return tf.where(class_idx < 0, tf.argmax(logits, 1, output_type=tf.int32), class_idx)
+
+        @tf.function(input_signature=[img_spec])
+        def forward(x: Any) -> Any:
+            p, _, f = sub(x, training=False)
+            return p, f
+
+        @tf.function(input_signature=[img_spec, idx_spec])
+        def feature_grads(x: Any, class_idx: Any) -> Any:
+            with tf.GradientTape() as tape:
+                p, s, f = sub(x, training=False)
+                idx = pick(s, class_idx)
+                target = tf.gather(s, idx, batch_dims=1)
+            # Images are independent in inference mode, so the gradient of the sum is per-image gradients.
+            return p, idx, f, tape.gradient(target, f)
+
+        @tf.function(input_signature=[img_spec, idx_spec])
+        def input_grads(x: Any, class_idx: Any) -> Any:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                _, s, _ = sub(x, training=False)
+                target = tf.gather(s, class_idx, batch_dims=1)
+            return tape.gradient(target, x)
+
+        self._forward = forward
+        self._feature_grads = feature_grads
+        self._input_grads = input_grads
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Softmax probabilities [N,6] of raw float32 images [N,200,200,1], batched."""
+        x = _check_images(images)
+        out = [self._forward(x[i : i + self.batch])[0].numpy() for i in range(0, len(x), self.batch)]
+        return np.concatenate(out) if out else np.zeros((0, self.kernel.shape[1]), np.float32)
+
+    def explain(
+        self, images: np.ndarray, class_idx: np.ndarray | list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(probs [N,6], heatmaps [N,200,200] in [0,1]) for the given classes, or the predicted ones."""
+        x = _check_images(images)
+        n = len(x)
+        if class_idx is None:
+            idx = np.full(n, -1, np.int32)
+        else:
+            idx = np.asarray(class_idx, np.int32).reshape(-1)
+            if len(idx) != n:
+                raise ValueError(f"{len(idx)} class indices for {n} images")
+            if ((idx < 0) | (idx >= self.kernel.shape[1])).any():
+                raise ValueError(f"class indices must be in 0..{self.kernel.shape[1] - 1}")
+        probs: list[np.ndarray] = []
+        heat: list[np.ndarray] = []
+        for i in range(0, n, self.batch):
+            p, h = self._explain_batch(x[i : i + self.batch], idx[i : i + self.batch])
+            probs.append(p)
+            heat.append(h)
+        if not probs:
+            return np.zeros((0, self.kernel.shape[1]), np.float32), np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        return np.concatenate(probs), np.concatenate(heat)
+
+    def _explain_batch(self, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.method == "cam":
+            p, f = (t.numpy() for t in self._forward(x))
+            used = np.where(idx < 0, p.argmax(1), idx)
+            return p, cam(f, self.kernel, used)
+        if self.method == "ig":
+            return self._ig_batch(x, idx)
+        p_t, _, f_t, g_t = self._feature_grads(x, idx)
+        p, f, g = p_t.numpy(), f_t.numpy(), g_t.numpy()
+        w = gradcam_weights(g) if self.method == "gradcam" else gradcampp_weights(f, g)
+        return p, to_heatmaps(weighted_maps(f, w))
+
+    def _ig_batch(self, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self._forward(x)[0].numpy()
+        used = np.where(idx < 0, p.argmax(1), idx).astype(np.int32)
+        # Midpoint Riemann sum over the straight path baseline -> image; all (image, step) pairs are
+        # flattened so each pass carries `batch` interpolants whatever the image count.
+        alphas = (np.arange(IG_STEPS, dtype=np.float32) + 0.5) / IG_STEPS
+        n = len(x)
+        mean_grads = np.zeros_like(x)
+        pairs = [(i, a) for i in range(n) for a in range(IG_STEPS)]
+        for j in range(0, len(pairs), self.batch):
+            chunk = pairs[j : j + self.batch]
+            rows = np.array([i for i, _ in chunk])
+            a = alphas[[k for _, k in chunk]].reshape(-1, 1, 1, 1)
+            interp = IG_BASELINE + a * (x[rows] - IG_BASELINE)
+            g = self._input_grads(interp.astype(np.float32), used[rows]).numpy()
+            np.add.at(mean_grads, rows, g / IG_STEPS)
+        return p, ig_heatmaps(x, mean_grads)
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    x = np.asarray(images, np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
+        raise ValueError(f"expected images [N,{IMAGE_SIZE},{IMAGE_SIZE},1], got {x.shape}")
+    return x

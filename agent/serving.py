@@ -1,0 +1,160 @@
+"""The model being served, and a new one loaded, checked and warmed beside it on SIGHUP (hot swap)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent import card as cards
+from agent.backends.base import Backend
+from agent.decision import DecisionRule
+from agent.errors import ModelError, TdnError
+from agent.geometry import InputSpec
+from agent.line import ServingModel
+from agent.logging import get_logger
+
+if TYPE_CHECKING:
+    from agent.config import AgentSettings
+    from agent.line import Line
+
+log = get_logger("agent.serving")
+# A file in the state directory naming the next model to serve; without it, SIGHUP reloads model_path.
+NEXT_MODEL_FILE = "next-model"
+
+
+def overrides(settings: AgentSettings) -> dict[str, Any]:
+    """The decision thresholds the settings set (None keeps the card's)."""
+    return {"pass_classes": settings.pass_classes, "pass_threshold": settings.pass_threshold,
+            "min_confidence": settings.min_confidence, "ood_threshold": settings.ood_threshold}
+
+
+def describe_thresholds(model: ServingModel) -> dict[str, float]:
+    """The thresholds in force, for the heartbeat (an OOD check that is off is left out)."""
+    return {k: v for k, v in model.thresholds.items() if math.isfinite(v)}
+
+
+def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> ServingModel:
+    """Load, warm and check a model against its card; ModelError (one line) when it must not serve."""
+    card = cards.read(model_path)
+    try:
+        rule = DecisionRule.from_card(card.raw, overrides(settings))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"model card {cards.card_path(model_path)}: bad decision settings: {exc}") from None
+    backend.load()
+    backend.warmup(settings.batch_sizes)
+    probs = np.asarray(backend.infer_any(card.self_test_inputs()))
+    if probs.ndim != 2 or probs.shape[1] != len(card.classes):
+        raise ModelError(f"model {model_path} outputs {probs.shape}, its card lists {len(card.classes)} classes")
+    problem = card.check_self_test(probs)
+    if problem is not None:
+        raise ModelError(f"model {model_path} fails its self-test: {problem}")
+    thresholds = {"temperature": rule.temperature, "pass_threshold": rule.pass_threshold,
+                  "min_confidence": rule.min_confidence, "ood_threshold": rule.ood_threshold}
+    return ServingModel(card.variant_id(backend.name, backend.precision), card.classes, rule.pass_classes, rule,
+                        thresholds, rule.needs_pooled, runner=backend, input=card.input)
+
+
+class Loader:
+    """Holds the serving model; reload() prepares the next one on its own thread, take_ready() hands it over."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.s = settings
+        self.model: ServingModel | None = None
+        self._recent: dict[str, ServingModel] = {}  # by model_id: explanations of verdicts made before a swap
+        self._lock = threading.Lock()
+        self._ready: ServingModel | None = None
+        self._refused = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The serving model's backend."""
+        return self.require_model().runner
+
+    @property
+    def current_input(self) -> InputSpec:
+        """How intake turns frames into the serving model's input."""
+        spec = self.require_model().input
+        assert spec is not None
+        return spec
+
+    def require_model(self) -> ServingModel:
+        if self.model is None:
+            raise RuntimeError("no model is being served yet")
+        return self.model
+
+    def serve(self, backend: Backend) -> ServingModel:
+        """The first model, at start-up: any problem is fatal (one clear error, exit 1)."""
+        self.model = prepare(backend, self.s, self.s.model_path)
+        self._recent[self.model.model_id] = self.model
+        log.info("model serving", model_id=self.model.model_id, classes=list(self.model.classes),
+                 pass_classes=list(self.model.pass_classes), **backend.identity())
+        return self.model
+
+    def model_by_id(self, model_id: str) -> ServingModel | None:
+        return self._recent.get(model_id)
+
+    def next_path(self) -> Path:
+        """What SIGHUP loads: the path named in <state_dir>/next-model, else model_path (replaced in place)."""
+        f = Path(self.s.state_dir) / NEXT_MODEL_FILE
+        if f.is_file():
+            text = f.read_text().strip()
+            if text:
+                return Path(text)
+        return Path(self.s.model_path)
+
+    def start_reload(self) -> None:
+        """Begin loading the next model beside the serving one (ignored while a reload runs)."""
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("reload already running; request ignored")
+            return
+        self._thread = threading.Thread(target=self._reload, name="tdn-reload", daemon=True)
+        self._thread.start()
+
+    def _reload(self) -> None:
+        from agent.backends import create
+
+        path = self.next_path()
+        current = self.require_model()
+        log.info("model reload", path=str(path), serving=current.model_id)
+        try:
+            backend = create(current.runner.name, path, self.s.threads, precision=current.runner.precision,
+                             artifacts_dir=self.s.artifacts_dir, profile_path=self.s.profile_path)
+            model = prepare(backend, self.s, path)
+            if model.input != current.input:
+                # Frames already queued were shaped for the serving model; a new geometry needs a restart.
+                raise ModelError(f"input geometry {model.input} differs from the serving model's {current.input}")
+        except (TdnError, OSError, ValueError, RuntimeError) as exc:
+            log.error("model refused", path=str(path), error=str(exc), serving=current.model_id)
+            with self._lock:
+                self._refused += 1
+            return
+        with self._lock:
+            self._ready = model
+
+    def take_ready(self) -> ServingModel | None:
+        """The prepared model, once; the I/O loop swaps it in between batches."""
+        with self._lock:
+            model, self._ready = self._ready, None
+        if model is None:
+            return None
+        old = self.model
+        self.model = model
+        self._recent = {m.model_id: m for m in (old, model) if m is not None}
+        log.info("model swapped", model_id=model.model_id, previous=old.model_id if old else None)
+        return model
+
+    def count_refusals(self, line: Line | None) -> None:
+        """Carry refusals from the reload thread into the line's accounting (on the I/O thread)."""
+        with self._lock:
+            n, self._refused = self._refused, 0
+        if n and line is not None:
+            line.record("model_refused", n=n)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
