@@ -20,8 +20,6 @@ DEFAULT_MODEL = MODELS_DIR / "tinydefectnet.keras"
 MAX_FRAME_MESSAGE = MAX_TOPIC_BYTES + MAX_HEADER_BYTES + MAX_PAYLOAD_BYTES
 # tcp://host:* lets ZeroMQ choose a free port (tests, benchmarks); the agent logs the port it bound.
 _ENDPOINT_RE = re.compile(r"^(tcp://[^\s:]+:(\d{1,5}|\*)|ipc://\S+|inproc://\S+)$")
-BackendName = Literal["auto", "tensorflow", "zendnn", "litert", "openvino"]
-Precision = Literal["auto", "fp32", "bf16", "int8"]
 
 
 def default_state_dir() -> Path:
@@ -59,11 +57,11 @@ class AgentSettings(BaseSettings):
     )
     agent_id: str = Field("agent1", description="id in heartbeats and verdicts ([A-Za-z0-9_.-]{1,64})")
     model_path: Path = Field(DEFAULT_MODEL, description="the .keras model; its .json model card sits beside it")
-    backend: BackendName = Field(
+    backend: str = Field(
         "auto", description="inference runtime: auto (tuned profile, else a short probe), tensorflow, zendnn, litert, "
-        "openvino"
+        "openvino; or backend:precision, e.g. litert:int8"
     )
-    precision: Precision = Field(
+    precision: str = Field(
         "auto", description="auto (fastest variant passing the accuracy gate), fp32, bf16 (openvino), int8 (litert, "
         "openvino; built by `tdn export`)"
     )
@@ -197,10 +195,21 @@ class AgentSettings(BaseSettings):
             self.artifacts_dir = self.state_dir / "artifacts"
         if self.profile_path is None:
             self.profile_path = self.state_dir / "profile.json"
-        if self.backend in ("tensorflow", "zendnn") and self.precision not in ("auto", "fp32"):
-            raise ValueError(f"precision {self.precision} needs backend litert or openvino; {self.backend} runs fp32")
-        if self.backend == "litert" and self.precision == "bf16":
-            raise ValueError("precision bf16 needs backend openvino (litert runs fp32 or int8)")
+        from agent.backends import PRECISIONS, SPELLINGS, SUPPORTED, parse
+
+        if self.backend not in SPELLINGS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {', '.join(SPELLINGS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        name, named = parse(self.backend)
+        if named is not None:
+            if self.precision not in ("auto", named):
+                raise ValueError(f"backend {self.backend} names precision {named}, precision says {self.precision}")
+            self.backend, self.precision = name, named
+        if name != "auto" and self.precision not in ("auto", *SUPPORTED[name]):
+            runs = " or ".join(SUPPORTED[name])
+            others = [n for n, ps in SUPPORTED.items() if self.precision in ps]
+            raise ValueError(f"precision {self.precision} needs backend {' or '.join(others)}; {name} runs {runs}")
         return self
 
     @model_validator(mode="after")

@@ -156,6 +156,18 @@ def snapshot(backend: Any, item: Any, v: Verdict) -> Explanation:
     )
 
 
+def task(backend: Any, item: Any, v: Verdict, folder: Path | None, keep: int) -> Explanation | None:
+    """The explainer thread's work for one verdict: the snapshot, saved when a folder is set; None if it failed."""
+    try:
+        expl = snapshot(backend, item, v)
+    except Exception as exc:  # an explanation is optional; it must never take the agent down
+        log.error("explanation failed", error=f"{type(exc).__name__}: {exc}")
+        return None
+    if folder is not None:
+        save(expl, Path(folder), keep)
+    return expl
+
+
 def save(e: Explanation, folder: Path, keep: int) -> None:
     """Write the snapshot's two PNGs into `folder` and keep only the newest `keep` snapshots there.
 

@@ -83,6 +83,18 @@ class Job:
     dispatched_ns: int
 
 
+@dataclass(slots=True)
+class Inferred:
+    """What inference hands back for one job: probabilities (and pooled features), or the error."""
+
+    job: Job
+    probs: np.ndarray | None
+    pooled: np.ndarray | None
+    error: str | None
+    inferred_ns: int  # wall clock, as published
+    infer_s: float  # backend time alone, without the hand-over
+
+
 class OutputError(ValueError):
     """The backend's output for a batch is unusable (short, misshapen, not finite)."""
 
@@ -155,9 +167,10 @@ class Line:
         """Batches handed to inference and not yet completed."""
         return len(self._jobs)
 
-    def oldest_job_ns(self) -> int | None:
-        """Monotonic dispatch time of the oldest batch in flight (for the watchdog)."""
-        return min((j.dispatched_ns for j in self._jobs.values()), default=None)
+    def stalled(self, limit_s: float) -> bool:
+        """Whether the oldest batch in flight has run longer than limit_s (the watchdog stops pinging then)."""
+        oldest = min((j.dispatched_ns for j in self._jobs.values()), default=None)
+        return oldest is not None and self._mono() - oldest > limit_s * 1e9
 
     # --- intake ---
 

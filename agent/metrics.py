@@ -209,3 +209,19 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def start_server(metrics: Metrics, health: Health, addr: str, port: int) -> MetricsServer | None:
+    """Serve /metrics, /healthz and /readyz (port 0: not at all); None, with an error logged, if it cannot bind."""
+    if port == 0:
+        return None
+    server = MetricsServer(metrics, health, addr, port)
+    try:
+        bound = server.start()
+    except OSError as exc:
+        # Metrics are for people; inspection goes on without them rather than stopping the line.
+        log.error("metrics server not started", addr=addr, port=port, error=str(exc))
+        return None
+    host = f"[{addr}]" if ":" in addr else addr
+    log.info("metrics", url=f"http://{host}:{bound}/metrics")
+    return server

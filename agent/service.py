@@ -11,33 +11,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
 from agent.backends.base import Backend, preprocess
 from agent.batcher import BatchPolicy
 from agent.config import AgentSettings
 from agent.intake import admit
-from agent.line import InFlight, Job, Line, ServingModel
+from agent.line import Inferred, InFlight, Job, Line
 from agent.logging import get_logger
-from agent.metrics import Health, Metrics, MetricsServer
+from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
 from agent.security import CurveServer
-from agent.serving import Loader, describe_thresholds
-from protocol import (
-    MAX_PAYLOAD_BYTES,
-    AgentState,
-    Explanation,
-    Heartbeat,
-    Verdict,
-    encode_explanation,
-    encode_heartbeat,
-    encode_verdict,
-)
+from agent.serving import Loader, heartbeat
+from protocol import MAX_PAYLOAD_BYTES, AgentState, Explanation, Verdict
+from protocol.codec import encode_explanation, encode_heartbeat, encode_verdict
 
 log = get_logger("agent.service")
 # Batches handed to the inference thread at once: one running and one queued behind it (the batcher makes that
@@ -47,18 +36,6 @@ PIPELINE_DEPTH = 2
 # needs it briefly around every batch, and a 5 ms wait behind the busy I/O loop is a third of a batch here.
 GIL_SWITCH_INTERVAL_S = 0.0005
 MAX_PART_BYTES = MAX_PAYLOAD_BYTES + 1
-
-
-@dataclass(slots=True)
-class Result:
-    """What the inference thread hands back for one job."""
-
-    job: Job
-    probs: np.ndarray | None
-    pooled: np.ndarray | None
-    error: str | None
-    inferred_ns: int
-    infer_s: float
 
 
 class Agent:
@@ -79,7 +56,7 @@ class Agent:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=PIPELINE_DEPTH + 1)  # + the shutdown sentinel
-        self._results: queue.Queue[Result] = queue.Queue()
+        self._results: queue.Queue[Inferred] = queue.Queue()
         self._explain_in: queue.Queue[tuple[InFlight, Verdict] | None] = queue.Queue(maxsize=1)
         self._explain_out: queue.Queue[Explanation | None] = queue.Queue()
         self._explaining = False
@@ -96,7 +73,7 @@ class Agent:
     def startup(self) -> None:
         """Bind the PUB socket and beat `starting` at once, load and warm the model, bind intake, READY."""
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self._start_metrics()
+        self._metrics_server = start_server(self.metrics, self.health, self.s.metrics_addr, self.s.metrics_port)
         if self.curve is not None:
             self.curve.start(self.ctx)  # the ZAP handler must run before a CURVE socket binds
         self._bind_publisher()
@@ -175,10 +152,11 @@ class Agent:
         assert line is not None
         if self._stop.is_set() and self.drain_deadline is None:
             self._start_draining()
-        elif self.drain_deadline is None:
+        elif self.drain_deadline is None and self.reading == line.batcher.full:
             # Backpressure: while the queue is full, leave frames in ZeroMQ's buffers, which fill and
             # block the cameras' PUSH sockets at their send high-water mark.
-            self._read_when(not line.batcher.full)
+            self.reading = not self.reading
+            self.poller.modify(self.pull, zmq.POLLIN if self.reading else 0)
         events = dict(self.poller.poll(self._timeout_ms()))
         if self.wake in events:
             with contextlib.suppress(zmq.Again):
@@ -222,7 +200,8 @@ class Agent:
         if self.s.explain_interval_s > 0 and now >= self.next_explain and self._offer_explanation():
             self.next_explain = now + self.s.explain_interval_s
         wd = self.notifier.watchdog_interval_s()
-        if wd is not None and now >= self.next_wd and self._progressing(wd):
+        # Watchdog pings only while batches make progress: a wedged inference stops them.
+        if wd is not None and now >= self.next_wd and self.line is not None and not self.line.stalled(2 * wd):
             self.notifier.watchdog()
             self.next_wd = now + wd
         if self._reload.is_set() and self.drain_deadline is None:
@@ -244,11 +223,6 @@ class Agent:
         self.reading = False
         self.pull.close(linger=0)
 
-    def _read_when(self, want: bool) -> None:
-        if want != self.reading:
-            self.poller.modify(self.pull, zmq.POLLIN if want else 0)
-            self.reading = want
-
     def _timeout_ms(self) -> int:
         assert self.line is not None
         if self.drain_deadline is not None:
@@ -259,12 +233,6 @@ class Agent:
             if dl is not None:
                 limit = min(limit, (dl - time.monotonic_ns()) / 1e9)
         return max(0, int(limit * 1000 + 0.999))
-
-    def _progressing(self, wd: float) -> bool:
-        # Watchdog pings only while batches make progress: a wedged inference stops them.
-        assert self.line is not None
-        oldest = self.line.oldest_job_ns()
-        return oldest is None or time.monotonic_ns() - oldest < 2 * wd * 1e9
 
     def _set_state(self, state: AgentState) -> None:
         self.state = state
@@ -313,7 +281,7 @@ class Agent:
     def _infer_loop(self) -> None:
         self._worker(self._jobs, self._infer_one, self._results)
 
-    def _infer_one(self, job: Job) -> Result:
+    def _infer_one(self, job: Job) -> Inferred:
         backend = job.model.runner
         batch = preprocess([p.image for p in job.items], job.padded_size)
         probs = pooled = error = None
@@ -325,7 +293,7 @@ class Agent:
                 probs = backend.infer(batch)
         except Exception as exc:  # any runtime failure must still end in verdicts
             error = f"{type(exc).__name__}: {exc}"
-        return Result(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0)
+        return Inferred(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0)
 
     def _worker(self, inbox: queue.Queue[Any], work: Callable[[Any], Any], outbox: queue.Queue[Any]) -> None:
         """Take tasks until the None sentinel; hand each result back and wake the I/O loop."""
@@ -367,17 +335,8 @@ class Agent:
 
     def _heartbeat(self) -> None:
         self._hb_seq += 1
-        line, model = self.line, self.loader.model
-        hb = Heartbeat(
-            agent_id=self.s.agent_id, epoch=self.epoch, hb_seq=self._hb_seq, time_ns=time.time_ns(),
-            uptime_s=time.monotonic() - self._start_mono, state=self.state,
-            queue_depth=len(line.batcher) if line else 0, counters=line.counters() if line else {},
-            batch_sizes={str(k): v for k, v in sorted(line.batch_sizes.items())} if line else {},
-            backend=self.loader.backend.identity() if model else {"backend": self.backend.name},
-            model_id=model.model_id if model else "",
-            classes=model.classes if model else (), pass_classes=model.pass_classes if model else (),
-            thresholds=describe_thresholds(model) if model else {}, max_frame_bytes=self.s.max_frame_bytes,
-        )
+        hb = heartbeat(self.s, self.epoch, self._hb_seq, time.monotonic() - self._start_mono, self.state, self.line,
+                       self.loader.model, self.backend)
         self.pub.send_multipart(encode_heartbeat(hb), copy=False)
         self.metrics.queue_depth.set(hb.queue_depth)
         self.metrics.last_heartbeat.set(hb.time_ns / 1e9)
@@ -409,15 +368,8 @@ class Agent:
         from agent import explain
 
         item, v = task
-        try:
-            model: ServingModel = self.loader.model_by_id(v.model_id) or self.loader.require_model()
-            expl = explain.snapshot(model.runner, item, v)
-        except Exception as exc:  # an explanation is optional; it must never take the agent down
-            log.error("explanation failed", error=f"{type(exc).__name__}: {exc}")
-            return None
-        if self.s.explain_dir is not None:
-            explain.save(expl, Path(self.s.explain_dir), self.s.explain_keep)
-        return expl
+        model = self.loader.model_by_id(v.model_id) or self.loader.require_model()
+        return explain.task(model.runner, item, v, self.s.explain_dir, self.s.explain_keep)
 
     # --- shutdown ---
 
@@ -443,18 +395,3 @@ class Agent:
             self.curve.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
-
-    def _start_metrics(self) -> None:
-        if self.s.metrics_port == 0:
-            return
-        server = MetricsServer(self.metrics, self.health, self.s.metrics_addr, self.s.metrics_port)
-        try:
-            port = server.start()
-        except OSError as exc:
-            # Metrics are for people; inspection goes on without them rather than stopping the line.
-            log.error("metrics server not started", addr=self.s.metrics_addr, port=self.s.metrics_port,
-                      error=str(exc))
-            return
-        self._metrics_server = server
-        host = f"[{self.s.metrics_addr}]" if ":" in self.s.metrics_addr else self.s.metrics_addr
-        log.info("metrics", url=f"http://{host}:{port}/metrics")

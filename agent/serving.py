@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from agent.errors import ModelError, TdnError
 from agent.geometry import InputSpec
 from agent.line import ServingModel
 from agent.logging import get_logger
+from protocol import AgentState, Heartbeat
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -158,3 +160,17 @@ class Loader:
     def close(self) -> None:
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+
+
+def heartbeat(settings: AgentSettings, epoch: int, hb_seq: int, uptime_s: float, state: AgentState,
+              line: Line | None, model: ServingModel | None, backend: Backend) -> Heartbeat:
+    """The heartbeat of this moment; while the model loads (no line yet) it says `starting` and little else."""
+    ident = model.runner.identity() if model is not None else {"backend": backend.name}
+    return Heartbeat(
+        agent_id=settings.agent_id, epoch=epoch, hb_seq=hb_seq, time_ns=time.time_ns(), uptime_s=uptime_s,
+        state=state, queue_depth=len(line.batcher) if line else 0, counters=line.counters() if line else {},
+        batch_sizes={str(k): v for k, v in sorted(line.batch_sizes.items())} if line else {},
+        backend=ident, model_id=model.model_id if model else "",
+        classes=model.classes if model else (), pass_classes=model.pass_classes if model else (),
+        thresholds=describe_thresholds(model) if model else {}, max_frame_bytes=settings.max_frame_bytes,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import time
@@ -15,11 +16,31 @@ if TYPE_CHECKING:
     from agent.backends.base import Backend
     from agent.config import AgentSettings
 
-NAMES = ("tensorflow", "zendnn", "litert", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-SUPPORTED = {"tensorflow": ("fp32",), "zendnn": ("fp32",), "litert": ("fp32", "int8"),
-             "openvino": ("fp32", "bf16", "int8")}
-LEAN = ("litert", "openvino")  # serve exported artifacts without importing TensorFlow
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One backend: where its class lives, what it runs, and how to tell it is installed."""
+
+    target: str  # "module:Class", imported only when the backend is created
+    precisions: tuple[str, ...]
+    lean: bool  # serves exported artifacts without importing TensorFlow
+    module: str  # the runtime's import name, probed with importlib.util.find_spec
+
+
+# The one table every other list derives from (uvicorn's loops/auto.py and config.py tables are the model).
+REGISTRY: dict[str, Entry] = {
+    "tensorflow": Entry("agent.backends.tensorflow:TensorFlowBackend", ("fp32",), False, "tensorflow"),
+    "zendnn": Entry("agent.backends.zendnn:ZenDNNBackend", ("fp32",), False, "zentf"),
+    "litert": Entry("agent.backends.litert:LiteRTBackend", ("fp32", "int8"), True, "ai_edge_litert"),
+    "openvino": Entry("agent.backends.openvino:OpenVINOBackend", ("fp32", "bf16", "int8"), True, "openvino"),
+}
+NAMES = tuple(REGISTRY)
+PRECISIONS = ("auto", *dict.fromkeys(p for e in REGISTRY.values() for p in e.precisions))
+SUPPORTED = {name: e.precisions for name, e in REGISTRY.items()}
+LEAN = tuple(name for name, e in REGISTRY.items() if e.lean)
+# Every spelling --backend accepts: auto, a backend, or backend:precision.
+SPELLINGS = ("auto", *NAMES, *(f"{n}:{p}" for n, e in REGISTRY.items() for p in e.precisions))
 PROBE_BATCH = 8
 PROBE_SECONDS = 0.3
 
@@ -36,8 +57,8 @@ def installed(name: str) -> bool:
         from agent.backends.zendnn import zendnn_installed
 
         return zendnn_installed()
-    module = {"tensorflow": "tensorflow", "litert": "ai_edge_litert", "openvino": "openvino"}.get(name)
-    return module is not None and importlib.util.find_spec(module) is not None
+    entry = REGISTRY.get(name)
+    return entry is not None and importlib.util.find_spec(entry.module) is not None
 
 
 @dataclass(frozen=True)
@@ -76,23 +97,15 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
         raise BackendError(f"unknown backend {backend!r}; choose auto or one of: {', '.join(NAMES)}")
     if precision not in ("auto", *SUPPORTED[backend]):
         raise BackendError(f"backend {backend} has no precision {precision}; it runs: {', '.join(SUPPORTED[backend])}")
+    module_name, _, cls_name = REGISTRY[backend].target.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
     b: Backend
-    if backend == "tensorflow":
-        from agent.backends.tensorflow import TensorFlowBackend
-
-        b = TensorFlowBackend(model_path, threads, precision)
-    elif backend == "zendnn":
-        from agent.backends.zendnn import ZenDNNBackend
-
-        b = ZenDNNBackend(model_path, threads, precision, knobs)
-    elif backend == "litert":
-        from agent.backends.litert import LiteRTBackend
-
-        b = LiteRTBackend(model_path, threads, precision, artifacts_dir)
+    if backend == "zendnn":
+        b = cls(model_path, threads, precision, knobs)
+    elif REGISTRY[backend].lean:
+        b = cls(model_path, threads, precision, artifacts_dir)
     else:
-        from agent.backends.openvino import OpenVINOBackend
-
-        b = OpenVINOBackend(model_path, threads, precision, artifacts_dir)
+        b = cls(model_path, threads, precision)
     b.selected_by = reason
     return b
 

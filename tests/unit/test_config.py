@@ -19,6 +19,15 @@ class TestSettings:
         assert s.frames_endpoint != s.publish_endpoint
         assert s.batch_sizes == (1, 2, 4, 8, 16)
 
+    def test_backend_precision_spelling(self) -> None:
+        """backend litert:int8, as `tdn bench stream` spells it, is split into backend and precision."""
+        s = config.load(backend="litert:int8")
+        assert (s.backend, s.precision) == ("litert", "int8")
+        with pytest.raises(ConfigError, match="litert runs fp32 or int8"):
+            config.load(backend="litert", precision="bf16")
+        with pytest.raises(ConfigError, match="choose one of"):
+            config.load(backend="litert:bf16")
+
     def test_env_prefix(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """TDN_* environment variables set values, lists as comma-separated text."""
         monkeypatch.setenv("TDN_MAX_BATCH_SIZE", "12")
