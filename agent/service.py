@@ -36,6 +36,7 @@ PIPELINE_DEPTH = 2
 # needs it briefly around every batch, and a 5 ms wait behind the busy I/O loop is a third of a batch here.
 GIL_SWITCH_INTERVAL_S = 0.0005
 MAX_PART_BYTES = MAX_PAYLOAD_BYTES + 1
+BIG_PAYLOAD = 256 * 1024
 
 
 class Agent:
@@ -132,11 +133,9 @@ class Agent:
         """The I/O loop, until stopped and drained, then shutdown()."""
         assert self.line is not None
         self.poller = zmq.Poller()
-        self.poller.register(self.wake, zmq.POLLIN)
-        self.poller.register(self.pull, zmq.POLLIN)
         self.monitors = self.curve.monitors if self.curve is not None else []
-        for mon in self.monitors:
-            self.poller.register(mon, zmq.POLLIN)
+        for sock in (self.wake, self.pull, *self.monitors):
+            self.poller.register(sock, zmq.POLLIN)
         self.reading = True
         self.drain_deadline: float | None = None
         now = time.monotonic()
@@ -162,12 +161,10 @@ class Agent:
             with contextlib.suppress(zmq.Again):
                 while True:
                     self.wake.recv(zmq.NOBLOCK)
-        for mon in self.monitors:
-            if mon in events:
-                assert self.curve is not None
-                for sock, reason in self.curve.drain(mon):
-                    line.record("auth_denied")
-                    self.metrics.auth_denied.labels(sock, reason).inc()
+        for mon in (m for m in self.monitors if m in events):
+            for sock, reason in self.curve.drain(mon) if self.curve else ():
+                line.record("auth_denied")
+                self.metrics.auth_denied.labels(sock, reason).inc()
         if self.reading and self.pull in events:
             self._read_frames()
         self._collect()
@@ -191,7 +188,11 @@ class Agent:
                 parts = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._publish(admit([p.buffer for p in parts], line, spec, limit))
+            buffers = [p.buffer for p in parts]
+            self._publish(admit(buffers, line, spec, limit))
+            if len(buffers) > 2 and len(buffers[2]) > BIG_PAYLOAD:
+                # A big frame takes milliseconds to decode and resize: let a due batch go before the next one.
+                self._dispatch()
 
     def _periodic(self, now: float) -> None:
         if now >= self.next_hb:
