@@ -24,7 +24,9 @@ Clock = Callable[[], int]
 Sink = Callable[[str, str | None, int], None]
 
 EVENTS = ("received", "accepted", "inferred", "shed", "rejected", "rejected_unattributed", "published", "batches",
-          "explained", "auth_denied", "model_swaps", "model_refused")
+          "explained", "explain_dropped", "auth_denied", "model_swaps", "model_refused")
+# Review verdicts waiting for their explanation: every one is explained (an operator must see why), bounded.
+REVIEW_EXPLAIN_CAP = 64
 # Seqs remembered per camera for duplicate detection, and cameras remembered: both bounded, so a peer spraying
 # ids or seqs cannot grow the agent's memory.
 SEQ_WINDOW = 4096
@@ -135,6 +137,7 @@ class Line:
         self.by_reason: dict[str, int] = {}
         self.batch_sizes: dict[int, int] = {}
         self.candidate: tuple[tuple[bool, float], InFlight, Verdict] | None = None
+        self.to_review: deque[tuple[InFlight, Verdict]] = deque()
 
     # --- accounting: the one path ---
 
@@ -330,10 +333,20 @@ class Line:
     # --- explanation candidates ---
 
     def _consider(self, item: InFlight, v: Verdict) -> None:
+        if v.decision is Decision.REVIEW:
+            if len(self.to_review) >= REVIEW_EXPLAIN_CAP:
+                self.to_review.popleft()
+                self.record("explain_dropped")
+            self.to_review.append((item, v))
+            return
         # Prefer a defect verdict, then the least confident one: those are what an operator wants to see.
         score = (v.defect, -(v.confidence or 0.0))
         if self.candidate is None or score > self.candidate[0]:
             self.candidate = (score, item, v)
+
+    def take_review(self) -> tuple[InFlight, Verdict] | None:
+        """The oldest review verdict not yet explained: these go before the periodic snapshots."""
+        return self.to_review.popleft() if self.to_review else None
 
     def take_candidate(self) -> tuple[InFlight, Verdict] | None:
         """The most interesting ok verdict since the last call, to explain off the hot path."""

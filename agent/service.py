@@ -198,8 +198,14 @@ class Agent:
         if now >= self.next_hb:
             self._heartbeat()
             self.next_hb = now + self.s.heartbeat_interval_s
-        if self.s.explain_interval_s > 0 and now >= self.next_explain and self._offer_explanation():
-            self.next_explain = now + self.s.explain_interval_s
+        if self.s.explain_interval_s > 0 and not self._explaining:
+            assert self.line is not None
+            # Every review verdict is explained at once; other snapshots come every explain_interval_s.
+            review = self.line.take_review()
+            if review is not None:
+                self._offer_explanation(review)
+            elif now >= self.next_explain and self._offer_explanation(self.line.take_candidate()):
+                self.next_explain = now + self.s.explain_interval_s
         wd = self.notifier.watchdog_interval_s()
         # Watchdog pings only while batches make progress: a wedged inference stops them.
         if wd is not None and now >= self.next_wd and self.line is not None and not self.line.stalled(2 * wd):
@@ -345,17 +351,10 @@ class Agent:
 
     # --- explanations ---
 
-    def _offer_explanation(self) -> bool:
-        assert self.line is not None
-        if self._explaining:
-            return False
-        task = self.line.take_candidate()
+    def _offer_explanation(self, task: tuple[InFlight, Verdict] | None) -> bool:
         if task is None:
             return False
-        try:
-            self._explain_in.put_nowait(task)
-        except queue.Full:
-            return False
+        self._explain_in.put_nowait(task)  # never full: one task at a time, guarded by _explaining
         self._explaining = True
         return True
 

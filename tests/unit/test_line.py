@@ -169,6 +169,19 @@ class TestLineVerdicts:
         assert line.complete(job, onehot(4, 0)) == []
         assert line.outstanding == 0
 
+    def test_every_review_verdict_is_queued_for_explanation(self, clock: FakeClock) -> None:
+        """Review verdicts wait for their explanation in order; other verdicts compete for the periodic one."""
+        line, _ = make_line(clock)
+        for seq in range(4):
+            line.accept("c1", seq, capture_ns=1, part_id=None, label=None, image=IMG)
+        job, _ = line.poll()
+        assert job is not None
+        line.complete(job, np.concatenate([onehot(1, 1, 0.5), onehot(1, 1), onehot(2, 2, 0.4)]))
+        reviews = [line.take_review(), line.take_review(), line.take_review()]
+        assert [r[1].seq if r else None for r in reviews] == [0, 2, 3]
+        candidate = line.take_candidate()
+        assert candidate is not None and candidate[1].seq == 1 and candidate[0].image is IMG
+
     def test_counts_feed_the_sink(self, clock: FakeClock) -> None:
         """The heartbeat counters and the sink see the same events."""
         line, events = make_line(clock)
