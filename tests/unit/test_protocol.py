@@ -25,6 +25,7 @@ from protocol import (
     PROTOCOL_VERSION,
     VERDICT_PREFIX,
     AgentState,
+    Decision,
     Encoding,
     Explanation,
     Frame,
@@ -36,6 +37,7 @@ from protocol import (
     Status,
     Verdict,
     VersionError,
+    decision_of,
     decode,
     decode_explanation,
     decode_frame,
@@ -180,6 +182,10 @@ def _reason(parts: Any, decoder: Any = decode) -> str:
     with pytest.raises(ProtocolError) as info:
         decoder(parts)
     return info.value.reason
+
+
+# The last commit whose protocol/ is revision 1.0: a 1.0 peer, for the compatibility test.
+V1_RELEASE = "c2aabac"
 
 
 class TestIdsAndTopics:
@@ -407,6 +413,61 @@ class TestVerdict:
         with pytest.raises(ProtocolError) as info:
             make_shed(**changes)
         assert info.value.reason == "bad_value"
+
+
+class TestModelClasses:
+    """A line's own class list travels in the heartbeat; verdicts range over it (revision 1.1)."""
+
+    def test_seven_class_round_trip(self) -> None:
+        """A seven-class model's verdict and heartbeat survive encode/decode unchanged."""
+        classes = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Free", "MT_Uneven", "other")
+        probs = (0.01, 0.01, 0.01, 0.01, 0.9, 0.03, 0.03)
+        v = make_verdict(class_name="MT_Free", class_index=4, confidence=0.9, probs=probs, defect=False,
+                         decision=Decision.PASS, label="MT_Free", model_id="magnetic-tile-3f2a/litert-int8")
+        assert decode(encode(v)) == v
+        hb = make_heartbeat(classes=classes, pass_classes=("MT_Free",), thresholds={"pass_threshold": 0.97},
+                            max_frame_bytes=16 << 20)
+        assert decode(encode(hb)) == hb
+
+    def test_six_class_verdict_means_what_it_did(self) -> None:
+        """For the six-class model the v1 keys keep their meaning; decision only adds to them."""
+        v = make_verdict(decision=Decision.DIVERT)
+        d = msgpack.unpackb(encode(v)[1])
+        assert (d["class_name"], d["class_index"], d["defect"], d["decision"]) == ("scratches", 5, True, "divert")
+        assert decision_of(make_verdict(decision=None)) is Decision.DIVERT
+        assert decision_of(make_verdict(decision=None, defect=False)) is Decision.PASS
+
+    @pytest.mark.parametrize("bad", [{"classes": ("a", "a")}, {"classes": ("a",), "pass_classes": ("b",)},
+                                     {"thresholds": {"t": math.nan}}, {"max_frame_bytes": 0}])
+    def test_bad_heartbeat_model_fields(self, bad: dict[str, Any]) -> None:
+        """Duplicate classes, a pass class outside the list, a NaN threshold or a zero limit are refused."""
+        with pytest.raises(ProtocolError):
+            make_heartbeat(**bad)
+
+    def test_a_v1_decoder_reads_the_new_messages(self, tmp_path: Path) -> None:
+        """The protocol package as released (v1.0, from git history) decodes a 1.1 verdict and heartbeat."""
+        import subprocess
+        import sys
+
+        old = tmp_path / "protocol"
+        old.mkdir()
+        root = Path(protocol.__file__).resolve().parent.parent
+        for name in ("__init__.py", "codec.py", "errors.py", "messages.py"):
+            out = subprocess.run(["git", "show", f"{V1_RELEASE}:protocol/{name}"], cwd=root, capture_output=True,
+                                 check=True)
+            (old / name).write_bytes(out.stdout)
+        v = make_verdict(decision=Decision.DIVERT, model_id="tinydefectnet-eedcc6cf52b5/zendnn-fp32")
+        hb = make_heartbeat(classes=NEU_CLASSES, pass_classes=(), thresholds={"min_confidence": 0.5},
+                            max_frame_bytes=1 << 24)
+        (tmp_path / "msgs.bin").write_bytes(msgpack.packb([[bytes(p) for p in encode(m)] for m in (v, hb)]))
+        code = ("import msgpack, protocol, sys; msgs = msgpack.unpackb(open(sys.argv[1], 'rb').read()); "
+                "v = protocol.decode_verdict(msgs[0]); h = protocol.decode_heartbeat(msgs[1]); "
+                "print(v.class_name, v.defect, v.model_id, h.model_id, 'decision' in v.__dataclass_fields__)")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "msgs.bin")], cwd=tmp_path,
+                             capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["scratches", "True", "tinydefectnet-eedcc6cf52b5/zendnn-fp32", hb.model_id,
+                                      "False"]
 
 
 class TestExplanation:
@@ -692,7 +753,7 @@ class TestConstants:
     def test_spec_worked_example_matches_encoder(self) -> None:
         """The hex dump in SPEC.md is exactly what the encoder produces for that verdict."""
         spec = (Path(protocol.__file__).parent / "SPEC.md").read_text(encoding="utf-8")
-        block = spec.split("Part 1, header (327 bytes):\n\n```\n", 1)[1].split("```", 1)[0]
+        block = spec.split("Part 1, header (343 bytes):\n\n```\n", 1)[1].split("```", 1)[0]
         documented = bytes.fromhex("".join(line[6:] for line in block.strip().splitlines()))
         example = Verdict(
             camera_id="cam1",
@@ -712,6 +773,7 @@ class TestConstants:
             inferred_ns=1_700_000_000_004_000_000,
             published_ns=1_700_000_000_005_000_000,
             label="scratches",
+            decision=Decision.DIVERT,
         )
         parts = encode_verdict(example)
         assert parts[0] == b"verdict/cam1/" and parts[1] == documented
