@@ -45,16 +45,17 @@ def admit(parts: Sequence[Any], line: Line, spec: InputSpec, max_frame_bytes: in
     size = sum(len(p) for p in parts)
     if size > max_frame_bytes:
         camera_id, seq, fields = peek_context(parts)
-        return line.reject(Reason.OVERSIZED, camera_id, seq, **fields)
+        return line.reject(Reason.OVERSIZED, camera_id, seq, detail=f"{size} B > max_frame_bytes {max_frame_bytes}",
+                           **fields)
     try:
         frame = decode_frame(parts)
     except ProtocolError as exc:
         _, _, fields = peek_context(parts)
-        return line.reject(exc.reason, exc.camera_id, exc.seq, **fields)
+        return line.reject(exc.reason, exc.camera_id, exc.seq, detail=exc.detail, **fields)
     try:
         image = decode_image(frame, spec)
     except FrameError as exc:
         return line.reject(exc.reason, frame.camera_id, frame.seq, capture_ns=frame.capture_ns,
-                           part_id=frame.part_id, label=frame.label)
+                           part_id=frame.part_id, label=frame.label, detail=str(exc))
     return line.accept(frame.camera_id, frame.seq, capture_ns=frame.capture_ns, part_id=frame.part_id,
                        label=frame.label, image=image)

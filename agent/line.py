@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.batcher import BatchPolicy, MicroBatcher
+from agent.logging import RateLimited
 from agent.sequencer import Sequencer
 from protocol import Decision, Reason, Status, Verdict
 
@@ -120,13 +121,14 @@ class Line:
 
     def __init__(self, policy: BatchPolicy, model: ServingModel, *, agent_id: str, epoch: int,
                  monotonic_ns: Clock = time.monotonic_ns, wall_ns: Clock = time.time_ns,
-                 sink: Sink | None = None, seq_window: int = SEQ_WINDOW) -> None:
+                 sink: Sink | None = None, seq_window: int = SEQ_WINDOW, log: RateLimited | None = None) -> None:
         self.model = model
         self.agent_id = agent_id
         self.epoch = epoch
         self._mono = monotonic_ns
         self._wall = wall_ns
         self._sink = sink
+        self._log = log
         self._window = seq_window
         self.batcher: MicroBatcher[InFlight] = MicroBatcher(policy, monotonic_ns)
         self._order: Sequencer[Verdict] = Sequencer()
@@ -182,6 +184,7 @@ class Line:
         """A decoded frame. Queued for inference, or rejected `duplicate_seq` if its seq was accepted lately."""
         self.record("received")
         if self._remember(camera_id, seq):
+            self._warn(Reason.DUPLICATE_SEQ, camera_id, seq, "seq sent lately by this camera")
             return self._refuse(Reason.DUPLICATE_SEQ, camera_id, seq, capture_ns, part_id, label)
         item = self._admit(camera_id, seq, capture_ns, part_id, label, image)
         if not self.batcher.offer(item):
@@ -190,14 +193,20 @@ class Line:
         return []
 
     def reject(self, reason: str, camera_id: str | None, seq: int | None, *, capture_ns: int | None = None,
-               part_id: str | None = None, label: str | None = None) -> list[Verdict]:
+               part_id: str | None = None, label: str | None = None, detail: str = "") -> list[Verdict]:
         """A frame refused at intake: a rejected verdict when its camera and seq were readable, else a count."""
         self.record("received")
+        self._warn(str(reason), camera_id, seq, detail)
         if camera_id is None or seq is None:
             self.record("rejected_unattributed", str(reason))
             return []
         self._remember(camera_id, seq)
         return self._refuse(str(reason), camera_id, seq, capture_ns, part_id, label)
+
+    def _warn(self, reason: str, camera_id: str | None, seq: int | None, detail: str) -> None:
+        if self._log is not None:
+            self._log.warning("rejected frame", str(reason), reason=str(reason), camera_id=camera_id, seq=seq,
+                              detail=detail[:200])
 
     def _refuse(self, reason: str, camera_id: str, seq: int, capture_ns: int | None, part_id: str | None,
                 label: str | None) -> list[Verdict]:
@@ -266,6 +275,7 @@ class Line:
             except (OutputError, ValueError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if error is not None:
+            self._warn(Reason.INFERENCE_ERROR, None, None, f"{error} (batch of {n})")
             return self._finish(job.items, Status.REJECTED, Reason.INFERENCE_ERROR)
         return self._decide(job, rows, decided, inferred_ns if inferred_ns is not None else self._wall())
 

@@ -20,7 +20,7 @@ from agent.batcher import BatchPolicy
 from agent.config import AgentSettings
 from agent.intake import admit
 from agent.line import Inferred, InFlight, Job, Line
-from agent.logging import get_logger
+from agent.logging import RateLimited, get_logger
 from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
 from agent.security import CurveServer
@@ -83,7 +83,7 @@ class Agent:
         self.line = Line(BatchPolicy(self.s.max_batch_size, self.s.max_queue_delay_us, self.s.shed_deadline_ms,
                                      self.s.queue_cap, self.s.batch_sizes),
                          model, agent_id=self.s.agent_id, epoch=self.epoch, sink=self.metrics.record,
-                         seq_window=self.s.seq_window)
+                         seq_window=self.s.seq_window, log=RateLimited(log))
         self.metrics.identity(self.backend.identity(), model.model_id, self.s.agent_id, self.epoch)
         self._bind_intake()
         self.wake = self.ctx.socket(zmq.PULL)
@@ -320,8 +320,6 @@ class Agent:
             while True:
                 r = self._results.get_nowait()
                 self.metrics.inference.observe(r.infer_s)
-                if r.error is not None:
-                    log.error("inference failed", error=r.error, batch=len(r.job.items))
                 self._publish(line.complete(r.job, r.probs, r.pooled, r.error, r.inferred_ns))
         with contextlib.suppress(queue.Empty):
             while True:

@@ -70,7 +70,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in config.AgentSettings.model_fields if getattr(args, k, None) is not None}
     settings = config.load(args.config, **overrides)
-    configure(settings.log_level, settings.log_json)
+    configure(settings.log_level, settings.log_json, native=True)
     log = get_logger("agent")
     _quiet_tf()
     from agent.backends import from_settings

@@ -197,3 +197,30 @@ class TestStartingHeartbeat:
         assert states[-1][1] is AgentState.READY
         # The figure (launch to first `starting` heartbeat) is measured, not asserted: timed tests are flaky here.
         print(f"first heartbeat {states[0][0]:.2f} s after launch; ready after {states[-1][0]:.2f} s")
+
+
+class TestLogs:
+    """A flood of bad frames is counted in full but logged in a few JSON lines, libjpeg's messages included."""
+
+    def test_reject_logging_is_rate_limited_and_json(self, line: Any) -> None:
+        """300 damaged JPEGs: 300 rejected verdicts, at most a handful of warnings, every log line JSON."""
+        agent, sub, push = line
+        ok, buf = cv2.imencode(".jpg", image(64, 64))
+        data = bytearray(buf.tobytes())
+        # Garbage in the middle of the scan: decodes with libjpeg's "Corrupt JPEG data" warning, or not at all.
+        data[len(data) // 2: len(data) // 2 + 40] = bytes(40)
+        short = frame("camL", 0, image(64, 64))
+        for seq in range(300):
+            msg = encode_frame(Frame(camera_id="camL", seq=seq, capture_ns=time.time_ns(), width=64, height=64,
+                                     encoding=Encoding.JPEG, payload=bytes(data)))
+            if seq % 2:
+                msg = list(short)
+                msg[1] = msgpack.packb({**msgpack.unpackb(short[1]), "seq": seq})
+                msg[2] = bytes(7)  # payload_size: rejected
+            push.send_multipart(msg)
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 300, 30))
+        assert len(got) == 300
+        lines = agent.log_text().splitlines()
+        assert all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:3]
+        warnings = [e for e in agent.events() if e.get("event") == "rejected frame"]
+        assert 1 <= len(warnings) <= 10, len(warnings)
