@@ -66,16 +66,26 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def list_images(root: Path) -> list[tuple[Path, str | None]]:
-    """(file, label) for the images of a NEU-DET root (its IMAGES/ subfolder) or a flat NEU-CLS folder."""
+    """(file, label) for a NEU-DET root (IMAGES/), a flat NEU-CLS folder, or one folder per class.
+
+    In a class-per-folder layout the class is the top-level folder and images are found at any depth; a .png
+    beside a photo with the same stem is that photo's mask, not an image to send.
+    """
     folder = root / "IMAGES" if (root / "IMAGES").is_dir() else root
     if not folder.is_dir():
         raise SourceError(f"image folder not found: {root}")
-    files = sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key
-    )
-    if not files:
-        raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return [(path, label_for(path)) for path in files]
+    flat = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if flat:
+        return [(path, label_for(path)) for path in sorted(flat, key=_natural_key)]
+    found: list[tuple[Path, str | None]] = []
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        files = [p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        photos = {p.with_suffix("") for p in files if p.suffix.lower() != ".png"}
+        found += [(p, class_dir.name) for p in sorted(files, key=_natural_key)
+                  if not (p.suffix.lower() == ".png" and p.with_suffix("") in photos)]
+    if not found:
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder} or its class folders")
+    return found
 
 
 @functools.lru_cache(maxsize=4096)
@@ -278,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--cameras", type=int, default=1, help="run N cameras cam1..camN, one thread each")
     parser.add_argument(
         "--source", "--data", dest="source", type=Path, default=None,
-        help="NEU-DET root or NEU-CLS folder (default: synthetic surfaces)",
+        help="NEU-DET root, NEU-CLS folder, or one folder per class (default: synthetic surfaces)",
     )
     parser.add_argument("--fps", type=float, default=10.0, help="frames per second per camera; 0 = as fast as taken")
     parser.add_argument("--count", type=int, default=None, help="frames per camera, then exit (default: endless)")

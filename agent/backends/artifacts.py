@@ -1,129 +1,23 @@
-"""Exported backend artifacts keyed by the model's sha256, the accuracy gate beside them, and the lean base class."""
+"""The lean base class: a backend serving the artifacts `tdn export` built, without importing TensorFlow."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from agent.backends.base import Backend
-from agent.card import file_sha256
+from agent.backends.gate import read_gate
+from agent.backends.store import KERNEL_FILE, manifest_ok, model_dir
 from agent.config import default_artifacts_dir
 from agent.errors import BackendError
 from agent.hostinfo import cores
-
-if TYPE_CHECKING:
-    from agent.lab.data import Sample
-
-FORMAT = 1  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt
-MAX_ACCURACY_DROP = 0.005  # a variant may lose at most 0.5 accuracy points against fp32 ...
-MAX_DISAGREEMENT = 0.01  # ... and change at most 1% of the fp32 model's top-1 decisions
-KERNEL_FILE = "cam_kernel.npy"
-MANIFEST = "manifest.json"
-
-
-def model_dir(artifacts_dir: Path, model_path: Path) -> Path:
-    """The folder of one model's artifacts: a new model (new hash) never reuses another's."""
-    return Path(artifacts_dir) / f"tinydefectnet-{file_sha256(Path(model_path))[:16]}"
-
-
-def gate_path(folder: Path, backend: str, precision: str) -> Path:
-    return folder / f"{backend}-{precision}.gate.json"
-
-
-# --- the accuracy gate (pure) ---
-
-
-def gate_record(pred: np.ndarray, ref_pred: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Accuracy of `pred`, of the fp32 reference `ref_pred`, and their top-1 agreement, over labelled images."""
-    pred, ref_pred, labels = (np.asarray(a).reshape(-1) for a in (pred, ref_pred, labels))
-    if not len(labels) or not (len(pred) == len(ref_pred) == len(labels)):
-        raise ValueError(f"need equal, non-empty predictions and labels, got {len(pred)}, {len(ref_pred)}, "
-                         f"{len(labels)}")
-    return {
-        "accuracy": float((pred == labels).mean()),
-        "fp32_accuracy": float((ref_pred == labels).mean()),
-        "agreement": float((pred == ref_pred).mean()),
-        "n": len(labels),
-    }
-
-
-def gate_decision(record: dict[str, Any], max_drop: float = MAX_ACCURACY_DROP,
-                  max_disagreement: float = MAX_DISAGREEMENT) -> tuple[bool, str]:
-    """Whether a reduced-precision variant may be chosen, and why, from its gate record."""
-    drop = float(record["fp32_accuracy"]) - float(record["accuracy"])
-    flips = 1.0 - float(record["agreement"])
-    eps = 1e-9  # the bounds are inclusive; float noise must not flip an exact 0.5-point loss
-    summary = (f"accuracy {record['accuracy']:.4f} vs fp32 {record['fp32_accuracy']:.4f}, "
-               f"agreement {record['agreement']:.4f} on {record['n']} images")
-    if drop > max_drop + eps:
-        return False, f"loses {100 * drop:.2f} points (> {100 * max_drop:.1f}): {summary}"
-    if flips > max_disagreement + eps:
-        return False, f"changes {100 * flips:.2f}% of top-1 decisions (> {100 * max_disagreement:.1f}%): {summary}"
-    return True, f"passes: {summary}"
-
-
-def read_gate(folder: Path, backend: str, precision: str) -> dict[str, Any] | None:
-    p = gate_path(folder, backend, precision)
-    if not p.is_file():
-        return None
-    try:
-        data: dict[str, Any] = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-    return data
-
-
-def write_gate(folder: Path, backend: str, precision: str, record: dict[str, Any]) -> dict[str, Any]:
-    ok, reason = gate_decision(record)
-    out = {"backend": backend, "precision": precision, **record, "passed": ok, "decision": reason,
-           "max_accuracy_drop": MAX_ACCURACY_DROP, "max_disagreement": MAX_DISAGREEMENT}
-    gate_path(folder, backend, precision).write_text(json.dumps(out, indent=2) + "\n")
-    return out
-
-
-# --- labelled images for calibration and the gate ---
-
-
-def stratified_subset(samples: Sequence[Sample], n: int, seed: int = 0) -> list[Sample]:
-    """About n samples with every class equally represented (as far as each class has images), seeded."""
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    if not by_class or n <= 0:
-        return []
-    per = max(1, n // len(by_class))
-    rng = np.random.default_rng(seed)
-    out: list[Sample] = []
-    for label in sorted(by_class):
-        group = by_class[label]
-        out += [group[i] for i in sorted(rng.permutation(len(group))[:per])]
-    return sorted(out, key=lambda s: s.path)
-
-
-def card_split(card: dict[str, Any], samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample], str]:
-    """(train, held-out, how) of the model card; a stratified 20% sample when the card names no split."""
-    from agent.lab.data import file_list_hash, stratified_split
-
-    training = card.get("training", {})
-    cfg = training.get("config", {})
-    if "seed" in training and "val_fraction" in cfg:
-        train, val = stratified_split(samples, float(cfg["val_fraction"]), int(training["seed"]))
-        want = card.get("validation", {}).get("files_hash")
-        if want is None or want == file_list_hash(val):
-            return train, val, f"the model card's held-out split ({len(val)} images, seed {training['seed']})"
-    train, val = stratified_split(samples, 0.2, 0)
-    return train, val, (f"a stratified 20% sample ({len(val)} images, seed 0): the model card names no matching "
-                        "split, so these may include training images")
-
 
 # --- lean backends: serve an exported artifact without TensorFlow ---
 
@@ -301,29 +195,3 @@ class ArtifactBackend(Backend):
         if self.selected_by:
             ident["selected_by"] = self.selected_by
         return ident
-
-
-def write_manifest(folder: Path, model_path: Path, versions: dict[str, str]) -> None:
-    data = {"format": FORMAT, "model": Path(model_path).name, "model_sha256": file_sha256(Path(model_path)),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions}
-    (folder / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def manifest_ok(folder: Path) -> bool:
-    """Whether the folder holds artifacts of the current export format (else they are rebuilt)."""
-    try:
-        return bool(json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT)
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """Top-1 classes of x through `run` (a fixed-size [batch,...] -> probs callable); the last batch is padded."""
-    out = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        n = len(xb)
-        if n < batch:
-            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
-        out.append(np.argmax(np.asarray(run(xb))[:n], axis=1))
-    return np.concatenate(out) if out else np.zeros(0, np.int64)

@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.errors import TdnError
 from agent.testing import start_agent
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.lab import default_data
-
-    p.add_argument("--data", default=default_data(), help="NEU-DET folder to replay (default: $TDN_DATA; "
-                   "without one, synthetic surfaces)")
+    p.add_argument("--model", default="tinydefectnet",
+                   help="a shipped model (tinydefectnet: NEU-DET steel; magnetic-tile: tiles with a pass class) or "
+                        "a .keras path")
+    p.add_argument("--data", default=None, help="folder to replay (default: the model's dataset beside the "
+                   "checkout, $TDN_DATA for NEU-DET; without one, synthetic steel surfaces)")
     p.add_argument("--seconds", type=float, default=30.0, help="how long the cameras run")
     p.add_argument("--fps", type=float, default=25.0, help="frames per second per camera")
     p.add_argument("--cameras", type=int, default=2)
@@ -43,12 +45,32 @@ def free_endpoints(n: int = 2) -> list[str]:
         return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
 
 
+def _model_and_data(name: str, data: str | None) -> tuple[Path, str | None]:
+    """The model file a --model names, and the folder to replay (its shipped dataset when --data is not given)."""
+    from agent.config import MODELS_DIR
+    from agent.lab import REPO_DATA, default_data
+
+    path = Path(name) if name.endswith(".keras") else MODELS_DIR / f"{name}.keras"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.keras")))
+        raise TdnError(f"model {name!r} not found (shipped: {shipped}; or give a .keras path)")
+    if data is None:
+        if path.stem == "magnetic-tile":
+            mt = REPO_DATA.parent / "magnetic-tile"
+            data = os.environ.get("TDN_MT_DATA") or (str(mt) if mt.is_dir() else None)
+        else:
+            data = default_data()
+    return path, data
+
+
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    settings = {"explain_dir": out / "explanations", "agent_id": "demo", "backend": args.backend}
+    model, data = _model_and_data(args.model, args.data)
+    settings = {"explain_dir": out / "explanations", "agent_id": "demo", "backend": args.backend,
+                "model_path": model}
     agent_log = out / "agent.log"
     agent_log.unlink(missing_ok=True)
     print(f"starting the agent (log: {agent_log}) ...", flush=True)
@@ -69,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(0.5)  # let the bridge subscribe before the first verdict (PUB has no history)
         cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
                    "--fps", str(args.fps), "--shuffle", "--report", str(out / "cameras.json"), "--quiet"]
-        if args.data:
-            cam_cmd += ["--source", args.data]
+        if data:
+            cam_cmd += ["--source", data]
         cameras = subprocess.Popen(cam_cmd, env=env)
         procs.append(cameras)
         deadline = time.monotonic() + args.seconds
@@ -104,7 +126,7 @@ def _start_console(py: str, env: dict[str, str], publish: str, out: Path) -> sub
 def _stop_line(procs: list[subprocess.Popen[bytes]]) -> None:
     """Cameras first, then let the last verdicts arrive, then the bridge, then the agent (SIGTERM drains)."""
     agent, rest = procs[0], procs[1:]
-    consoles = [p for p in rest if "agent.console" in p.args]
+    consoles = [p for p in rest if "agent.console" in list(map(str, p.args))]  # type: ignore[arg-type]
     rest = [p for p in rest if p not in consoles]
     cameras = rest[1] if len(rest) > 1 else None
     bridge = rest[0] if rest else None

@@ -25,9 +25,8 @@ ALL_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.backends.artifacts import default_artifacts_dir
-    from agent.config import DEFAULT_MODEL
-    from agent.lab.data import default_data
+    from agent.config import DEFAULT_MODEL, default_artifacts_dir
+    from agent.lab import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the .keras model (its card beside it)")
     p.add_argument("--data", default=default_data(),
@@ -55,12 +54,12 @@ class Exporter:
     """Builds one model's artifacts in order; holds the Keras model and the labelled arrays between steps."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from agent.backends.artifacts import model_dir
-        from agent.backends.base import read_card
+        from agent.backends.store import model_dir
+        from agent.card import read_dict
 
         self.args = args
         self.model_path = Path(args.model)
-        self.card = read_card(self.model_path)
+        self.card = read_dict(self.model_path)
         self.folder = model_dir(args.artifacts_dir, self.model_path)
         self.backends = _pick(args.backends, LEAN, "backend")
         self.precisions = _pick(args.precisions, ALL_PRECISIONS, "precision")
@@ -84,18 +83,21 @@ class Exporter:
     def data(self) -> dict[str, Any]:
         """Calibration images (training split) and held-out images, labels and fp32 predictions."""
         if not self._arrays:
-            from agent.backends.artifacts import card_split, predict_all, stratified_subset
-            from agent.lab.data import load_arrays, scan
+            from agent.geometry import InputSpec
+            from agent.lab.data import check_classes, held_out, load_arrays, load_dataset, stratified_subset
 
-            samples = scan(self.args.data)
-            train, val, how = card_split(self.card, samples)
-            xc, _ = load_arrays(stratified_subset(train, self.args.calibration, seed=1))
-            xv, yv = load_arrays(val)
+            ds = load_dataset(self.args.data)
+            check_classes(self.card, ds)
+            # Calibration and gate images go through the card's input geometry, exactly as frames will.
+            spec = InputSpec.from_card(self.card.get("input", {}))
+            train, val, how = held_out(self.card, list(ds.samples))
+            xc, _ = load_arrays(stratified_subset(train, self.args.calibration, seed=1), spec=spec)
+            xv, yv = load_arrays(val, spec=spec)
             import tensorflow as tf
 
             model = self.keras_model()
             fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-                tf.TensorSpec([EVAL_BATCH, 200, 200, 1], tf.float32))
+                tf.TensorSpec([EVAL_BATCH, spec.size, spec.size, 1], tf.float32))
             ref = predict_all(lambda b: fn(b).numpy(), xv, EVAL_BATCH)
             self._arrays = {"calib": xc, "x": xv, "y": yv, "ref": ref, "how": how}
         return self._arrays
@@ -131,7 +133,7 @@ class Exporter:
         np.save(self.folder / "cam_kernel.npy", np.asarray(kernel, np.float32))
 
     def savedmodel(self) -> None:
-        from agent.explain import features_model
+        from agent.lab.explain import features_model
 
         target = self.folder / "savedmodel"
         shutil.rmtree(target, ignore_errors=True)
@@ -173,7 +175,8 @@ class Exporter:
 
     def gate(self, backend: str, precision: str) -> None:
         from agent.backends import create
-        from agent.backends.artifacts import ArtifactBackend, gate_record, predict_all, write_gate
+        from agent.backends.artifacts import ArtifactBackend
+        from agent.backends.gate import gate_record, write_gate
         from agent.hostinfo import cores
 
         b = create(backend, self.model_path, self.threads, precision=precision, artifacts_dir=self.args.artifacts_dir)
@@ -194,7 +197,7 @@ class Exporter:
 
     def run(self, progress: bool) -> list[str]:
         """Run every step not cached; return the labels of those that ran."""
-        from agent.backends.artifacts import manifest_ok, write_manifest
+        from agent.backends.store import manifest_ok, write_manifest
 
         if self.args.force or not manifest_ok(self.folder):
             shutil.rmtree(self.folder, ignore_errors=True)  # stale format or forced: nothing is reused
@@ -217,7 +220,7 @@ class Exporter:
         return ran
 
     def table(self) -> str:
-        from agent.backends.artifacts import read_gate
+        from agent.backends.gate import read_gate
 
         rows = [("variant", "artifact", "size", "accuracy", "vs fp32", "agreement", "gate")]
         for backend in self.backends:
@@ -307,3 +310,14 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
+
+def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """Top-1 classes of x through `run` (a fixed-size [batch,...] -> probs callable); the last batch is padded."""
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        n = len(xb)
+        if n < batch:
+            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
+        out.append(np.argmax(np.asarray(run(xb))[:n], axis=1))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)

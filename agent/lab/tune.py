@@ -141,7 +141,8 @@ def _worker_main(config_json: str) -> int:
 def configurations(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(configurations to time, rows for variants left out and why)."""
     from agent.backends import installed, variants
-    from agent.backends.artifacts import model_dir, read_gate
+    from agent.backends.gate import read_gate
+    from agent.backends.store import model_dir
     from agent.hostinfo import cores
 
     threads = sorted({int(t) for t in args.threads.split(",") if t.strip()} or {1, cores()})

@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 
 from agent.backends import create, installed
-from agent.backends.artifacts import ArtifactBackend, card_split, model_dir, predict_all, read_gate, stratified_subset
+from agent.backends.artifacts import ArtifactBackend
+from agent.backends.gate import read_gate
+from agent.backends.store import model_dir
 from agent.card import read_dict
 from agent.errors import BackendError, ConfigError
-from agent.lab.data import load_arrays, scan
+from agent.lab.data import held_out as card_split
+from agent.lab.data import load_arrays, scan, stratified_subset
+from agent.lab.export import predict_all
 from tests.conftest import data_dir
 
 pytestmark = pytest.mark.integration
@@ -100,7 +104,6 @@ class TestZenDNN:
         out = python(f"""
             import json, numpy as np
             from agent.backends import create
-            from agent.backends.artifacts import predict_all
             b = create("zendnn", {str(model)!r})
             b.load(); b.warmup(({BATCH},))
             pred = predict_all(b.infer, np.load({str(images[2])!r}), {BATCH})

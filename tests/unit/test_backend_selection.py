@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from agent.backends import SUPPORTED, Choice, create, load_profile, parse, profile_choice, variants
-from agent.backends.artifacts import gate_decision, gate_record, stratified_subset
+from agent.backends.gate import gate_decision, gate_record
 from agent.errors import BackendError, ConfigError
-from agent.lab.data import Sample
+from agent.lab.data import Sample, stratified_subset
 from agent.lab.tune import select
 
 

@@ -1,0 +1,32 @@
+"""Where exported artifacts live: one folder per model hash, with a manifest of the export format."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from agent.card import file_sha256
+
+FORMAT = 1  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt
+KERNEL_FILE = "cam_kernel.npy"
+MANIFEST = "manifest.json"
+
+
+def model_dir(artifacts_dir: Path, model_path: Path) -> Path:
+    """The folder of one model's artifacts: a new model (new hash) never reuses another's."""
+    return Path(artifacts_dir) / f"tinydefectnet-{file_sha256(Path(model_path))[:16]}"
+
+
+def write_manifest(folder: Path, model_path: Path, versions: dict[str, str]) -> None:
+    data = {"format": FORMAT, "model": Path(model_path).name, "model_sha256": file_sha256(Path(model_path)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def manifest_ok(folder: Path) -> bool:
+    """Whether the folder holds artifacts of the current export format (else they are rebuilt)."""
+    try:
+        return bool(json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT)
+    except (OSError, json.JSONDecodeError):
+        return False
