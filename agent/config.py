@@ -169,6 +169,25 @@ class AgentSettings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _backend(self) -> AgentSettings:
+        from agent.backends import PRECISIONS, SPELLINGS, SUPPORTED, parse
+
+        if self.backend not in SPELLINGS:
+            raise ValueError(f"backend {self.backend!r}: choose one of {', '.join(SPELLINGS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        name, named = parse(self.backend)
+        if named is not None:
+            if self.precision not in ("auto", named):
+                raise ValueError(f"backend {self.backend} names precision {named}, precision says {self.precision}")
+            self.backend, self.precision = name, named
+        if name != "auto" and self.precision not in ("auto", *SUPPORTED[name]):
+            runs = " or ".join(SUPPORTED[name])
+            others = [n for n, ps in SUPPORTED.items() if self.precision in ps]
+            raise ValueError(f"precision {self.precision} needs backend {' or '.join(others)}; {name} runs {runs}")
+        return self
+
+    @model_validator(mode="after")
     def _card(self) -> AgentSettings:
         # The class names are the model's: checked against its card here, so a typo fails at start-up.
         if self.pass_classes is not None and self.model_path.is_file():
@@ -195,21 +214,6 @@ class AgentSettings(BaseSettings):
             self.artifacts_dir = self.state_dir / "artifacts"
         if self.profile_path is None:
             self.profile_path = self.state_dir / "profile.json"
-        from agent.backends import PRECISIONS, SPELLINGS, SUPPORTED, parse
-
-        if self.backend not in SPELLINGS:
-            raise ValueError(f"backend {self.backend!r}: choose one of {', '.join(SPELLINGS)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        name, named = parse(self.backend)
-        if named is not None:
-            if self.precision not in ("auto", named):
-                raise ValueError(f"backend {self.backend} names precision {named}, precision says {self.precision}")
-            self.backend, self.precision = name, named
-        if name != "auto" and self.precision not in ("auto", *SUPPORTED[name]):
-            runs = " or ".join(SUPPORTED[name])
-            others = [n for n, ps in SUPPORTED.items() if self.precision in ps]
-            raise ValueError(f"precision {self.precision} needs backend {' or '.join(others)}; {name} runs {runs}")
         return self
 
     @model_validator(mode="after")

@@ -291,12 +291,12 @@ class Line:
         out: list[Verdict] = []
         self.record("inferred", n=len(job.items))
         for item, row, idx, c, decision in zip(job.items, probs, index, conf, decisions, strict=True):
-            v = Verdict(
-                camera_id=item.camera_id, seq=item.seq, status=Status.OK, reason=None, class_name=m.classes[idx],
-                class_index=idx, confidence=c, probs=tuple(row), defect=decision is not Decision.PASS,
-                model_id=m.model_id, agent_id=self.agent_id, epoch=self.epoch, capture_ns=item.capture_ns,
-                received_ns=item.received_wall_ns, inferred_ns=inferred_ns, published_ns=0, part_id=item.part_id,
-                label=item.label, decision=decision,
+            # Every value comes from a validated frame or the checked backend output: built without re-validation
+            # (tests/unit/test_line.py holds these verdicts to the full validator).
+            v = Verdict.unchecked(
+                item.camera_id, item.seq, Status.OK, None, m.classes[idx], idx, c, tuple(row),
+                decision is not Decision.PASS, m.model_id, self.agent_id, self.epoch, item.capture_ns,
+                item.received_wall_ns, inferred_ns, 0, item.part_id, item.label, decision,
             )
             self._consider(item, v)
             out.extend(self._release(item, v))
@@ -322,14 +322,13 @@ class Line:
         if not items:
             return []
         self.record("shed" if status is Status.SHED else "rejected", str(reason), len(items))
+        reason = str(reason)
         out: list[Verdict] = []
         for item in items:
-            v = Verdict(
-                camera_id=item.camera_id, seq=item.seq, status=status, reason=str(reason), class_name=None,
-                class_index=None, confidence=None, probs=None, defect=True, model_id=self.model.model_id,
-                agent_id=self.agent_id, epoch=self.epoch, capture_ns=item.capture_ns,
-                received_ns=item.received_wall_ns, inferred_ns=None, published_ns=0, part_id=item.part_id,
-                label=item.label, decision=Decision.DIVERT,
+            v = Verdict.unchecked(
+                item.camera_id, item.seq, status, reason, None, None, None, None, True, self.model.model_id,
+                self.agent_id, self.epoch, item.capture_ns, item.received_wall_ns, None, 0, item.part_id, item.label,
+                Decision.DIVERT,
             )
             out.extend(self._release(item, v))
         return out

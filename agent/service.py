@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from agent.backends.base import Backend, preprocess
+from agent.backends.base import Backend, BatchBuffers
 from agent.batcher import BatchPolicy
 from agent.config import AgentSettings
 from agent.intake import admit
@@ -62,6 +62,7 @@ class Agent:
         self._explain_out: queue.Queue[Explanation | None] = queue.Queue()
         self._explaining = False
         self._threads: list[threading.Thread] = []
+        self._buffers = BatchBuffers()  # the inference thread's own
         self._wake_addr = f"inproc://tdn-wake-{id(self)}"
         self._start_mono = time.monotonic()  # uptime counts from here on every backend
         self._hb_seq = 0
@@ -161,10 +162,7 @@ class Agent:
             with contextlib.suppress(zmq.Again):
                 while True:
                     self.wake.recv(zmq.NOBLOCK)
-        for mon in (m for m in self.monitors if m in events):
-            for sock, reason in self.curve.drain(mon) if self.curve else ():
-                line.record("auth_denied")
-                self.metrics.auth_denied.labels(sock, reason).inc()
+        self._count_denied(events)
         if self.reading and self.pull in events:
             self._read_frames()
         self._collect()
@@ -178,6 +176,12 @@ class Agent:
                 self._publish(line.abandon())
                 return False
         return True
+
+    def _count_denied(self, events: dict[Any, int]) -> None:
+        for mon in (m for m in self.monitors if m in events):
+            for sock, reason in self.curve.drain(mon) if self.curve else ():
+                self.line.record("auth_denied")  # type: ignore[union-attr]
+                self.metrics.auth_denied.labels(sock, reason).inc()
 
     def _read_frames(self) -> None:
         line = self.line
@@ -290,7 +294,7 @@ class Agent:
 
     def _infer_one(self, job: Job) -> Inferred:
         backend = job.model.runner
-        batch = preprocess([p.image for p in job.items], job.padded_size)
+        batch = self._buffers.fill([p.image for p in job.items], job.padded_size)
         probs = pooled = error = None
         t0 = time.perf_counter()
         try:

@@ -205,12 +205,15 @@ _E = TypeVar("_E", bound=StrEnum)
 
 
 def _enum(name: str, value: object, enum: type[_E], reason: Reason = Reason.BAD_VALUE) -> _E:
+    if type(value) is enum:
+        return value
     if not isinstance(value, str):
         raise ProtocolError(Reason.BAD_TYPE, detail=f"{name} must be a string")
-    try:
-        return enum(value)
-    except ValueError:
-        raise ProtocolError(reason, detail=f"unknown {name} {value[:32]!r}") from None
+    # A dict lookup: EnumType.__call__ is slow, and every frame and verdict decodes two or three of these.
+    member = enum._value2member_map_.get(value)
+    if member is None:
+        raise ProtocolError(reason, detail=f"unknown {name} {value[:32]!r}")
+    return member  # type: ignore[return-value]
 
 
 def _class(name_value: object, index_value: object, n_classes: int = MAX_CLASSES) -> tuple[str, int]:
@@ -439,6 +442,15 @@ class Verdict:
             if self.reason is None:
                 raise ProtocolError(Reason.BAD_VALUE, detail=f"status {self.status} needs a reason")
 
+    @classmethod
+    def unchecked(cls, *values: Any) -> Verdict:
+        """A verdict from values in field order, without validation: for a producer that built them from
+        validated parts (the agent, once per frame). Its tests hold such verdicts to the full validation."""
+        v = object.__new__(cls)
+        for name, value in zip(_VERDICT_FIELDS, values, strict=True):
+            object.__setattr__(v, name, value)
+        return v
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (enums as strings, probs as a list)."""
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -446,6 +458,9 @@ class Verdict:
         out["decision"] = None if self.decision is None else self.decision.value
         out["probs"] = None if self.probs is None else list(self.probs)
         return out
+
+
+_VERDICT_FIELDS = tuple(Verdict.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,35 @@ def preprocess(images: list[Any], padded: int) -> np.ndarray:
     return batch
 
 
+class BatchBuffers:
+    """Reused float32 batch arrays for one thread: a fresh 2.5 MB np.zeros per batch costs page faults every time.
+
+    Two per shape, alternating, so a runtime still reading the previous batch's input is never overwritten.
+    """
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple[int, int, int], list[tuple[np.ndarray, int]]] = {}
+        self._turn = 0
+
+    def fill(self, images: list[Any], padded: int) -> np.ndarray:
+        """float32 [padded,S,S,1] holding `images` (uint8 [S,S]) in its first rows and zeros after them."""
+        h, w = images[0].shape[:2] if images else IMAGE_SHAPE[:2]
+        key = (padded, h, w)
+        pool = self._pool.setdefault(key, [])
+        self._turn ^= 1
+        if len(pool) < 2:
+            pool.append((np.zeros((padded, h, w, 1), np.float32), 0))
+        slot = min(self._turn, len(pool) - 1)
+        batch, used = pool[slot]
+        n = len(images)
+        for i, img in enumerate(images):
+            batch[i, :, :, 0] = img  # row by row beats np.stack here: no uint8 temporary, one pass each
+        if used > n:
+            batch[n:used] = 0.0  # rows a previous, fuller batch left behind
+        pool[slot] = (batch, n)
+        return batch
+
+
 def postprocess(probs: np.ndarray, n: int) -> np.ndarray:
     """Drop the padding rows."""
     return np.asarray(probs[:n], np.float32)

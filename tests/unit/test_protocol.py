@@ -778,6 +778,12 @@ class TestConstants:
         parts = encode_verdict(example)
         assert parts[0] == b"verdict/cam1/" and parts[1] == documented
 
+    @pytest.mark.parametrize("v", [make_verdict(), make_verdict(decision=Decision.DIVERT), make_shed(),
+                                   make_verdict(probs=None, part_id=None, label=None)])
+    def test_fast_verdict_encoder_matches_the_generic_one(self, v: Verdict) -> None:
+        """encode_verdict (the hot path) writes exactly the bytes encode() does, key order included."""
+        assert [bytes(p) for p in encode_verdict(v)] == [bytes(p) for p in encode(v)]
+
     def test_encode_dispatches_on_type(self) -> None:
         """encode() picks the right encoder for each message type."""
         for msg in (make_frame(), make_verdict(), make_explanation(), make_heartbeat()):

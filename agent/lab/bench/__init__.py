@@ -1,4 +1,4 @@
-"""`tdn bench`: model (Table 1 / Figure 4), stream (the line under load) and soak benchmarks."""
+"""`tdn bench`: model (Table 1 / Figure 4), stream (the line under load), soak, bridge and per-frame cost."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from agent.lab.bench import model, soak, stream
+    from agent.lab.bench import bridge, frame, model, soak, stream
 
-    for name, module in (("model", model), ("stream", stream), ("soak", soak)):
+    for name, module in (("model", model), ("stream", stream), ("soak", soak), ("bridge", bridge),
+                         ("frame", frame)):
         doc = (module.__doc__ or "").strip().replace("%", "%%")  # argparse formats help with %
         sp = sub.add_parser(name, help=doc.splitlines()[0], description=doc)
         module.add_arguments(sp)
