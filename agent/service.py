@@ -6,7 +6,6 @@ import contextlib
 import gc
 import os
 import queue
-import random
 import sys
 import threading
 import time
@@ -17,13 +16,13 @@ import zmq
 
 from agent.backends.base import Backend, BatchBuffers
 from agent.batcher import BatchPolicy
+from agent.beacon import Beacon
 from agent.config import AgentSettings
 from agent.intake import admit
 from agent.line import Inferred, InFlight, Job, Line
 from agent.logging import RateLimited, get_logger
 from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
-from agent.security import CurveServer
 from agent.serving import Loader, heartbeat
 from protocol import MAX_PAYLOAD_BYTES, AgentState, Explanation, Verdict
 from protocol.codec import encode_explanation, encode_heartbeat, encode_verdict
@@ -42,12 +41,12 @@ BIG_PAYLOAD = 256 * 1024
 class Agent:
     """Owns the sockets; one per process. startup(), main_loop(), shutdown(); request_stop() from a signal."""
 
-    def __init__(self, settings: AgentSettings, backend: Backend, ctx: zmq.Context[Any] | None = None):
+    def __init__(self, settings: AgentSettings, backend: Backend, beacon: Beacon, ctx: zmq.Context[Any]):
         self.s = settings
         self.backend = backend
-        self.ctx = ctx or zmq.Context.instance()
-        # Random, so a restarted agent is always told apart even within one clock tick.
-        self.epoch = random.getrandbits(63)
+        self.ctx = ctx
+        self.beacon = beacon  # owns the PUB socket, beating `starting`, until the model serves
+        self.epoch = beacon.epoch
         self.state = AgentState.STARTING
         self.metrics = Metrics()
         self.health = Health(stall_s=max(10.0, 5 * settings.heartbeat_interval_s))
@@ -64,23 +63,20 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._buffers = BatchBuffers()  # the inference thread's own
         self._wake_addr = f"inproc://tdn-wake-{id(self)}"
-        self._start_mono = time.monotonic()  # uptime counts from here on every backend
-        self._hb_seq = 0
+        self._start_mono = beacon.start_mono  # uptime counts from the launch on every backend
         self._metrics_server: MetricsServer | None = None
-        self.curve = (CurveServer(settings.curve_server_secret, settings.curve_allow_dir,
-                                  settings.curve_require_subscribers) if settings.curve_enabled else None)
+        self.curve = beacon.curve
 
     # --- phases ---
 
     def startup(self) -> None:
-        """Bind the PUB socket and beat `starting` at once, load and warm the model, bind intake, READY."""
+        """Load and warm the model while the beacon beats `starting`, take over the PUB socket, bind intake, READY."""
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._metrics_server = start_server(self.metrics, self.health, self.s.metrics_addr, self.s.metrics_port)
-        if self.curve is not None:
-            self.curve.start(self.ctx)  # the ZAP handler must run before a CURVE socket binds
-        self._bind_publisher()
-        with self._beating_while("loading model"):
-            model = self.loader.serve(self.backend)
+        self.notifier.status("loading model")
+        model = self.loader.serve(self.backend)
+        self.pub = self.beacon.hand_over()
+        self.publish_endpoint = self.beacon.endpoint
         self.line = Line(BatchPolicy(self.s.max_batch_size, self.s.max_queue_delay_us, self.s.shed_deadline_ms,
                                      self.s.queue_cap, self.s.batch_sizes),
                          model, agent_id=self.s.agent_id, epoch=self.epoch, sink=self.metrics.record,
@@ -102,25 +98,6 @@ class Agent:
         log.info("ready", frames=self.frames_endpoint, publish=self.publish_endpoint, agent_id=self.s.agent_id,
                  epoch=self.epoch, model_id=model.model_id, start_to_ready_s=round(self.ready_s, 2))
         self.notifier.ready(f"ready: {self.backend.name} model {model.model_id}")
-
-    @contextlib.contextmanager
-    def _beating_while(self, what: str) -> Any:
-        """Publish `starting` heartbeats from another thread while the caller blocks (the PUB is not shared)."""
-        self.notifier.status(what)
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.is_set():
-                self._heartbeat()
-                done.wait(self.s.heartbeat_interval_s)
-
-        t = threading.Thread(target=beat, name="tdn-starting", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            done.set()
-            t.join()
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag that the loop checks every tick."""
@@ -250,17 +227,6 @@ class Agent:
         self.health.state, self.health.ready = state.value, state is AgentState.READY
         self.metrics.ready.set(1 if state is AgentState.READY else 0)
 
-    def _bind_publisher(self) -> None:
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, self.s.sndhwm)
-        self.pub.setsockopt(zmq.LINGER, 1000)
-        if self.curve is not None:
-            self.curve.secure(self.pub, "publish")
-        self.pub.bind(self.s.publish_endpoint)
-        # The bound endpoint, port resolved when the setting asked ZeroMQ to choose one (tcp://host:*).
-        self.publish_endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
-        log.info("publishing", publish=self.publish_endpoint, agent_id=self.s.agent_id, epoch=self.epoch)
-
     def _bind_intake(self) -> None:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, self.s.rcvhwm)
@@ -343,9 +309,8 @@ class Agent:
             self.metrics.verdict(v, now)
 
     def _heartbeat(self) -> None:
-        self._hb_seq += 1
-        hb = heartbeat(self.s, self.epoch, self._hb_seq, time.monotonic() - self._start_mono, self.state, self.line,
-                       self.loader.model, self.backend)
+        hb = heartbeat(self.s, self.epoch, self.beacon.next_seq(), time.monotonic() - self._start_mono, self.state,
+                       self.line, self.loader.model, self.backend)
         self.pub.send_multipart(encode_heartbeat(hb), copy=False)
         self.metrics.queue_depth.set(hb.queue_depth)
         self.metrics.last_heartbeat.set(hb.time_ns / 1e9)

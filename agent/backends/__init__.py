@@ -43,6 +43,10 @@ LEAN = tuple(name for name, e in REGISTRY.items() if e.lean)
 SPELLINGS = ("auto", *NAMES, *(f"{n}:{p}" for n, e in REGISTRY.items() for p in e.precisions))
 PROBE_BATCH = 8
 PROBE_SECONDS = 0.3
+# Probed rates this close to the fastest are a tie (the probe's noise on a shared 2-core machine is ~10%) ...
+TIE_MARGIN = 0.10
+# ... broken in this order: full precision first (no accuracy question), then the lighter runtime.
+PREFERENCE = ("litert:fp32", "openvino:fp32", "openvino:bf16", "litert:int8", "openvino:int8")
 
 
 def parse(name: str) -> tuple[str, str | None]:
@@ -213,6 +217,8 @@ def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir:
         log.warning("tuning profile ignored", profile=str(profile_path), reason=why)
     if model_path is not None:
         probed = probe(model_path, threads, artifacts_dir)
+        if probed is None and export_fp32(model_path, artifacts_dir):
+            probed = probe(model_path, threads, artifacts_dir)
         if probed is not None:
             return probed
     if installed("zendnn") and cpu_vendor() == "AuthenticAMD":
@@ -223,22 +229,66 @@ def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir:
 def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None = None) -> Choice | None:
     """Time every lean variant already exported (and passing the gate) for a fraction of a second each.
 
-    Native TensorFlow is not probed: importing it alone takes seconds; `tdn tune` compares everything.
+    Native TensorFlow is not probed: importing it alone takes seconds; `tdn tune` compares everything. Rates
+    within TIE_MARGIN of the fastest count as a tie, broken by PREFERENCE, so close variants do not alternate
+    from one start to the next on a noisy machine.
     """
-    best: tuple[float, Variant] | None = None
+    rates: dict[Variant, float] = {}
     for name in LEAN:
         if not installed(name):
             continue
         for precision in SUPPORTED[name]:
             v = Variant(name, precision)
             rate = _probe_rate(v, model_path, threads, artifacts_dir)
-            if rate is not None and (best is None or rate > best[0]):
-                best = (rate, v)
-    if best is None:
+            if rate is not None:
+                rates[v] = rate
+    if not rates:
         return None
-    rate, v = best
-    return Choice(v.backend, v.precision, threads,
-                  reason=f"probe: fastest exported variant, {rate:.0f} img/s at batch {PROBE_BATCH}")
+    v, why = pick(rates)
+    return Choice(v.backend, v.precision, threads, reason=f"probe: {why}")
+
+
+def pick(rates: dict[Variant, float], margin: float = TIE_MARGIN) -> tuple[Variant, str]:
+    """The variant to serve from measured rates: the most preferred one within `margin` of the fastest."""
+    best = max(rates.values())
+    tied = [v for v, r in rates.items() if r >= (1.0 - margin) * best]
+    order = {label: i for i, label in enumerate(PREFERENCE)}
+    chosen = min(tied, key=lambda v: (order.get(v.label, len(order)), -rates[v]))
+    summary = ", ".join(f"{v.label} {r:.0f}" for v, r in sorted(rates.items(), key=lambda kv: -kv[1]))
+    return chosen, (f"{chosen.label} ({rates[chosen]:.0f} img/s at batch {PROBE_BATCH}; within {margin:.0%} of the "
+                    f"fastest, ties go to {' > '.join(PREFERENCE)}; measured {summary})")
+
+
+def export_fp32(model_path: Path, artifacts_dir: str | Path | None) -> list[str]:
+    """Build the fp32 artifacts of every installed lean backend in a child process (no data needed); their names.
+
+    A fresh install has none, and would otherwise serve on native TensorFlow; the child keeps TensorFlow out of
+    the agent's own process.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from agent.config import default_artifacts_dir
+    from agent.logging import get_logger
+
+    names = [n for n in LEAN if installed(n)]
+    if not names:
+        return []
+    log = get_logger("backends")
+    folder = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
+    log.info("exporting lean artifacts (first start)", backends=names, artifacts_dir=str(folder))
+    t0 = time.monotonic()
+    cmd = [sys.executable, "-m", "agent.lab.export", "--model", str(model_path), "--artifacts-dir", str(folder),
+           "--backends", ",".join(names), "--precisions", "fp32", "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                         timeout=900)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        log.error("export failed; serving without lean artifacts", error=tail)
+        return []
+    log.info("exported lean artifacts", backends=names, seconds=round(time.monotonic() - t0, 1))
+    return names
 
 
 def _probe_rate(v: Variant, model_path: Path, threads: int, artifacts_dir: str | Path | None) -> float | None:

@@ -73,13 +73,23 @@ def cmd_agent(args: argparse.Namespace) -> int:
     configure(settings.log_level, settings.log_json, native=True)
     log = get_logger("agent")
     _quiet_tf()
+    import zmq
+
+    from agent.beacon import Beacon
+
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    try:
+        # First, so a bridge hears `starting` within a second of launch, before the imports and the model load.
+        beacon = Beacon(settings, ctx)
+    except zmq.ZMQError as exc:
+        raise TdnError(f"agent failed to start: cannot bind {settings.publish_endpoint}: {exc}") from None
     from agent.backends import from_settings
     from agent.card import read
     from agent.service import Agent
 
     read(settings.model_path)
     backend = from_settings(settings)
-    agent = Agent(settings, backend)
+    agent = Agent(settings, backend, beacon, ctx)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
@@ -98,10 +108,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
 # --- model ---
 
 
-def _train_parser(sub: Any) -> None:
+def _train_parser(sub: Any, load: bool = True) -> None:
     p = sub.add_parser("train", help="train TinyDefectNet on a dataset folder and write the model + model card",
                        description="Layouts: NEU-DET (IMAGES/ + ANNOTATIONS/), NEU-CLS (flat), or one folder per "
                        "class (images at any depth, <stem>.png masks beside <stem>.jpg).")
+    if not load:
+        return  # another command runs: do not import the trainer just to list its flags
     from agent.lab.model.train import add_arguments
 
     add_arguments(p, MODELS_DIR)
@@ -194,7 +206,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
     _agent_parser(sub)
-    _train_parser(sub)
+    _train_parser(sub, load=command in (None, "train"))
     _search_parser(sub)
     import importlib
 

@@ -180,7 +180,7 @@ class TestStartingHeartbeat:
 
     def test_starting_within_a_second(self, start_agent: Any, zctx: zmq.Context[Any]) -> None:
         """Heartbeats begin while the model loads: the first one a new subscriber hears says starting."""
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time()
         agent = start_agent(wait="publishing")
         sub = zctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, HEARTBEAT_PREFIX)
@@ -195,8 +195,14 @@ class TestStartingHeartbeat:
         sub.close(linger=0)
         assert states and states[0][1] is AgentState.STARTING, states
         assert states[-1][1] is AgentState.READY
-        # The figure (launch to first `starting` heartbeat) is measured, not asserted: timed tests are flaky here.
-        print(f"first heartbeat {states[0][0]:.2f} s after launch; ready after {states[-1][0]:.2f} s")
+        # The figure (launch to the bind, after which the first `starting` heartbeat leaves at once) is measured,
+        # not asserted: timed tests are flaky on a shared machine.
+        from datetime import datetime
+
+        bound = agent.event("publishing")
+        assert bound is not None
+        bound_s = datetime.fromisoformat(bound["timestamp"].replace("Z", "+00:00")).timestamp() - wall0
+        print(f"PUB bound and first heartbeat {bound_s:.2f} s after launch; ready after {states[-1][0]:.2f} s")
 
 
 class TestLogs:
@@ -205,7 +211,7 @@ class TestLogs:
     def test_reject_logging_is_rate_limited_and_json(self, line: Any) -> None:
         """300 damaged JPEGs: 300 rejected verdicts, at most a handful of warnings, every log line JSON."""
         agent, sub, push = line
-        ok, buf = cv2.imencode(".jpg", image(64, 64))
+        _, buf = cv2.imencode(".jpg", image(64, 64))
         data = bytearray(buf.tobytes())
         # Garbage in the middle of the scan: decodes with libjpeg's "Corrupt JPEG data" warning, or not at all.
         data[len(data) // 2: len(data) // 2 + 40] = bytes(40)

@@ -65,7 +65,7 @@ class TestScrape:
         assert m["tdn_frames_received_total"] == c["received"] == 33
         ok = sum(v for k, v in m.items() if k.startswith("tdn_verdicts_total") and 'status="ok"' in k)
         assert ok == c["inferred"] == 30 == sum(v.status is Status.OK for v in verdicts)
-        assert m['tdn_verdicts_total{class="none",status="rejected"}'] == 2
+        assert m['tdn_verdicts_total{class="none",decision="divert",status="rejected"}'] == 2
         rejected = {k: v for k, v in m.items() if k.startswith("tdn_frames_rejected_total")}
         assert rejected == {'tdn_frames_rejected_total{reason="bad_version"}': 1,
                             'tdn_frames_rejected_total{reason="payload_size"}': 1,
@@ -73,7 +73,8 @@ class TestScrape:
         assert m["tdn_batch_size_count"] == c["batches"] == m["tdn_inference_seconds_count"]
         assert m["tdn_batch_size_sum"] == m["tdn_queue_wait_seconds_count"] == 30
         assert c["published"] == 32
-        assert m["tdn_capture_to_verdict_seconds_count"] == 30  # refused frames carry no trusted capture time
+        # Refused frames echo the capture time their header had, so their latency counts too.
+        assert m["tdn_capture_to_verdict_seconds_count"] == 32
         assert m["tdn_frames_shed_total"] == c["shed"] == 0
         assert m["tdn_queue_depth"] == 0 and m["tdn_ready"] == 1
         assert abs(m["tdn_last_heartbeat_timestamp_seconds"] - time.time()) < 5

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.backends import SUPPORTED, Choice, create, load_profile, parse, profile_choice, variants
+from agent.backends import SUPPORTED, Choice, Variant, create, load_profile, parse, pick, profile_choice, variants
 from agent.backends.gate import gate_decision, gate_record
 from agent.errors import BackendError, ConfigError
 from agent.lab.data import Sample, stratified_subset
@@ -156,3 +156,19 @@ class TestNames:
         with pytest.raises(BackendError, match=needle) as err:
             create(name, "/nonexistent.keras", **kwargs)
         assert "\n" not in str(err.value)
+
+
+class TestAutoPick:
+    """`auto` picks deterministically among close probe rates, and says why."""
+
+    def test_close_rates_go_to_the_preferred_variant(self) -> None:
+        """Within the tie margin the preference order decides, whichever measured fastest this time."""
+        a, b = Variant("openvino", "int8"), Variant("litert", "fp32")
+        for rates in ({a: 1000.0, b: 950.0}, {a: 950.0, b: 1000.0}):
+            chosen, why = pick(rates)
+            assert chosen == b and "within 10%" in why and "openvino:int8" in why
+
+    def test_a_clear_winner_wins(self) -> None:
+        """A variant more than the margin faster is chosen even if it is less preferred."""
+        fast, slow = Variant("openvino", "int8"), Variant("litert", "fp32")
+        assert pick({fast: 2000.0, slow: 1000.0})[0] == fast
