@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import threading
 import time
@@ -16,7 +17,6 @@ from typing import Any, TextIO
 import zmq
 
 from protocol import (
-    CLASSES,
     HEARTBEAT_PREFIX,
     VERDICT_PREFIX,
     Heartbeat,
@@ -40,6 +40,8 @@ from simulators.common import (
 
 VERDICT_TIMEOUT_S = 2.0
 HEARTBEAT_TIMEOUT_S = 3.0
+# How often the outputs get an update at most (the OPC UA event latency target is 20 ms p99).
+FLUSH_PERIOD_S = 0.005
 # Seqs tracked per camera below the highest one; older ones are forgotten so memory stays bounded.
 SEQ_WINDOW = 100_000
 
@@ -161,6 +163,8 @@ class LineTracker:
         self.agent_lost = 0
         self._pending_events: list[Event] = []
         self._started = clock()
+        # Called (camera_id, seq, why) for every part failed safe, so the PLC outputs can announce each one.
+        self.on_fail_safe: Callable[[str, int, str], object] | None = None
 
     # -- totals --
 
@@ -294,6 +298,8 @@ class LineTracker:
         cam.gaps += 1
         cam.rejects += 1
         self._emit("gap", camera_id, f"seq {seq} fail-safe rejected ({why})")
+        if self.on_fail_safe is not None:
+            self.on_fail_safe(camera_id, seq, why)
 
     def _fail_safe_agent(self, agent: AgentTrack, why: str) -> None:
         for camera_id in sorted(agent.cameras):
@@ -361,9 +367,8 @@ class LineTracker:
             "accuracy": _ratio(self._total("correct"), labeled),
             "labeled": labeled,
             "confusion": {
-                label: {pred: self.confusion[label][pred] for pred in CLASSES if self.confusion[label][pred]}
-                for label in CLASSES
-                if label in self.confusion
+                label: {pred: n for pred, n in sorted(self.confusion[label].items()) if n}
+                for label in sorted(self.confusion)
             },
             "latency_ms": percentiles(self.latencies_ms),
             "agent_latency_ms": percentiles(self.agent_latencies_ms),
@@ -415,6 +420,10 @@ class StatusDisplay:
             self.stream.write(f"bridge: {text}\n")
             self.stream.flush()
 
+    def due(self, now: float) -> bool:
+        """Whether update() would print now (so callers can skip building the status text)."""
+        return self.enabled and now - self._last >= self.interval
+
     def update(self, text: str, now: float, force: bool = False) -> None:
         """Show the status if the interval has passed (or force)."""
         if not self.enabled or (not force and now - self._last < self.interval):
@@ -463,7 +472,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=None, help="write a JSON report here at exit")
     parser.add_argument("--quiet", action="store_true", help="no live status or event lines")
     add_curve_arguments(parser)
+    add_output_arguments(parser)
     return parser
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _env_path(name: str) -> Path | None:
+    value = _env(name)
+    return Path(value) if value else None
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The PLC/plant outputs: each on by its flag or its TDN_BRIDGE_* setting (systemd/plc-bridge.env.example).
+
+    Numeric defaults stay strings: argparse converts them with `type`, so a bad setting is a usage error.
+    """
+    g = parser.add_argument_group("PLC and plant outputs (simulators/plc; each default comes from its TDN_BRIDGE_*)")
+    g.add_argument("--opcua-endpoint", default=_env("TDN_BRIDGE_OPCUA_ENDPOINT"), metavar="opc.tcp://HOST:PORT",
+                   help="serve OPC UA here (security None only on loopback)")
+    g.add_argument("--opcua-security", default=_env("TDN_BRIDGE_OPCUA_SECURITY", "auto"),
+                   choices=("auto", "none", "sign-encrypt"), help="auto: sign-encrypt when --opcua-cert is given")
+    g.add_argument("--opcua-cert", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_CERT"), metavar="FILE",
+                   help="server certificate (PEM/DER) for Basic256Sha256 SignAndEncrypt")
+    g.add_argument("--opcua-key", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_KEY"), metavar="FILE",
+                   help="its private key (PEM)")
+    g.add_argument("--opcua-trust-dir", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_TRUST_DIR"), metavar="DIR",
+                   help="trusted client certificates (or their CAs); any other client is refused")
+    g.add_argument("--opcua-users", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_USERS"), metavar="FILE",
+                   help="users file, name:role:hash lines (mode 0600; python -m simulators.plc.opcua NAME ROLE)")
+    g.add_argument("--opcua-ack-queue", type=int, default=_env("TDN_BRIDGE_OPCUA_ACK_QUEUE", "0"),
+                   metavar="N", help="per-camera results queue the PLC must Acknowledge(seq); full is fail-safe "
+                   "(0: off)")
+    g.add_argument("--modbus-endpoint", default=_env("TDN_BRIDGE_MODBUS_ENDPOINT"), metavar="HOST:PORT",
+                   help="serve Modbus/TCP here (unit id 1, holding registers)")
+    g.add_argument("--modbus-max-cameras", type=int, default=_env("TDN_BRIDGE_MODBUS_MAX_CAMERAS", "16"),
+                   help="camera blocks in the register map")
+    g.add_argument("--mqtt-url", default=_env("TDN_BRIDGE_MQTT_URL"), metavar="mqtt[s]://HOST:PORT",
+                   help="publish to this MQTT broker")
+    g.add_argument("--line-id", default=_env("TDN_BRIDGE_LINE_ID", "line1"), help="MQTT topic tdn/<line-id>/...")
+    g.add_argument("--mqtt-credentials", type=Path, default=_env_path("TDN_BRIDGE_MQTT_CREDENTIALS"),
+                   metavar="FILE", help="username line + password line (mode 0600)")
+    g.add_argument("--mqtt-ca", type=Path, default=_env_path("TDN_BRIDGE_MQTT_CA"), metavar="FILE",
+                   help="CA bundle for mqtts://")
+    g.add_argument("--mqtt-cert", type=Path, default=_env_path("TDN_BRIDGE_MQTT_CERT"), metavar="FILE",
+                   help="client certificate for mqtts://")
+    g.add_argument("--mqtt-key", type=Path, default=_env_path("TDN_BRIDGE_MQTT_KEY"), metavar="FILE",
+                   help="its private key")
+    g.add_argument("--mqtt-buffer", type=int, default=_env("TDN_BRIDGE_MQTT_BUFFER", "100000"),
+                   help="verdicts held unacknowledged across a broker outage; more are dropped and counted")
+    g.add_argument("--fail-safe-hold", type=float, default=1.0,
+                   help="s a camera stays FailSafe after its latest fail-safed part")
+
+
+def build_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Any]:
+    """The outputs the options switch on (imported only then: their libraries are the [plc] extra)."""
+    outputs: list[Any] = []
+    try:
+        if args.opcua_endpoint:
+            from simulators.plc.opcua import OpcUaConfig, OpcUaOutput
+
+            outputs.append(OpcUaOutput(OpcUaConfig(
+                endpoint=args.opcua_endpoint, security=args.opcua_security, cert=args.opcua_cert,
+                key=args.opcua_key, trust_dir=args.opcua_trust_dir, users=args.opcua_users,
+                ack_queue=args.opcua_ack_queue)))
+        if args.modbus_endpoint:
+            from simulators.plc.modbus import ModbusOutput
+
+            outputs.append(ModbusOutput(args.modbus_endpoint, args.camera, args.modbus_max_cameras))
+        if args.mqtt_url:
+            from simulators.plc.mqtt import MqttConfig, MqttOutput
+
+            outputs.append(MqttOutput(MqttConfig(
+                url=args.mqtt_url, line_id=args.line_id, credentials=args.mqtt_credentials, ca_file=args.mqtt_ca,
+                cert_file=args.mqtt_cert, key_file=args.mqtt_key, buffer=args.mqtt_buffer)))
+    except ImportError as exc:
+        parser.error(f"{exc.name} is missing: pip install -e '.[plc]'")
+    except Exception as exc:  # OpcUaConfigError, MqttConfigError, a bad endpoint: a message, not a traceback
+        parser.error(str(exc))
+    return outputs
 
 
 def _subscriptions(cameras: list[str] | None) -> list[bytes]:
@@ -475,16 +565,36 @@ def main(argv: list[str] | None = None) -> int:
     """Run the bridge; exit code 0, or 1 when --expect verdicts did not arrive before --timeout."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.camera and _env("TDN_BRIDGE_CAMERAS"):
+        args.camera = [c.strip() for c in (_env("TDN_BRIDGE_CAMERAS") or "").split(",") if c.strip()]
     for cam in args.camera or []:
         if not is_valid_id(cam):
             parser.error(f"invalid --camera {cam!r}")
     endpoints = args.endpoint or [DEFAULT_OUTPUT_ENDPOINT]
     curve = curve_from_args(args, parser)
+    outputs = build_outputs(args, parser)
     tracker = LineTracker(
         verdict_timeout_s=args.verdict_timeout,
         heartbeat_timeout_s=args.heartbeat_timeout,
         first_seq=args.first_seq,
     )
+    model = None
+    if outputs:
+        from simulators.plc.results import ResultModel
+
+        model = ResultModel(args.camera or [], outputs=outputs, hold_s=args.fail_safe_hold)
+        tracker.on_fail_safe = model.on_fail_safe_part
+        started_outputs = []
+        try:
+            for out in outputs:
+                out.start()
+                started_outputs.append(out)
+        except Exception as exc:
+            for out in started_outputs:
+                out.stop()
+            print(f"bridge: {out.name} output failed to start: {exc}", file=sys.stderr)
+            return 2
+        model.flush()  # the start-up fail-safe reaches every output before the first verdict
     display = StatusDisplay(sys.stdout, interval=args.interval, enabled=not args.quiet)
     stop = threading.Event()
     context: zmq.Context[Any] = zmq.Context()
@@ -495,17 +605,23 @@ def main(argv: list[str] | None = None) -> int:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     for endpoint in endpoints:
         sock.connect(endpoint)
-    started = time.monotonic()
+    started = last_flush = time.monotonic()
     deadline = started + args.timeout if args.timeout is not None else math.inf
     try:
         with stop_on_signals(stop):
             while not stop.is_set():
-                if sock.poll(100, zmq.POLLIN):
-                    _drain(sock, tracker)
+                if sock.poll(100 if model is None else 5, zmq.POLLIN):
+                    _drain(sock, tracker, model=model)
                 for event in tracker.tick():
                     display.event(str(event))
+                    _to_model(model, tracker, event)
                 now = time.monotonic()
-                display.update(tracker.status_line(), now)
+                # Batch a few ms of results per update: each update costs the outputs' threads a fixed overhead.
+                if model is not None and now - last_flush >= FLUSH_PERIOD_S:
+                    model.flush()
+                    last_flush = now
+                if display.due(now):  # status_line() sorts thousands of latencies: not on every message
+                    display.update(tracker.status_line(), now)
                 if (args.expect is not None and tracker.verdicts >= args.expect) or now >= deadline:
                     break
     finally:
@@ -513,17 +629,32 @@ def main(argv: list[str] | None = None) -> int:
         context.term()
     for event in tracker.tick():
         display.event(str(event))
+        _to_model(model, tracker, event)
+    if model is not None:
+        model.flush()
+        for out in outputs:
+            out.stop()
     display.update(tracker.status_line(), time.monotonic(), force=True)
     display.close()
     report = tracker.summary()
     report["seconds"] = round(time.monotonic() - started, 3)
     report["expected"] = args.expect
     report["endpoints"] = endpoints
+    if outputs:
+        report["outputs"] = {out.name: out.stats() for out in outputs}
     write_report(args.report, report)
     return 1 if args.expect is not None and tracker.verdicts < args.expect else 0
 
 
-def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000) -> None:
+def _to_model(model: Any, tracker: LineTracker, event: Event) -> None:
+    """Agent-level tracker events go to the result model (gap parts arrive through on_fail_safe)."""
+    if model is None or event.kind in ("gap", "seq_jump"):
+        return
+    agent = tracker.agents.get(event.subject)
+    model.on_tracker_event(event.kind, event.subject, event.detail, agent.cameras if agent else ())
+
+
+def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000, model: Any = None) -> None:
     """Handle every message already queued (up to `limit`, so timeouts still get checked)."""
     for _ in range(limit):
         try:
@@ -537,9 +668,13 @@ def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000) -> No
             tracker.on_protocol_error(err.reason)
             continue
         if isinstance(msg, Verdict):
-            tracker.on_verdict(msg, received_ns)
+            outcome = tracker.on_verdict(msg, received_ns)
+            if model is not None:
+                model.on_verdict(msg, outcome)
         elif isinstance(msg, Heartbeat):
             tracker.on_heartbeat(msg)
+            if model is not None:
+                model.on_heartbeat(msg)
 
 
 if __name__ == "__main__":

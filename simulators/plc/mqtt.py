@@ -1,0 +1,228 @@
+"""MQTT output (paho-mqtt 2.x): verdicts QoS 1, retained camera and bridge status, bounded outage buffer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+
+from protocol import is_valid_id
+from simulators.plc.results import BridgeStatus, CameraStatus, FailSafeEvent, Update
+
+DEFAULT_LINE_ID = "line1"
+DEFAULT_BUFFER = 100_000  # verdict messages held across a broker outage (not yet acknowledged by the broker)
+CONNECTED_HEADROOM = 4  # while connected, up to this many times the buffer may await PUBACKs
+OFFLINE = json.dumps({"state": "offline"})
+
+log = logging.getLogger("tdn.plc.mqtt")
+
+
+class MqttConfigError(Exception):
+    """The MQTT settings are inconsistent, or a credentials file is unsafe or malformed."""
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """(username, password) from a file of two lines; it must not be readable by group/other."""
+    try:
+        mode = path.stat().st_mode
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise MqttConfigError(f"credentials file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise MqttConfigError(f"credentials file {path} has mode {stat.S_IMODE(mode):04o}; run: chmod 600 {path}")
+    if len(lines) < 2 or not lines[0]:
+        raise MqttConfigError(f"credentials file {path}: expected a username line and a password line")
+    return lines[0], lines[1]
+
+
+@dataclass
+class MqttConfig:
+    """Settings of the MQTT output."""
+
+    url: str
+    line_id: str = DEFAULT_LINE_ID
+    credentials: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    buffer: int = DEFAULT_BUFFER
+    client_id: str | None = None
+    keepalive: int = 10
+
+
+def topics(line_id: str, camera_id: str | None = None) -> dict[str, str]:
+    """The topic tree: tdn/<line>/<camera>/verdict and /status, tdn/<line>/bridge/status."""
+    base = f"tdn/{line_id}"
+    out = {"bridge_status": f"{base}/bridge/status"}
+    if camera_id is not None:
+        out["verdict"] = f"{base}/{camera_id}/verdict"
+        out["status"] = f"{base}/{camera_id}/status"
+    return out
+
+
+class MqttOutput:
+    """A paho client on its own network thread; verdicts beyond the in-flight bound are dropped and counted."""
+
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttConfig) -> None:
+        if not is_valid_id(cfg.line_id):
+            raise MqttConfigError(f"invalid line id {cfg.line_id!r}")
+        url = urlparse(cfg.url)
+        if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+            raise MqttConfigError(f"MQTT url {cfg.url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+        if url.username or url.password:
+            raise MqttConfigError("MQTT credentials go in --mqtt-credentials FILE, never in the url")
+        self.cfg = cfg
+        self.host = url.hostname
+        self.tls = url.scheme == "mqtts"
+        self.port = url.port or (8883 if self.tls else 1883)
+        client_id = cfg.client_id or f"tdn-bridge-{cfg.line_id}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                  clean_session=True)
+        if cfg.credentials is not None:
+            self.client.username_pw_set(*read_credentials(cfg.credentials))
+        if self.tls:
+            self.client.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                                keyfile=str(cfg.key_file) if cfg.key_file else None,
+                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        elif cfg.ca_file or cfg.cert_file:
+            raise MqttConfigError("MQTT TLS files given but the url is mqtt://; use mqtts://")
+        self.bridge_topic = topics(cfg.line_id)["bridge_status"]
+        self.client.will_set(self.bridge_topic, OFFLINE, qos=1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)  # paho backs off exponentially between these
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)  # our own bound below applies to verdicts; status always goes
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self._lock = threading.Lock()
+        self._unacked: set[int] = set()
+        self._early: set[int] = set()
+        self.connected = threading.Event()
+        self.sent = 0
+        self.acked = 0
+        self.dropped = 0
+        self.connects = 0
+        self.disconnects = 0
+        self._bridge: BridgeStatus | None = None
+        self._cameras: dict[str, CameraStatus] = {}
+        self._last_event: FailSafeEvent | None = None
+
+    # -- paho thread --
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("MQTT broker refused the connection: %s", reason)
+            return
+        self.connects += 1
+        self.connected.set()
+        # A fresh session: the broker may have restarted, so the retained states are published again.
+        self._publish_status(force_cameras=True)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connected.clear()
+        self.disconnects += 1
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                self.acked += 1
+            else:
+                self._early.add(mid)  # PUBACK before deliver() recorded the mid (another thread)
+
+    # -- bridge thread --
+
+    def start(self) -> None:
+        """Connect in the background (the bridge serves its other outputs while the broker is away)."""
+        self.client.connect_async(self.host, self.port, keepalive=self.cfg.keepalive)
+        self.client.loop_start()
+
+    def deliver(self, update: Update) -> None:
+        """Publish the update's verdicts (QoS 1) and changed statuses (retained)."""
+        for r in update.results:
+            with self._lock:
+                # The bound is for an outage; a connected broker gets headroom for bursts, but not without limit.
+                limit = self.cfg.buffer if not self.connected.is_set() else CONNECTED_HEADROOM * self.cfg.buffer
+                if len(self._unacked) >= limit:
+                    self.dropped += 1  # over the bound: counted, and published in the bridge status
+                    continue
+            payload = json.dumps(r.to_dict(), separators=(",", ":"))
+            info = self.client.publish(f"tdn/{self.cfg.line_id}/{r.camera_id}/verdict", payload, qos=1)
+            with self._lock:
+                if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                    self.dropped += 1
+                    continue
+                self.sent += 1
+                if info.mid in self._early:
+                    self._early.discard(info.mid)
+                    self.acked += 1
+                else:
+                    self._unacked.add(info.mid)
+        for cam in update.cameras:
+            old = self._cameras.get(cam.camera_id)
+            self._cameras[cam.camera_id] = cam
+            if old is None or (old.fail_safe, old.reasons, old.agent_lost) != (cam.fail_safe, cam.reasons,
+                                                                               cam.agent_lost):
+                self._camera_status(cam)
+        if update.events:
+            self._last_event = update.events[-1]
+        old_bridge, self._bridge = self._bridge, update.bridge
+        if old_bridge is None or update.events or (old_bridge.state, old_bridge.agents_up) != (
+                update.bridge.state, update.bridge.agents_up):
+            self._bridge_status()
+
+    def _camera_status(self, cam: CameraStatus) -> None:
+        body = {**cam.to_dict(), "time_ns": time.time_ns()}
+        self.client.publish(topics(self.cfg.line_id, cam.camera_id)["status"], json.dumps(body), qos=1, retain=True)
+
+    def _bridge_status(self) -> None:
+        b = self._bridge
+        with self._lock:
+            buffered, dropped = len(self._unacked), self.dropped
+        body: dict[str, Any] = {"state": b.state if b else "starting", "time_ns": time.time_ns(),
+                                "dropped": dropped, "buffered": buffered}
+        if b is not None:
+            body.update(total=b.total, agents_up=b.agents_up, agents=b.agents, cameras=b.cameras,
+                        fail_safe=b.fail_safe)
+        if self._last_event is not None:
+            e = self._last_event
+            body["last_event"] = {"kind": e.kind, "subject": e.subject, "detail": e.detail,
+                                  "cameras": list(e.cameras), "time_ns": e.time_ns}
+        self.client.publish(self.bridge_topic, json.dumps(body), qos=1, retain=True)
+
+    def _publish_status(self, force_cameras: bool = False) -> None:
+        self._bridge_status()
+        if force_cameras:
+            for cam in list(self._cameras.values()):
+                self._camera_status(cam)
+
+    def stop(self) -> None:
+        """Say offline (retained), let queued messages go for up to 5 s, disconnect."""
+        self.client.publish(self.bridge_topic, OFFLINE, qos=1, retain=True)
+        deadline = time.monotonic() + 5
+        while self.connected.is_set() and time.monotonic() < deadline:
+            with self._lock:
+                if not self._unacked:
+                    break
+            time.sleep(0.05)
+        time.sleep(0.1)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the bridge report."""
+        with self._lock:
+            return {"sent": self.sent, "acked": self.acked, "buffered": len(self._unacked), "dropped": self.dropped,
+                    "connects": self.connects, "disconnects": self.disconnects}
