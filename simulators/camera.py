@@ -25,6 +25,7 @@ from simulators.common import (
     close_socket,
     curve_from_args,
     make_curve_client,
+    set_link_options,
     stop_on_signals,
     write_report,
 )
@@ -169,7 +170,7 @@ class Camera:
         camera_id: str,
         shots: Iterator[Shot],
         *,
-        endpoint: str = DEFAULT_FRAMES_ENDPOINT,
+        endpoint: str | Sequence[str] = DEFAULT_FRAMES_ENDPOINT,
         fps: float = 10.0,
         count: int | None = None,
         encoding: Encoding = Encoding.GRAY8,
@@ -185,6 +186,8 @@ class Camera:
         self.camera_id = camera_id
         self.shots = shots
         self.endpoint = endpoint
+        # Several agents: PUSH deals frames round-robin over the connected ones (SPEC 1), so a lost one fails over.
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         self.fps = fps
         self.count = count
         self.encoding = Encoding(encoding)
@@ -237,11 +240,15 @@ class Camera:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         # A small kernel send buffer keeps frames from aging in transit when the agent pushes back.
         sock.setsockopt(zmq.SNDBUF, 256 * 1024)
+        # Give up an agent whose host vanished within about a second (heartbeats, TCP user timeout), so its
+        # share of the frames goes to the other agents instead of into a connection nobody reads.
+        set_link_options(sock)
         make_curve_client(sock, self.curve)
         stats.started = time.monotonic()
         due = stats.started
         try:
-            sock.connect(self.endpoint)
+            for endpoint in self.endpoints:
+                sock.connect(endpoint)
             while not self.stop.is_set():
                 if self.count is not None and stats.next_seq - stats.first_seq >= self.count:
                     break
@@ -282,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tdn camera",
         description="Send NEU images (or synthetic surfaces) to an agent as TinyDefectNet frames.",
     )
-    parser.add_argument("--endpoint", default=DEFAULT_FRAMES_ENDPOINT, help="agent PULL endpoint to connect")
+    parser.add_argument("--endpoint", action="append", default=None,
+                        help=f"agent PULL endpoint to connect; repeat for several agents, which share the frames "
+                             f"round-robin and take over from a lost one (default {DEFAULT_FRAMES_ENDPOINT})")
     ids = parser.add_mutually_exclusive_group()
     ids.add_argument("--camera-id", default=None, help="camera id (default cam1)")
     ids.add_argument("--cameras", type=int, default=1, help="run N cameras cam1..camN, one thread each")
@@ -320,7 +329,8 @@ def _report(stats: list[CameraStats], args: argparse.Namespace) -> dict[str, Any
         "attempted": sum(p["attempted"] for p in per_camera),
         "seconds": round(seconds, 3),
         "fps_achieved": round(sent / seconds, 2) if seconds > 0 else 0.0,
-        "endpoint": args.endpoint,
+        "endpoint": ",".join(args.endpoint),
+        "endpoints": args.endpoint,
         "encoding": args.encoding,
         "source": str(args.source) if args.source else "synthetic",
         "errors": [s.error for s in stats if s.error],
@@ -337,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     camera_ids = [args.camera_id or "cam1"] if args.cameras == 1 else [f"cam{i + 1}" for i in range(args.cameras)]
     if not is_valid_id(camera_ids[0]):
         parser.error(f"invalid --camera-id {camera_ids[0]!r}: use 1..64 chars of [A-Za-z0-9_.-]")
+    args.endpoint = args.endpoint or [DEFAULT_FRAMES_ENDPOINT]
     curve = curve_from_args(args, parser)
     try:
         files = list_images(args.source) if args.source is not None else None

@@ -45,6 +45,34 @@ def close_socket(sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
     sock.close(linger=linger_ms)
 
 
+# --- link supervision: how fast a peer on a dead or unplugged line PC is given up (README "Failover") ---
+# Nobody closes a TCP connection to a host that lost power or its cable: without these options a camera's PUSH
+# keeps dealing every other frame into it (first its SNDHWM queue, then the kernel send buffer) until TCP gives
+# up after about 15 minutes. A crashed agent is different: its kernel resets the connection at once.
+HEARTBEAT_IVL_MS = 250  # ZMQ_HEARTBEAT_IVL: a ZMTP PING every 250 ms (any ZMTP 3.1 peer answers; no agent change)
+HEARTBEAT_TIMEOUT_MS = 1000  # ZMQ_HEARTBEAT_TIMEOUT: nothing heard 1 s after a PING: drop the connection
+HEARTBEAT_TTL_MS = 3000  # ZMQ_HEARTBEAT_TTL: asks the agent to drop us after 3 s of silence (it frees our queue)
+# ZMQ_TCP_MAXRT (TCP_USER_TIMEOUT on Linux): data unacknowledged for 1 s aborts the connection. The backstop for
+# a send buffer that filled before the next PING was queued (a PING waits behind it, so its timer never starts).
+TCP_MAXRT_MS = 1000
+RECONNECT_IVL_MS = 100  # ZMQ_RECONNECT_IVL: first retry after 100 ms, so a restarted agent is back at once
+RECONNECT_IVL_MAX_MS = 1000  # ZMQ_RECONNECT_IVL_MAX: back off to one try a second while a host stays down
+CONNECT_TIMEOUT_MS = 1000  # ZMQ_CONNECT_TIMEOUT: a SYN lost on a dead link is retried every second, not after 1-2 min
+# ZMQ_TCP_KEEPALIVE is left at the OS default on purpose: keepalive probes only an idle connection (never one
+# with frames pending) and in whole seconds, so the heartbeats above supersede it.
+
+
+def set_link_options(sock: zmq.Socket[Any]) -> None:
+    """Heartbeats, a TCP user timeout and reconnect pacing that give up a vanished peer in ~1 s (before connect)."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
+    sock.setsockopt(zmq.TCP_MAXRT, TCP_MAXRT_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+
+
 def write_report(path: str | os.PathLike[str] | None, report: dict[str, Any]) -> None:
     """Write a JSON report atomically (readers never see half a file); no-op when path is None."""
     if path is None:

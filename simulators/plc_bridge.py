@@ -19,11 +19,14 @@ import zmq
 from protocol import (
     HEARTBEAT_PREFIX,
     VERDICT_PREFIX,
+    Decision,
     Heartbeat,
     Kind,
     ProtocolError,
+    Reason,
     Status,
     Verdict,
+    decision_of,
     decode,
     is_valid_id,
     topic_for,
@@ -72,8 +75,10 @@ class CameraTrack:
     missing: dict[int, float] = field(default_factory=dict)  # seq -> when the gap was noticed (insertion order)
     failed: set[int] = field(default_factory=set)  # fail-safed seqs whose verdict has not (yet) come
     by_status: Counter[str] = field(default_factory=Counter)
+    by_decision: Counter[str] = field(default_factory=Counter)  # pass / divert / review, of first verdicts
     verdicts: int = 0
     rejects: int = 0
+    reused: int = 0  # second parts that carried an already-answered seq (duplicate_seq): failed safe
     gaps: int = 0
     duplicates: int = 0
     late: int = 0
@@ -86,7 +91,9 @@ class CameraTrack:
         return {
             "verdicts": self.verdicts,
             "by_status": {s.value: self.by_status[s.value] for s in Status},
+            "by_decision": {d.value: self.by_decision[d.value] for d in Decision},
             "rejects": self.rejects,
+            "reused": self.reused,
             "gaps": self.gaps,
             "duplicates": self.duplicates,
             "late": self.late,
@@ -235,12 +242,18 @@ class LineTracker:
         self.protocol_errors[reason] += 1
 
     def on_verdict(self, verdict: Verdict, received_ns: int | None = None) -> str:
-        """Record a verdict; returns "new", "late" (after its part was fail-safed) or "duplicate"."""
+        """Record a verdict; returns "new", "late" (after its part was fail-safed), "reused" or "duplicate"."""
         now = self.clock()
         cam = self.cameras.setdefault(verdict.camera_id, CameraTrack())
         agent = self._agent(verdict.agent_id, verdict.epoch, now)
         agent.cameras.add(verdict.camera_id)
         seq = verdict.seq
+        if verdict.status is Status.REJECTED and verdict.reason == Reason.DUPLICATE_SEQ:
+            # A second part carried a seq already answered (SPEC 7): it is not a duplicate verdict of the first
+            # part; the part that carried the repeat fails safe.
+            cam.reused += 1
+            cam.rejects += 1
+            return "reused"
         late = seq in cam.failed
         stale = cam.highest is not None and seq < cam.highest - self.seq_window
         if seq in cam.seen or (stale and not late):
@@ -255,6 +268,7 @@ class LineTracker:
 
         cam.verdicts += 1
         cam.by_status[verdict.status.value] += 1
+        cam.by_decision[decision_of(verdict).value] += 1
         if verdict.defect and not late:  # a late verdict's part was already rejected
             cam.rejects += 1
         if verdict.status is Status.OK and verdict.label is not None and verdict.class_name is not None:
@@ -333,8 +347,10 @@ class LineTracker:
     def status_line(self) -> str:
         """One-line live summary for the terminal."""
         by_status: Counter[str] = Counter()
+        by_decision: Counter[str] = Counter()
         for cam in self.cameras.values():
             by_status.update(cam.by_status)
+            by_decision.update(cam.by_decision)
         labeled = self._total("labeled")
         accuracy = f"{self._total('correct') / labeled:.3f}" if labeled else "-"
         lat = percentiles(self.latencies_ms[-5000:])
@@ -345,20 +361,25 @@ class LineTracker:
             agents += " NO AGENT: LINE UNINSPECTED"
         return (
             f"verdicts {self.verdicts} (ok {by_status['ok']} shed {by_status['shed']} "
-            f"rejected {by_status['rejected']}) | parts diverted {self.rejects} | gaps {self.gaps} "
+            f"rejected {by_status['rejected']}) | pass {by_decision['pass']} divert {by_decision['divert']} "
+            f"review {by_decision['review']} | parts diverted {self.rejects} | gaps {self.gaps} "
             f"dup {self.duplicates} | acc {accuracy} | {latency} | {agents}"
         )
 
     def summary(self) -> dict[str, Any]:
         """The JSON report: totals, accuracy, latency, agents and per-camera figures."""
         by_status: Counter[str] = Counter()
+        by_decision: Counter[str] = Counter()
         for cam in self.cameras.values():
             by_status.update(cam.by_status)
+            by_decision.update(cam.by_decision)
         labeled = self._total("labeled")
         now = self.clock()
         return {
             "verdicts": self.verdicts,
             "by_status": {s.value: by_status[s.value] for s in Status},
+            "by_decision": {d.value: by_decision[d.value] for d in Decision},
+            "reused": self._total("reused"),
             "rejects": self.rejects,
             "gaps": self.gaps,
             "duplicates": self.duplicates,

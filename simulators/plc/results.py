@@ -278,13 +278,16 @@ class ResultModel:
         return result
 
     def on_verdict(self, v: Verdict, outcome: str) -> Result | None:
-        """A verdict the tracker classified as new/late/duplicate; a Result for new ones."""
+        """A verdict the tracker classified as new/late/reused/duplicate; a Result for new and reused ones.
+
+        A reused seq's rejected verdict is the second part's: it gets its own (divert) result.
+        """
         cam = self._camera(v.camera_id)
         if outcome == "late":
             cam.late += 1  # the part was already failed safe; its late verdict does not un-reject it
             self._dirty_cams.add(v.camera_id)
             return None
-        if outcome != "new":
+        if outcome not in ("new", "reused"):
             return None
         if cam.startup or cam.agent_id != v.agent_id:
             cam.startup = False

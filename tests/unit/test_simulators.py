@@ -16,6 +16,7 @@ import zmq
 from protocol import (
     NEU_CLASSES,
     AgentState,
+    Decision,
     Encoding,
     Heartbeat,
     Status,
@@ -237,6 +238,23 @@ class TestLineTracker:
         assert tracker.on_verdict(verdict(0)) == "duplicate"
         assert tracker.on_verdict(verdict(0, agent_id="a2")) == "duplicate"
         assert (tracker.verdicts, tracker.duplicates, tracker.rejects) == (1, 2, 1)
+
+    def test_decisions_are_counted(self, tracker: LineTracker) -> None:
+        """pass, divert and review are counted from each first verdict (defect for a v1 agent's)."""
+        tracker.on_verdict(verdict(0, defect=False, decision=Decision.PASS))
+        tracker.on_verdict(verdict(1, decision=Decision.REVIEW))
+        tracker.on_verdict(verdict(2))  # no decision: a v1 agent; defect -> divert
+        assert tracker.summary()["by_decision"] == {"pass": 1, "divert": 1, "review": 1}
+        assert "pass 1 divert 1 review 1" in tracker.status_line()
+
+    def test_reused_seq_fails_the_second_part_safe(self, tracker: LineTracker) -> None:
+        """A duplicate_seq rejection is the second part's verdict: counted as reused and rejected, not a duplicate."""
+        tracker.on_verdict(verdict(4, defect=False, decision=Decision.PASS))
+        dup = verdict(4, status=Status.REJECTED, reason="duplicate_seq", class_name=None, class_index=None,
+                      confidence=None, inferred_ns=None, decision=Decision.DIVERT)
+        assert tracker.on_verdict(dup) == "reused"
+        s = tracker.summary()
+        assert (s["reused"], s["duplicates"], s["rejects"]) == (1, 0, 1)
 
     def test_gap_after_timeout_counted_once(self, clock: FakeClock) -> None:
         """A seq skipped over is fail-safed once, only after the verdict timeout."""
