@@ -599,24 +599,54 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_timeout_s=args.heartbeat_timeout,
         first_seq=args.first_seq,
     )
-    model = None
-    if outputs:
-        from simulators.plc.results import ResultModel
-
-        model = ResultModel(args.camera or [], outputs=outputs, hold_s=args.fail_safe_hold)
-        tracker.on_fail_safe = model.on_fail_safe_part
-        started_outputs = []
-        try:
-            for out in outputs:
-                out.start()
-                started_outputs.append(out)
-        except Exception as exc:
-            for out in started_outputs:
-                out.stop()
-            print(f"bridge: {out.name} output failed to start: {exc}", file=sys.stderr)
-            return 2
-        model.flush()  # the start-up fail-safe reaches every output before the first verdict
+    model = _start_outputs(args, outputs, tracker) if outputs else None
+    if outputs and model is None:
+        return 2
     display = StatusDisplay(sys.stdout, interval=args.interval, enabled=not args.quiet)
+    started = time.monotonic()
+    _run(args, endpoints, curve, tracker, model, display)
+    for event in tracker.tick():
+        display.event(str(event))
+        _to_model(model, tracker, event)
+    if model is not None:
+        model.flush()
+        for out in outputs:
+            out.stop()
+    display.update(tracker.status_line(), time.monotonic(), force=True)
+    display.close()
+    report = tracker.summary()
+    report["seconds"] = round(time.monotonic() - started, 3)
+    report["expected"] = args.expect
+    report["endpoints"] = endpoints
+    if outputs:
+        report["outputs"] = {out.name: out.stats() for out in outputs}
+    write_report(args.report, report)
+    return 1 if args.expect is not None and tracker.verdicts < args.expect else 0
+
+
+def _start_outputs(args: argparse.Namespace, outputs: list[Any], tracker: LineTracker) -> Any:
+    """The result model feeding every output, with the outputs started; None (and a message) if one fails."""
+    from simulators.plc.results import ResultModel
+
+    model = ResultModel(args.camera or [], outputs=outputs, hold_s=args.fail_safe_hold)
+    tracker.on_fail_safe = model.on_fail_safe_part
+    started_outputs = []
+    try:
+        for out in outputs:
+            out.start()
+            started_outputs.append(out)
+    except Exception as exc:
+        for out in started_outputs:
+            out.stop()
+        print(f"bridge: {out.name} output failed to start: {exc}", file=sys.stderr)
+        return None
+    model.flush()  # the start-up fail-safe reaches every output before the first verdict
+    return model
+
+
+def _run(args: argparse.Namespace, endpoints: list[str], curve: Any, tracker: LineTracker, model: Any,
+         display: StatusDisplay) -> None:
+    """Subscribe and track until stopped, --expect verdicts arrived, or --timeout."""
     stop = threading.Event()
     context: zmq.Context[Any] = zmq.Context()
     sock = context.socket(zmq.SUB)
@@ -626,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     for endpoint in endpoints:
         sock.connect(endpoint)
-    started = last_flush = time.monotonic()
-    deadline = started + args.timeout if args.timeout is not None else math.inf
+    last_flush = time.monotonic()
+    deadline = last_flush + args.timeout if args.timeout is not None else math.inf
     try:
         with stop_on_signals(stop):
             while not stop.is_set():
@@ -648,23 +678,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         close_socket(sock)
         context.term()
-    for event in tracker.tick():
-        display.event(str(event))
-        _to_model(model, tracker, event)
-    if model is not None:
-        model.flush()
-        for out in outputs:
-            out.stop()
-    display.update(tracker.status_line(), time.monotonic(), force=True)
-    display.close()
-    report = tracker.summary()
-    report["seconds"] = round(time.monotonic() - started, 3)
-    report["expected"] = args.expect
-    report["endpoints"] = endpoints
-    if outputs:
-        report["outputs"] = {out.name: out.stats() for out in outputs}
-    write_report(args.report, report)
-    return 1 if args.expect is not None and tracker.verdicts < args.expect else 0
 
 
 def _to_model(model: Any, tracker: LineTracker, event: Event) -> None:

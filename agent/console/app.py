@@ -88,34 +88,35 @@ class Guard:
         await self.app(scope, receive, send_with_cookie)
 
 
-def create_app(state: ConsoleState, lock: threading.Lock, *, token: str | None = None,
-               allowed_hosts: set[str] | None = None, push_interval_s: float = 0.25,
-               closing: threading.Event | None = None) -> ASGIApp:
-    """The Starlette app wrapped in the token/Host guard; setting `closing` ends the open event streams."""
-    cache: dict[str, Any] = {"t": -1.0, "body": b"{}"}
-    closing = closing or threading.Event()
+class _Api:
+    """The page and the JSON API over one console state (every handler takes the state lock briefly)."""
 
-    def summary_json() -> bytes:
+    def __init__(self, state: ConsoleState, lock: threading.Lock, push_interval_s: float,
+                 closing: threading.Event) -> None:
+        self.state, self.lock, self.push_interval_s, self.closing = state, lock, push_interval_s, closing
+        self._cache_t, self._cache_body = -1.0, b"{}"
+
+    def summary_json(self) -> bytes:
         # Several open pages share one snapshot per push interval instead of each taking the lock.
         now = time.monotonic()
-        if now - cache["t"] >= push_interval_s * 0.8:
-            with lock:
-                body = json.dumps(state.summary(), separators=(",", ":")).encode()
-            cache["t"], cache["body"] = now, body
-        return bytes(cache["body"])
+        if now - self._cache_t >= self.push_interval_s * 0.8:
+            with self.lock:
+                body = json.dumps(self.state.summary(), separators=(",", ":")).encode()
+            self._cache_t, self._cache_body = now, body
+        return self._cache_body
 
-    async def index(request: Request) -> Response:
+    async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
-    async def summary(request: Request) -> Response:
-        return Response(summary_json(), media_type="application/json")
+    async def summary(self, request: Request) -> Response:
+        return Response(self.summary_json(), media_type="application/json")
 
-    async def review(request: Request) -> Response:
-        with lock:
-            listing = state.review.listing()
+    async def review(self, request: Request) -> Response:
+        with self.lock:
+            listing = self.state.review.listing()
         return JSONResponse(listing)
 
-    async def label(request: Request) -> Response:
+    async def label(self, request: Request) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             # A cross-site form cannot send JSON without a preflight this server never answers.
             return JSONResponse({"error": "send application/json"}, status_code=415)
@@ -128,45 +129,53 @@ def create_app(state: ConsoleState, lock: threading.Lock, *, token: str | None =
             return JSONResponse({"error": "class_name (string) required"}, status_code=400)
         item_id = int(request.path_params["item_id"])
         try:
-            with lock:
-                item = state.review.label(item_id, name, state.known_labels())
+            with self.lock:
+                item = self.state.review.label(item_id, name, self.state.known_labels())
         except KeyError:
             return JSONResponse({"error": "no such review item"}, status_code=404)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(item.meta())
 
-    async def image(request: Request) -> Response:
+    async def image(self, request: Request) -> Response:
         source, which = request.path_params["source"], request.path_params["which"]
-        with lock:
-            data = state.image(source, int(request.path_params["item_id"]), which)
+        with self.lock:
+            data = self.state.image(source, int(request.path_params["item_id"]), which)
         if data is None:
             return PlainTextResponse("no such image", status_code=404)
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
-    async def events(request: Request) -> Response:
+    async def events(self, request: Request) -> Response:
         async def stream() -> AsyncIterator[bytes]:
             yield b"retry: 1000\n\n"
-            while not closing.is_set():
-                yield b"data: " + summary_json() + b"\n\n"
-                await asyncio.sleep(push_interval_s)
+            while not self.closing.is_set():
+                yield b"data: " + self.summary_json() + b"\n\n"
+                await asyncio.sleep(self.push_interval_s)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
+
+def create_app(state: ConsoleState, lock: threading.Lock, *, token: str | None = None,
+               allowed_hosts: set[str] | None = None, push_interval_s: float = 0.25,
+               closing: threading.Event | None = None) -> ASGIApp:
+    """The Starlette app wrapped in the token/Host guard; setting `closing` ends the open event streams."""
+    done = closing or threading.Event()
+    api = _Api(state, lock, push_interval_s, done)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        closing.set()
+        done.set()
 
     app = Starlette(
         routes=[
-            Route("/", index),
-            Route("/api/summary", summary),
-            Route("/api/review", review),
-            Route("/api/review/{item_id:int}/label", label, methods=["POST"]),
-            Route("/api/images/{source}/{item_id:int}/{which}", image),
-            Route("/api/events", events),
+            Route("/", api.index),
+            Route("/api/summary", api.summary),
+            Route("/api/review", api.review),
+            Route("/api/review/{item_id:int}/label", api.label, methods=["POST"]),
+            Route("/api/images/{source}/{item_id:int}/{which}", api.image),
+            Route("/api/events", api.events),
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
         lifespan=lifespan,

@@ -553,6 +553,28 @@ class ConsoleState:
     def summary(self) -> dict[str, Any]:
         """The JSON the page and GET /api/summary show."""
         now = self.clock()
+        review = self.review.listing()
+        return {
+            "cameras": self._cameras(now),
+            "agents": self._agents(now),
+            "latency": self.latency.summary(),
+            "gallery": [s.meta() for s in reversed(self.gallery.values())],
+            "review": {k: review[k] for k in ("pending", "labelled", "awaiting_image", "expired_without_image",
+                                              "evicted", "cap", "version")},
+            "classes": sorted(self.known_labels()),
+            "console": {
+                "uptime_s": round(now - self._started, 1),
+                "received": dict(self.received),
+                "dropped": dict(self.dropped),
+                "malformed": dict(self.malformed),
+                "skipped_images": self.skipped_images,
+                "gallery_bytes": self._gallery_bytes,
+                "review_below": self.review_below,
+            },
+            "events": [e.to_dict() for e in list(self.line.events)[-20:]],
+        }
+
+    def _cameras(self, now: float) -> dict[str, Any]:
         recent_gap_cams = {e.subject for e in self.line.events if e.kind == "gap"
                            and now - self._started - e.t < GAP_ALERT_S}
         lost_cams: dict[str, list[str]] = {}
@@ -581,6 +603,9 @@ class ConsoleState:
                 "fail_safe": bool(reasons),
                 "fail_safe_reasons": reasons,
             }
+        return cameras
+
+    def _agents(self, now: float) -> dict[str, Any]:
         agents: dict[str, Any] = {}
         for agent_id in sorted(self.line.agents):
             agent = self.line.agents[agent_id]
@@ -601,23 +626,4 @@ class ConsoleState:
                 "thresholds": dict(getattr(hb, "thresholds", None) or {}) if hb else {},
                 "cameras": sorted(agent.cameras),
             }
-        review = self.review.listing()
-        return {
-            "cameras": cameras,
-            "agents": agents,
-            "latency": self.latency.summary(),
-            "gallery": [s.meta() for s in reversed(self.gallery.values())],
-            "review": {k: review[k] for k in ("pending", "labelled", "awaiting_image", "expired_without_image",
-                                              "evicted", "cap", "version")},
-            "classes": sorted(self.known_labels()),
-            "console": {
-                "uptime_s": round(now - self._started, 1),
-                "received": dict(self.received),
-                "dropped": dict(self.dropped),
-                "malformed": dict(self.malformed),
-                "skipped_images": self.skipped_images,
-                "gallery_bytes": self._gallery_bytes,
-                "review_below": self.review_below,
-            },
-            "events": [e.to_dict() for e in list(self.line.events)[-20:]],
-        }
+        return agents

@@ -120,9 +120,7 @@ def run_search(
     from tqdm import tqdm
 
     from agent.lab.data import load_arrays, scan, stratified_split
-    from agent.lab.model.arch import build, count_macs, fold_batchnorm
-    from agent.lab.model.flops import netscore, profiler_flops, within_band
-    from agent.lab.model.speed import images_per_second
+    from agent.lab.model.flops import netscore
     from agent.lab.model.train import TrainConfig, evaluate, fit, set_seed
 
     done = {r["key"] for r in read_log(log_path)}
@@ -144,19 +142,8 @@ def run_search(
             continue
         if time.monotonic() - ref_at > 300:
             ref_ips, ref_at = resnet50_ips(), time.monotonic()
-        model = build(spec)
-        flops = profiler_flops(model)
-        row: dict[str, Any] = {"key": spec.key(), "arch": spec.to_dict(), "flops": flops,
-                               "macs": count_macs(model), "params": int(model.count_params())}
-        in_band = within_band(flops, flop_target, tolerance)
-        if in_band:
-            ips = images_per_second(fold_batchnorm(model, spec), 64)
-            row.update(img_per_s=round(ips, 1), speedup_vs_resnet50=round(ips / ref_ips, 1))
-        if not in_band:
-            row["status"] = "rejected_flops"
-        elif row["speedup_vs_resnet50"] < min_speedup:
-            row["status"] = "rejected_speed"
-        else:
+        row = screen(spec, ref_ips, flop_target, tolerance, min_speedup)
+        if row["status"] == "screened":
             t0 = time.monotonic()
             trained, _ = fit(spec, train, val, cfg, quiet=True, desc=f"candidate {i}")
             acc, _, _ = evaluate(trained, *val)
@@ -170,6 +157,26 @@ def run_search(
         bar.refresh()
     bar.close()
     return best(read_log(log_path))
+
+
+def screen(spec: ArchSpec, ref_ips: float, flop_target: float, tolerance: float, min_speedup: float
+           ) -> dict[str, Any]:
+    """A candidate's log row after both indicator functions: status rejected_flops, rejected_speed or screened."""
+    from agent.lab.model.arch import build, count_macs, fold_batchnorm
+    from agent.lab.model.flops import profiler_flops, within_band
+    from agent.lab.model.speed import images_per_second
+
+    model = build(spec)
+    flops = profiler_flops(model)
+    row: dict[str, Any] = {"key": spec.key(), "arch": spec.to_dict(), "flops": flops,
+                           "macs": count_macs(model), "params": int(model.count_params())}
+    if not within_band(flops, flop_target, tolerance):
+        row["status"] = "rejected_flops"
+        return row
+    ips = images_per_second(fold_batchnorm(model, spec), 64)
+    row.update(img_per_s=round(ips, 1), speedup_vs_resnet50=round(ips / ref_ips, 1))
+    row["status"] = "rejected_speed" if row["speedup_vs_resnet50"] < min_speedup else "screened"
+    return row
 
 
 def resnet50_ips(batch: int = 64) -> float:
