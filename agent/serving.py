@@ -48,6 +48,8 @@ def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> Serv
         raise ModelError(f"model card {cards.card_path(model_path)}: bad decision settings: {exc}") from None
     backend.load()
     backend.warmup(settings.batch_sizes)
+    if rule.needs_pooled:
+        backend.warmup_pooled(settings.batch_sizes)
     probs = np.asarray(backend.infer_any(card.self_test_inputs()))
     if probs.ndim != 2 or probs.shape[1] != len(card.classes):
         raise ModelError(f"model {model_path} outputs {probs.shape}, its card lists {len(card.classes)} classes")

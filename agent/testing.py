@@ -120,15 +120,21 @@ def agent_command(settings: Mapping[str, Any], python: str = sys.executable) -> 
 
 def start_agent(log: Path, settings: Mapping[str, Any] | None = None, *, wait: str = "ready",
                 ready_timeout_s: float = 180, env: Mapping[str, str] | None = None,
-                cpus: Sequence[int] | None = None, python: str = sys.executable) -> AgentProcess:
+                cpus: Sequence[int] | None = None, python: str = sys.executable,
+                prefix: Sequence[str] = ()) -> AgentProcess:
     """Start `tdn agent` and wait for its `wait` log event ("publishing": PUB bound; "ready": serving).
 
     The agent binds the ports ZeroMQ chooses (tcp://127.0.0.1:*) and logs them, so there is no
-    find-a-free-port-then-close race between processes.
+    find-a-free-port-then-close race between processes. `prefix` wraps the command (for example
+    `ip netns exec NS`, which execs it in place, so the process is still the agent).
     """
+    level = str((settings or {}).get("log_level", "INFO")).upper()
+    if level not in ("DEBUG", "INFO"):
+        raise ValueError(f"log_level {level}: the launcher waits for the agent's info events (publishing, ready)")
     cmd = agent_command(settings or {}, python)
     if cpus:
         cmd = ["taskset", "-c", ",".join(str(c) for c in cpus), *cmd]
+    cmd = [*prefix, *cmd]
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with log.open("ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env)

@@ -47,14 +47,22 @@ def close_socket(sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
 
 # --- link supervision: how fast a peer on a dead or unplugged line PC is given up (README "Failover") ---
 # Nobody closes a TCP connection to a host that lost power or its cable: without these options a camera's PUSH
-# keeps dealing every other frame into it (first its SNDHWM queue, then the kernel send buffer) until TCP gives
-# up after about 15 minutes. A crashed agent is different: its kernel resets the connection at once.
+# keeps dealing that agent its share of the frames until its queue is full (SNDHWM plus the kernel send buffer,
+# about 22 gray8 200x200 frames: over 4 s at 5 frames/s), and TCP gives up only after about 15 minutes. With them
+# the connection is dropped 1-1.25 s after the last answered PING. The price: an agent frozen for over 1 s (its
+# process, or the whole PC) is given up too, and the frames queued to it fail safe as gaps. A crashed agent's
+# kernel closes its connections itself, once the process is gone (freeing a large process takes 0.1-0.9 s;
+# frames sent meanwhile die with it).
 HEARTBEAT_IVL_MS = 250  # ZMQ_HEARTBEAT_IVL: a ZMTP PING every 250 ms (any ZMTP 3.1 peer answers; no agent change)
 HEARTBEAT_TIMEOUT_MS = 1000  # ZMQ_HEARTBEAT_TIMEOUT: nothing heard 1 s after a PING: drop the connection
-HEARTBEAT_TTL_MS = 3000  # ZMQ_HEARTBEAT_TTL: asks the agent to drop us after 3 s of silence (it frees our queue)
-# ZMQ_TCP_MAXRT (TCP_USER_TIMEOUT on Linux): data unacknowledged for 1 s aborts the connection. The backstop for
-# a send buffer that filled before the next PING was queued (a PING waits behind it, so its timer never starts).
-TCP_MAXRT_MS = 1000
+# ZMQ_HEARTBEAT_TTL is not set: it would make an agent that stops reading (its backpressure, while its queue is
+# full) drop the camera after the TTL, and a PULL holds nothing for a vanished camera that would need freeing.
+# ZMQ_TCP_MAXRT (TCP_USER_TIMEOUT on Linux): data unacknowledged for 3 s aborts the connection. The backstop for
+# a send buffer that filled before the next PING was queued (that PING waits behind it, so its timer never starts):
+# then the full queue already diverts frames to the other agents, and this discards its stale frames instead of
+# delivering them minutes later when the link returns. Linux also applies it to a zero window (an agent that has
+# read nothing for 3 s), so it is kept above the heartbeat timeout.
+TCP_MAXRT_MS = 3000
 RECONNECT_IVL_MS = 100  # ZMQ_RECONNECT_IVL: first retry after 100 ms, so a restarted agent is back at once
 RECONNECT_IVL_MAX_MS = 1000  # ZMQ_RECONNECT_IVL_MAX: back off to one try a second while a host stays down
 CONNECT_TIMEOUT_MS = 1000  # ZMQ_CONNECT_TIMEOUT: a SYN lost on a dead link is retried every second, not after 1-2 min
@@ -66,7 +74,6 @@ def set_link_options(sock: zmq.Socket[Any]) -> None:
     """Heartbeats, a TCP user timeout and reconnect pacing that give up a vanished peer in ~1 s (before connect)."""
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TTL_MS)
     sock.setsockopt(zmq.TCP_MAXRT, TCP_MAXRT_MS)
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)

@@ -42,6 +42,7 @@ from simulators.common import (
 )
 
 VERDICT_TIMEOUT_S = 2.0
+DRAIN_AT_STOP_S = 10.0  # at most this long handling what was already queued when the bridge is stopped
 HEARTBEAT_TIMEOUT_S = 3.0
 # How often the outputs get an update at most (the OPC UA event latency target is 20 ms p99).
 FLUSH_PERIOD_S = 0.005
@@ -675,6 +676,11 @@ def _run(args: argparse.Namespace, endpoints: list[str], curve: Any, tracker: Li
                     display.update(tracker.status_line(), now)
                 if (args.expect is not None and tracker.verdicts >= args.expect) or now >= deadline:
                     break
+            # Stopping (a signal, or the timeout): verdicts still queued here or in transit were published before
+            # the stop, so they are handled, until half a second passes without one, before the report is written.
+            end = time.monotonic() + DRAIN_AT_STOP_S
+            while time.monotonic() < end and sock.poll(500, zmq.POLLIN):
+                _drain(sock, tracker, model=model)
     finally:
         close_socket(sock)
         context.term()
@@ -688,13 +694,13 @@ def _to_model(model: Any, tracker: LineTracker, event: Event) -> None:
     model.on_tracker_event(event.kind, event.subject, event.detail, agent.cameras if agent else ())
 
 
-def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000, model: Any = None) -> None:
-    """Handle every message already queued (up to `limit`, so timeouts still get checked)."""
-    for _ in range(limit):
+def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000, model: Any = None) -> int:
+    """Handle every message already queued (up to `limit`, so timeouts still get checked); how many there were."""
+    for n in range(limit):
         try:
             parts = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            return
+            return n
         received_ns = time.time_ns()
         try:
             msg = decode(parts)
@@ -709,6 +715,7 @@ def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000, model
             tracker.on_heartbeat(msg)
             if model is not None:
                 model.on_heartbeat(msg)
+    return limit
 
 
 if __name__ == "__main__":

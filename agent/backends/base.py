@@ -79,6 +79,11 @@ class Backend(ABC):
         """Probabilities for any number of rows, one warmed batch-1 call per row (self-tests, not the hot path)."""
         return np.concatenate([np.asarray(self.infer(batch[i:i + 1]))[:1] for i in range(len(batch))])
 
+    def warmup_pooled(self, batch_sizes: tuple[int, ...]) -> None:
+        """Prepare infer_pooled() at every batch size (a decision rule with an OOD score calls it per batch)."""
+        for n in batch_sizes:
+            self.infer_pooled(np.zeros((n, *self.input_shape), np.float32))
+
     def infer_pooled(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities and the GAP-pooled last feature map [n,C], for decision rules with an OOD score."""
         probs, feats = self.features(batch)

@@ -53,6 +53,7 @@ class TensorFlowBackend(Backend):
             )
         self.precision = "fp32"
         self._fns: dict[int, Any] = {}
+        self._pooled_fns: dict[int, Any] = {}
         self._feat_fn: Any = None
         self._kernel: np.ndarray | None = None
         self.ops: Counter[str] = Counter()
@@ -126,6 +127,26 @@ class TensorFlowBackend(Backend):
             raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._fns)})")
         probs: np.ndarray = fn(batch).numpy()
         return probs
+
+    def warmup_pooled(self, batch_sizes: tuple[int, ...]) -> None:
+        # One concrete function per size with outputs [probs, GAP output], as infer() has: a retrace on the hot
+        # path would cost hundreds of milliseconds and shed a batch.
+        tf = self._import_tf()
+        import keras
+
+        pooled = keras.Model(self.model.inputs, [self.model.output, self.model.get_layer("gap").output])
+        for n in batch_sizes:
+            spec = tf.TensorSpec([n, *self.input_shape], tf.float32)
+            fn = tf.function(lambda x: pooled(x, training=False)).get_concrete_function(spec)
+            fn(tf.zeros([n, *self.input_shape]))
+            self._pooled_fns[n] = fn
+
+    def infer_pooled(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fn = self._pooled_fns.get(len(batch))
+        if fn is None:
+            raise ValueError(f"batch size {len(batch)} was not warmed up for pooled features")
+        probs, pooled = fn(batch)
+        return probs.numpy(), pooled.numpy()
 
     def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, feats = self._feat_fn(batch)

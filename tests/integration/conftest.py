@@ -58,3 +58,30 @@ def wait_subscribed(sub: zmq.Socket[Any], timeout_s: float = 5.0) -> None:
 
     msgs = collect(sub, lambda m: any(isinstance(x, Heartbeat) for x in m), timeout_s)
     assert any(isinstance(x, Heartbeat) for x in msgs), "no heartbeat within the timeout"
+
+
+def wait_drained(zctx: zmq.Context[Any], publish: str, timeout_s: float = 90.0) -> Any:
+    """Block until the agent's heartbeats say it is idle: every accepted frame published, intake quiet, queue empty.
+
+    Overload tests wait on this instead of a fixed sleep: how long the last frames take depends on the machine.
+    """
+    from protocol import Heartbeat
+
+    sub = subscriber(zctx, publish, HEARTBEAT_PREFIX)
+    last: tuple[int, int] | None = None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if not sub.poll(200):
+                continue
+            hb = decode(sub.recv_multipart())
+            if not isinstance(hb, Heartbeat):
+                continue
+            c = hb.counters
+            now = (c.get("received", -1), c.get("published", -1))
+            if now == last and c.get("accepted") == c.get("published") and hb.queue_depth == 0:
+                return hb
+            last = now
+    finally:
+        sub.close(linger=0)
+    raise TimeoutError(f"agent not idle within {timeout_s:.0f} s")

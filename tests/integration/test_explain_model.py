@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from agent.explain import cam
-from agent.lab.explain import Explainer, cam_weights, features_model
 from agent.lab import audit
 from agent.lab.data import Sample, load_arrays, scan
+from agent.lab.explain import Explainer, cam_weights, features_model
 
 pytestmark = pytest.mark.integration
 
