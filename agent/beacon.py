@@ -43,6 +43,10 @@ class Beacon:
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, settings.sndhwm)
         self.pub.setsockopt(zmq.LINGER, 1000)
+        # A vanished bridge (host down, cable out) is dropped after 3 s, with the verdicts queued to it.
+        self.pub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        self.pub.setsockopt(zmq.TCP_MAXRT, 3000)
         if self.curve is not None:
             self.curve.secure(self.pub, "publish")
         self.pub.bind(settings.publish_endpoint)
