@@ -393,7 +393,8 @@ class Verdict:
     # Added in v1.1; None only from older agents (derive it with decision_of()).
     decision: Decision | None = None
 
-    def __post_init__(self) -> None:
+    # Every consistency rule of SPEC 4.2 in one place, as the SPEC lists them.
+    def __post_init__(self) -> None:  # noqa: C901
         put = object.__setattr__
         check_id("camera_id", self.camera_id)
         check_id("agent_id", self.agent_id)

@@ -350,42 +350,51 @@ def main(argv: list[str] | None = None) -> int:
     args.endpoint = args.endpoint or [DEFAULT_FRAMES_ENDPOINT]
     curve = curve_from_args(args, parser)
     try:
-        files = list_images(args.source) if args.source is not None else None
-        if files is not None and not args.lazy:
-            # Decode up front: a first pass decoding as it goes sends slower than later ones, which skews any
-            # rate measured from the start, and a corrupt file is better reported before the first frame.
-            for path, _ in files[: read_gray.cache_info().maxsize or 0]:
-                read_gray(path)
+        files = _load_source(args)
     except SourceError as exc:
         print(f"camera: {exc}", file=sys.stderr)
         return 1
-
     stop = threading.Event()
     context: zmq.Context[Any] = zmq.Context()
-    cameras = []
-    for index, camera_id in enumerate(camera_ids):
-        seed = args.seed + index  # cameras show different sequences of the same source
-        shots = (
-            folder_shots(files, loop=not args.no_loop, shuffle=args.shuffle, seed=seed)
-            if files is not None
-            else synthetic_shots(seed)
+    cameras = [_make_camera(args, camera_id, index, files, stop, context, curve)
+               for index, camera_id in enumerate(camera_ids)]
+    _run_all(cameras, stop)
+    context.term()
+    report = _report([c.stats for c in cameras], args)
+    write_report(args.report, report)
+    for error in report["errors"]:
+        print(f"camera: {error}", file=sys.stderr)
+    if not args.quiet:
+        print(
+            f"camera {report['camera_id']}: sent {report['sent']} blocked {report['blocked']} "
+            f"timed_out {report['timed_out']} in {report['seconds']:.1f} s ({report['fps_achieved']:.1f} fps)"
         )
-        cameras.append(
-            Camera(
-                camera_id,
-                shots,
-                endpoint=args.endpoint,
-                fps=args.fps,
-                count=args.count,
-                encoding=Encoding(args.encoding),
-                send_timeout_ms=args.send_timeout_ms,
-                sndhwm=args.sndhwm,
-                start_seq=args.start_seq,
-                stop=stop,
-                context=context,
-                curve=curve,
-            )
-        )
+    return 1 if report["errors"] else 0
+
+
+def _load_source(args: argparse.Namespace) -> list[tuple[Path, str | None]] | None:
+    """The files to replay (None: synthetic surfaces), decoded up front unless --lazy."""
+    files = list_images(args.source) if args.source is not None else None
+    if files is not None and not args.lazy:
+        # Decode up front: a first pass decoding as it goes sends slower than later ones, which skews any
+        # rate measured from the start, and a corrupt file is better reported before the first frame.
+        for path, _ in files[: read_gray.cache_info().maxsize or 0]:
+            read_gray(path)
+    return files
+
+
+def _make_camera(args: argparse.Namespace, camera_id: str, index: int, files: list[tuple[Path, str | None]] | None,
+                 stop: threading.Event, context: zmq.Context[Any], curve: Any) -> Camera:
+    seed = args.seed + index  # cameras show different sequences of the same source
+    shots = (folder_shots(files, loop=not args.no_loop, shuffle=args.shuffle, seed=seed) if files is not None
+             else synthetic_shots(seed))
+    return Camera(camera_id, shots, endpoint=args.endpoint, fps=args.fps, count=args.count,
+                  encoding=Encoding(args.encoding), send_timeout_ms=args.send_timeout_ms, sndhwm=args.sndhwm,
+                  start_seq=args.start_seq, stop=stop, context=context, curve=curve)
+
+
+def _run_all(cameras: list[Camera], stop: threading.Event) -> None:
+    """Each camera on its own thread until all are done; one broken camera stops the run."""
 
     def run(camera: Camera) -> None:
         try:
@@ -402,19 +411,6 @@ def main(argv: list[str] | None = None) -> int:
             # join with a timeout so the main thread stays responsive to signals
             while thread.is_alive():
                 thread.join(0.2)
-    context.term()
-
-    stats = [c.stats for c in cameras]
-    report = _report(stats, args)
-    write_report(args.report, report)
-    for error in report["errors"]:
-        print(f"camera: {error}", file=sys.stderr)
-    if not args.quiet:
-        print(
-            f"camera {report['camera_id']}: sent {report['sent']} blocked {report['blocked']} "
-            f"timed_out {report['timed_out']} in {report['seconds']:.1f} s ({report['fps_achieved']:.1f} fps)"
-        )
-    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -475,7 +475,8 @@ class OpcUaOutput:
         await self._trigger(nodes.gen, f"{r.camera_id} seq {r.seq} {r.decision.value}")
         self.events_sent += 1
 
-    async def _apply(self, updates: list[Update]) -> None:
+    # States, queues, then events, in one pass: that order is what keeps a fail-safe from waiting on a backlog.
+    async def _apply(self, updates: list[Update]) -> None:  # noqa: C901
         """Apply queued updates: states first (only the latest counts, so a fail-safe never waits behind a
         backlog of events), then every fail-safe and result event in order, letting clients in between."""
         if not updates:
