@@ -48,6 +48,8 @@ class Shot:
     origin: str
 
 
+FLUSH_AT_CLOSE_MS = 5000  # at most this long for the queued frames to leave when a camera stops
+
 # --- image sources ---
 
 
@@ -240,9 +242,12 @@ class Camera:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         # A small kernel send buffer keeps frames from aging in transit when the agent pushes back.
         sock.setsockopt(zmq.SNDBUF, 256 * 1024)
-        # Give up an agent whose host vanished within about a second (heartbeats, TCP user timeout), so its
-        # share of the frames goes to the other agents instead of into a connection nobody reads.
-        set_link_options(sock)
+        # With several agents, give up one whose host vanished within about a second (heartbeats, TCP user
+        # timeout), so its share of the frames goes to the others instead of into a connection nobody reads.
+        # With one agent there is nowhere to switch to, and the same timeouts would give up an agent that is only
+        # slow to read under overload (seen at 2x load on 2 shared cores), losing the frames queued to it.
+        if len(self.endpoints) > 1:
+            set_link_options(sock)
         make_curve_client(sock, self.curve)
         stats.started = time.monotonic()
         due = stats.started
@@ -274,9 +279,10 @@ class Camera:
                 self._send(sock, encode_frame(frame))
         finally:
             stats.ended = time.monotonic()
-            # Frames counted as sent may still sit in ZeroMQ's queue: flush them (bounded by the send timeout),
-            # also on a signal, so that `sent` stays an honest count of frames handed to an agent.
-            close_socket(sock, self.send_timeout_ms)
+            # Frames counted as sent may still sit in ZeroMQ's queue: flush them, also on a signal, so that `sent`
+            # stays an honest count of frames handed to an agent. An overloaded agent reads that queue (up to
+            # SNDHWM frames plus the kernel buffer) slowly, so the bound is generous; a dead one drops the pipe.
+            close_socket(sock, max(self.send_timeout_ms, FLUSH_AT_CLOSE_MS))
         return stats
 
 
