@@ -492,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rcvhwm", type=int, default=100_000, help="receive queue; the bridge must not drop")
     parser.add_argument("--interval", type=float, default=2.0, help="status period when stdout is not a TTY")
     parser.add_argument("--report", type=Path, default=None, help="write a JSON report here at exit")
+    parser.add_argument("--ready-file", type=Path, default=None,
+                        help="create this file once the first heartbeat arrived (the subscription is live)")
     parser.add_argument("--quiet", action="store_true", help="no live status or event lines")
     add_curve_arguments(parser)
     add_output_arguments(parser)
@@ -664,6 +666,8 @@ def _run(args: argparse.Namespace, endpoints: list[str], curve: Any, tracker: Li
             while not stop.is_set():
                 if sock.poll(100 if model is None else 5, zmq.POLLIN):
                     _drain(sock, tracker, model=model)
+                    if args.ready_file is not None and tracker.heartbeats and not args.ready_file.exists():
+                        args.ready_file.touch()  # PUB keeps no history: from here on nothing is missed
                 for event in tracker.tick():
                     display.event(str(event))
                     _to_model(model, tracker, event)
@@ -676,11 +680,7 @@ def _run(args: argparse.Namespace, endpoints: list[str], curve: Any, tracker: Li
                     display.update(tracker.status_line(), now)
                 if (args.expect is not None and tracker.verdicts >= args.expect) or now >= deadline:
                     break
-            # Stopping (a signal, or the timeout): verdicts still queued here or in transit were published before
-            # the stop, so they are handled, until half a second passes without one, before the report is written.
-            end = time.monotonic() + DRAIN_AT_STOP_S
-            while time.monotonic() < end and sock.poll(500, zmq.POLLIN):
-                _drain(sock, tracker, model=model)
+            _drain_at_stop(sock, tracker, model)
     finally:
         close_socket(sock)
         context.term()
@@ -692,6 +692,14 @@ def _to_model(model: Any, tracker: LineTracker, event: Event) -> None:
         return
     agent = tracker.agents.get(event.subject)
     model.on_tracker_event(event.kind, event.subject, event.detail, agent.cameras if agent else ())
+
+
+def _drain_at_stop(sock: zmq.Socket[Any], tracker: LineTracker, model: Any) -> None:
+    """Stopping (a signal, or the timeout): verdicts still queued here or in transit were published before the
+    stop, so they are handled, until half a second passes without one, before the report is written."""
+    end = time.monotonic() + DRAIN_AT_STOP_S
+    while time.monotonic() < end and sock.poll(500, zmq.POLLIN):
+        _drain(sock, tracker, model=model)
 
 
 def _drain(sock: zmq.Socket[Any], tracker: LineTracker, limit: int = 1000, model: Any = None) -> int:

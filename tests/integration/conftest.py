@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,3 +87,18 @@ def wait_drained(zctx: zmq.Context[Any], publish: str, timeout_s: float = 90.0) 
     finally:
         sub.close(linger=0)
     raise TimeoutError(f"agent not idle within {timeout_s:.0f} s")
+
+
+def start_bridge(publish: str, report: Path, *args: str) -> subprocess.Popen[bytes]:
+    """A PLC-bridge subprocess on `publish`, returned once its subscription is live (it saw a heartbeat)."""
+    ready = report.with_suffix(".ready")
+    bridge = subprocess.Popen([sys.executable, "-m", "simulators.plc_bridge", "--endpoint", publish,
+                               "--report", str(report), "--ready-file", str(ready), "--quiet", *args])
+
+    def live() -> bool:
+        if bridge.poll() is not None:
+            raise AssertionError(f"bridge exited with {bridge.returncode} before subscribing")
+        return ready.exists()
+
+    testing.wait_for(live, 30, "bridge subscribed")
+    return bridge

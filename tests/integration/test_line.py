@@ -26,7 +26,7 @@ from protocol import (
     Verdict,
     encode_frame,
 )
-from tests.integration.conftest import collect, subscriber, wait_drained, wait_subscribed
+from tests.integration.conftest import collect, start_bridge, subscriber, wait_drained, wait_subscribed
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +53,7 @@ class TestTwoCameras:
         """2 cameras x 200 shuffled NEU-DET frames: 400 verdicts, no gap or duplicate, accuracy >= 95%."""
         agent = start_agent(explain_interval_s=1, explain_dir=tmp_path / "snaps")
         report = tmp_path / "bridge.json"
-        bridge = subprocess.Popen([sys.executable, "-m", "simulators.plc_bridge", "--endpoint", agent.publish,
-                                   "--expect", "400", "--timeout", "90", "--report", str(report), "--quiet"])
-        time.sleep(1.0)
+        bridge = start_bridge(agent.publish, report, "--expect", "400", "--timeout", "90")
         cams = run_tool("simulators.camera", "--endpoint", agent.frames, "--cameras", "2", "--count", "200",
                         "--fps", "100", "--source", str(neu_det), "--shuffle", "--seed", "3",
                         "--report", str(tmp_path / "cams.json"), "--quiet")
@@ -136,9 +134,7 @@ class TestOverload:
                             explain_interval_s=0)
         rss0 = psutil.Process(agent.proc.pid).memory_info().rss
         report = tmp_path / "bridge.json"
-        bridge = subprocess.Popen([sys.executable, "-m", "simulators.plc_bridge", "--endpoint", agent.publish,
-                                   "--timeout", "40", "--report", str(report), "--quiet"])
-        time.sleep(1.0)
+        bridge = start_bridge(agent.publish, report, "--timeout", "40")
         cams = run_tool("simulators.camera", "--endpoint", agent.frames, "--cameras", "3", "--count", "1500",
                         "--fps", "0", "--report", str(tmp_path / "cams.json"), "--quiet")
         assert cams.returncode == 0, cams.stderr
@@ -191,10 +187,8 @@ class TestBridgeFaults:
         """A skipped seq is a gap rejected by the bridge; a killed agent is reported lost."""
         agent = start_agent()
         report = tmp_path / "bridge.json"
-        bridge = subprocess.Popen([sys.executable, "-m", "simulators.plc_bridge", "--endpoint", agent.publish,
-                                   "--timeout", "12", "--verdict-timeout", "1", "--heartbeat-timeout", "2",
-                                   "--report", str(report), "--quiet"])
-        time.sleep(1.5)
+        bridge = start_bridge(agent.publish, report, "--timeout", "12", "--verdict-timeout", "1",
+                              "--heartbeat-timeout", "2")
         push = zctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(agent.frames)
