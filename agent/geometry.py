@@ -35,7 +35,8 @@ class InputSpec:
         if self.method not in METHODS:
             raise ValueError(f"unknown input method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}")
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; "
+                             f"expected one of {', '.join(INTERPOLATIONS)}")
         if self.border not in BORDERS:
             raise ValueError(f"unknown border {self.border!r}; expected one of {', '.join(BORDERS)}")
         if not 0 <= int(self.border_value) <= 255:
@@ -109,8 +110,9 @@ def to_input(img: np.ndarray, spec: InputSpec) -> np.ndarray:
     top, left = (n - nh) // 2, (n - nw) // 2
     if (nh, nw) == (n, n):
         return np.ascontiguousarray(r)
-    return cv2.copyMakeBorder(r, top, n - nh - top, left, n - nw - left, getattr(cv2, spec.border),
-                              value=int(spec.border_value))
+    out: np.ndarray = cv2.copyMakeBorder(r, top, n - nh - top, left, n - nw - left, getattr(cv2, spec.border),
+                                         value=(float(spec.border_value),))
+    return out
 
 
 def mask_to_input(mask: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`tdn audit`: do TinyDefectNet's heatmaps point at the annotated defects, and do those pixels drive it?"""
+"""`tdn audit`: do the heatmaps point at the annotated defects (VOC boxes or pixel masks), and do those pixels count?"""
 
 from __future__ import annotations
 
@@ -17,10 +17,22 @@ import numpy as np
 
 from agent.config import DEFAULT_MODEL
 from agent.errors import ConfigError, DataError, ModelError
-from agent.explain import METHODS, Explainer, heatmap_u8, overlay, png
-from agent.lab.data import Box, Sample, box_mask, file_list_hash, load_arrays, scan, stratified_split
+from agent.explain import METHODS, heatmap_u8, overlay, png
+from agent.geometry import InputSpec
+from agent.lab.data import (
+    NEU_CLASSES,
+    Box,
+    Dataset,
+    Sample,
+    box_mask,
+    check_classes,
+    defect_mask,
+    held_out,
+    load_arrays,
+    load_dataset,
+)
+from agent.lab.explain import Explainer
 from agent.logging import get_logger
-from protocol import CLASSES
 
 log = get_logger("agent.lab.audit")
 
@@ -50,6 +62,25 @@ def energy_in_boxes(heatmap: np.ndarray, boxes: Sequence[Box]) -> float:
     if total <= 0 or not boxes:
         return 0.0
     return float(h[box_mask(boxes, (h.shape[0], h.shape[1]))].sum() / total)
+
+
+def pointing_hit_region(heatmap: np.ndarray, region: np.ndarray, tolerance: int = 0) -> bool:
+    """Pointing game against a pixel mask: is the maximum inside it, or within `tolerance` pixels of it?"""
+    h = np.asarray(heatmap)
+    if not region.any() or not (h > 0).any():
+        return False
+    r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+    if tolerance <= 0:
+        return bool(region[r, c])
+    rr, cc = np.nonzero(region)
+    return bool(((rr - r) ** 2 + (cc - c) ** 2).min() <= tolerance**2)
+
+
+def energy_in_region(heatmap: np.ndarray, region: np.ndarray) -> float:
+    """Share of the heatmap's mass inside a bool mask (0 for an all-zero map)."""
+    h = np.maximum(np.asarray(heatmap, np.float64), 0.0)
+    total = h.sum()
+    return float(h[region].sum() / total) if total > 0 and region.any() else 0.0
 
 
 def box_area_share(boxes: Sequence[Box], shape: tuple[int, int] = (200, 200)) -> float:
@@ -154,8 +185,11 @@ def measure_batch(
     fill: str,
     seeds: int,
     use_boxes: bool,
+    regions: Sequence[np.ndarray | None] | None = None,
+    tolerance: int = 0,
 ) -> tuple[list[ImageResult], np.ndarray]:
-    """Explain a batch, score its heatmaps against the boxes, and re-run the masked variants in one go."""
+    """Explain a batch, score its heatmaps against the boxes (or regions: defect masks in input coordinates), and
+    re-run the masked variants in one go."""
     class_idx = [s.label for s in samples] if target == "true" else None
     probs, heat = explainer.explain(images, class_idx)
     preds = probs.argmax(1)
@@ -165,7 +199,12 @@ def measure_batch(
     tags: list[tuple[int, str]] = []
     for j, s in enumerate(samples):
         r = ImageResult(first_index + j, s.path.name, s.label, int(preds[j]), float(probs[j, preds[j]]), s.boxes)
-        if use_boxes and s.boxes:
+        region = regions[j] if regions is not None else None
+        if use_boxes and region is not None:
+            r.hit = pointing_hit_region(heat[j], region, tolerance)
+            r.energy = energy_in_region(heat[j], region)
+            r.share = float(region.mean())
+        elif use_boxes and s.boxes and regions is None:
             r.hit = pointing_hit(heat[j], s.boxes)
             r.energy = energy_in_boxes(heat[j], s.boxes)
             r.share = box_area_share(s.boxes, heat[j].shape)
@@ -179,7 +218,7 @@ def measure_batch(
                 variants.append(mask_random(images[j], frac, rng, f))
                 tags.append((j, f"random{_key(frac)}@{seed}"))
         results.append(r)
-    masked_probs = explainer.predict(np.stack(variants)) if variants else np.zeros((0, len(CLASSES)))
+    masked_probs = explainer.predict(np.stack(variants)) if variants else np.zeros((0, explainer.kernel.shape[1]))
     for (j, tag), p in zip(tags, masked_probs, strict=True):
         # The decision being tested is the one the heatmap explains: the prediction, or the true class.
         impact, flipped = decision_changed(int(explained[j]), p)
@@ -204,8 +243,9 @@ def _rates(results: Sequence[ImageResult], attr: str, seeds: int) -> tuple[dict[
     return rates, std
 
 
-def summarize(results: Sequence[ImageResult], seeds: int, use_boxes: bool) -> dict[str, Any]:
-    """Overall and per-class metrics of an audit as a JSON-ready dict."""
+def summarize(results: Sequence[ImageResult], seeds: int, use_boxes: bool,
+              classes: Sequence[str] = NEU_CLASSES) -> dict[str, Any]:
+    """Overall and per-class metrics of an audit as a JSON-ready dict (classes: the model card's)."""
 
     def block(rs: Sequence[ImageResult]) -> dict[str, Any]:
         boxed = [r for r in rs if r.hit is not None]
@@ -223,7 +263,7 @@ def summarize(results: Sequence[ImageResult], seeds: int, use_boxes: bool) -> di
     overall = block(results)
     impact, impact_std = _rates(results, "impact", seeds)
     flips, _ = _rates(results, "flipped", seeds)
-    cm = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    cm = np.zeros((len(classes), len(classes)), np.int64)
     for r in results:
         cm[r.label, r.pred] += 1
     return {
@@ -232,9 +272,9 @@ def summarize(results: Sequence[ImageResult], seeds: int, use_boxes: bool) -> di
         "impact_random_std": impact_std,
         "decision_flip": flips,
         "confusion_matrix": cm.tolist(),
-        "per_class": {c: block([r for r in results if r.label == i]) for i, c in enumerate(CLASSES)},
+        "per_class": {c: block([r for r in results if r.label == i]) for i, c in enumerate(classes)},
         "errors": [
-            {"file": r.file, "true": CLASSES[r.label], "pred": CLASSES[r.pred], "confidence": round(r.confidence, 4)}
+            {"file": r.file, "true": classes[r.label], "pred": classes[r.pred], "confidence": round(r.confidence, 4)}
             for r in results
             if r.pred != r.label
         ],
@@ -244,17 +284,22 @@ def summarize(results: Sequence[ImageResult], seeds: int, use_boxes: bool) -> di
 # --- pictures and the report ---------------------------------------------------------------------------------
 
 
-def render_row(gray: np.ndarray, heatmap: np.ndarray, boxes: Sequence[Box], caption: str) -> np.ndarray:
-    """One grid row, BGR uint8: input | heatmap overlay | input with boxes (green) and the heatmap's maximum."""
+def render_row(gray: np.ndarray, heatmap: np.ndarray, boxes: Sequence[Box], caption: str,
+               region: np.ndarray | None = None, tolerance: int = 0) -> np.ndarray:
+    """One grid row, BGR uint8: input | heatmap overlay | input with boxes or the mask outline (green) and the
+    heatmap's maximum."""
     g = np.round(np.clip(np.asarray(gray, np.float32).reshape(heatmap.shape), 0, 255)).astype(np.uint8)
     left = cv2.cvtColor(g, cv2.COLOR_GRAY2BGR)
     mid = overlay(g, heatmap)
     right = left.copy()
     for x0, y0, x1, y1 in boxes:
         cv2.rectangle(right, (int(x0) - 1, int(y0) - 1), (int(x1) - 1, int(y1) - 1), (0, 220, 0), 1)
+    if region is not None:
+        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(right, contours, -1, (0, 220, 0), 1)
     if (heatmap > 0).any():
         r, c = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-        hit = pointing_hit(heatmap, boxes)
+        hit = pointing_hit_region(heatmap, region, tolerance) if region is not None else pointing_hit(heatmap, boxes)
         colour = (0, 220, 0) if hit else (0, 0, 255)
         cv2.drawMarker(right, (int(c), int(r)), colour, cv2.MARKER_CROSS, 14, 2)
         cv2.drawMarker(mid, (int(c), int(r)), (255, 255, 255), cv2.MARKER_CROSS, 14, 1)
@@ -278,11 +323,11 @@ def stack_rows(rows: Sequence[np.ndarray], title: str) -> np.ndarray:
     return np.vstack(parts)
 
 
-def _caption(r: ImageResult) -> str:
+def _caption(r: ImageResult, classes: Sequence[str] = NEU_CLASSES) -> str:
     verdict = "ok" if r.pred == r.label else "WRONG"
     point = "" if r.hit is None else (" | hit" if r.hit else " | miss")
     energy = "" if r.energy is None else f" | E={r.energy:.2f}/{r.share:.2f}"
-    return f"{r.file}: {CLASSES[r.pred]} {r.confidence:.2f} ({verdict}){point}{energy}"
+    return f"{r.file}: {classes[r.pred]} {r.confidence:.2f} ({verdict}){point}{energy}"
 
 
 def _b64(img: np.ndarray) -> str:
@@ -378,12 +423,13 @@ def write_report(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tdn audit`."""
-    from agent.lab.data import default_data
+    from agent.lab import default_data
 
     parser.add_argument(
         "--data",
         default=default_data(),
-        help="NEU-DET folder (IMAGES/ + ANNOTATIONS/) (default: $TDN_DATA, else ../shared/neu-det)",
+        help="dataset folder: NEU-DET (IMAGES/ + ANNOTATIONS/), or one folder per class with <stem>.png masks "
+        "(default: $TDN_DATA, else ../shared/neu-det)",
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="Keras model (default: the shipped one)")
     parser.add_argument(
@@ -420,6 +466,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # salt-and-pepper noise, which flips this model's decisions about as often as masking the defect does.
         help="what masked pixels become: a blurred copy (default) or the image mean",
     )
+    parser.add_argument("--tolerance", type=int, default=0,
+                        help="pointing game: a maximum within this many input pixels of the defect counts as a hit "
+                             "(default 0: inside it; Zhang et al. 2016 use 15)")
     parser.add_argument("--seeds", type=int, default=3, help="random-mask repetitions (default: 3)")
     parser.add_argument("--per-class", type=int, default=4, help="sample rows per class in the grids (default: 4)")
     parser.add_argument("--max-error-images", type=int, default=200, help="cap on error pictures (all are listed)")
@@ -441,46 +490,34 @@ def load_model(path: Path) -> Any:
 
 
 def select_split(samples: list[Sample], model_path: Path, split: str) -> list[Sample]:
-    """The model card's held-out or training part of the samples (checked against the card's file hash)."""
+    """The model card's held-out or training part of the samples (agent.lab.data.held_out, strict)."""
     if split == "all":
         return samples
     card_path = model_path.with_suffix(".json")
     try:
         card = json.loads(card_path.read_text())
-        val_fraction = float(card["training"]["config"]["val_fraction"])
-        seed = int(card["training"]["seed"])
-        expected = card["validation" if split == "val" else "training"]["files_hash"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelError(f"--split {split} needs the model card {card_path} with its split ({exc})") from exc
-    train, val = stratified_split(samples, val_fraction, seed)
-    part = val if split == "val" else train
-    if file_list_hash(part) != expected:
-        raise DataError(
-            f"the {split} split of this folder does not match the model card's (files_hash "
-            f"{file_list_hash(part)} != {expected}): --split needs the folder the model was trained from"
-        )
-    return part
+    train, val, _ = held_out(card, samples, strict=True)
+    return val if split == "val" else train
 
 
-def _scan(data: str | None, no_boxes: bool) -> list[Sample]:
+def _scan(data: str | None, no_boxes: bool) -> Dataset:
     if not data:
         raise DataError("no dataset folder: pass --data DIR or set TDN_DATA")
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} not found")
-    if not no_boxes and not (root / "ANNOTATIONS").is_dir():
+    ds = load_dataset(root)
+    if not no_boxes and not any(s.localised for s in ds.samples):
         raise DataError(
-            f"{root}: no ANNOTATIONS/ folder, so no boxes for the pointing game and energy metrics; "
-            "pass --no-boxes to audit accuracy and decision impact only"
+            f"{root}: no ANNOTATIONS/ folder (VOC boxes) and no <stem>.png masks, so nothing for the pointing game "
+            "and energy metrics; pass --no-boxes to audit accuracy and decision impact only"
         )
-    return scan(root, require_boxes=not no_boxes)
+    return ds
 
 
-def run(args: argparse.Namespace) -> int:
-    """Audit the heatmaps of every labelled image in --data and write the report (and --json)."""
-    from tqdm import tqdm
-
-    t0 = time.monotonic()
+def _check_args(args: argparse.Namespace) -> None:
     for name, least in (("batch", 1), ("seeds", 0), ("per_class", 0), ("max_error_images", 0)):
         if getattr(args, name) < least:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}")
@@ -488,10 +525,88 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be >= 1")
     if args.layer and args.method not in ("gradcam", "gradcampp"):
         raise ConfigError(f"--layer needs --method gradcam or gradcampp ({args.method} has a fixed input)")
-    use_boxes = not args.no_boxes
-    samples = select_split(_scan(args.data, args.no_boxes), args.model, args.split)
+
+
+def _select(args: argparse.Namespace) -> tuple[list[Sample], tuple[str, ...], InputSpec]:
+    """The audited samples, the card's classes and its input geometry."""
+    ds = _scan(args.data, args.no_boxes)
+    card_path = args.model.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    if card:
+        check_classes(card, ds)
+    classes = tuple(card.get("classes", ds.classes))
+    spec = InputSpec.from_card(card.get("input", {}))
+    samples = select_split(list(ds.samples), args.model, args.split)
     if args.limit is not None:
         samples = sorted(interleave_by_class(samples)[: args.limit], key=lambda s: s.path)
+    return samples, classes, spec
+
+
+Kept = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]  # index -> (gray, heatmap, region)
+
+
+def _measure_all(args: argparse.Namespace, explainer: Explainer, samples: list[Sample], spec: InputSpec,
+                 wanted: set[int]) -> tuple[list[ImageResult], Kept]:
+    """Every sample measured in batches; the pictures of the wanted ones and of the first errors kept."""
+    from tqdm import tqdm
+
+    use_boxes = not args.no_boxes
+    keep: Kept = {}
+    results: list[ImageResult] = []
+    kept_errors = 0
+    with tqdm(total=len(samples), desc=f"audit ({args.method})", unit="img", disable=None) as bar:
+        for start in range(0, len(samples), args.batch):
+            chunk = samples[start : start + args.batch]
+            images, _ = load_arrays(chunk, spec=spec)
+            # Boxes and masks are moved into input coordinates by the same geometry as the image.
+            regions = [defect_mask(s, spec) if use_boxes else None for s in chunk]
+            rs, heat = measure_batch(explainer, images, chunk, start, target=args.target, fill=args.fill,
+                                     seeds=args.seeds, use_boxes=use_boxes, regions=regions,
+                                     tolerance=args.tolerance)
+            for j, r in enumerate(rs):
+                is_shown_error = r.pred != r.label and kept_errors < args.max_error_images
+                kept_errors += is_shown_error
+                if r.index in wanted or is_shown_error:
+                    keep[r.index] = (images[j, :, :, 0].astype(np.uint8), heatmap_u8(heat[j]), regions[j])
+            results += rs
+            bar.update(len(chunk))
+    return results, keep
+
+
+def _pictures(args: argparse.Namespace, results: list[ImageResult], keep: Kept, shown: dict[int, list[int]],
+              classes: tuple[str, ...], boxes_drawable: bool
+              ) -> tuple[dict[str, np.ndarray], list[tuple[ImageResult, np.ndarray]]]:
+    """The per-class grids and the error rows, also written as PNGs into --out."""
+    out: Path = args.out
+    use_boxes = not args.no_boxes
+    title = f"input | {args.method} overlay | boxes + heatmap max"
+
+    def row(r: ImageResult) -> np.ndarray:
+        gray, h8, region = keep[r.index]
+        boxes = r.boxes if use_boxes and boxes_drawable else ()
+        return render_row(gray, h8.astype(np.float32) / 255.0, boxes, _caption(r, classes),
+                          region if use_boxes else None, args.tolerance)
+
+    class_grids: dict[str, np.ndarray] = {}
+    for c, idxs in sorted(shown.items()):
+        grid = stack_rows([row(results[i]) for i in idxs], f"{classes[c]}: {title}")
+        class_grids[classes[c]] = grid
+        (out / f"samples_{classes[c]}.png").write_bytes(png(grid))
+    error_rows = [(r, row(r)) for r in results if r.pred != r.label and r.index in keep][: args.max_error_images]
+    for old in out.glob("errors_*.png"):
+        old.unlink()  # a rerun with fewer errors must not leave stale pages behind
+    for page, i in enumerate(range(0, len(error_rows), 16)):
+        grid = stack_rows([rr for _, rr in error_rows[i : i + 16]], f"misclassified: {title}")
+        (out / f"errors_{page + 1:02d}.png").write_bytes(png(grid))
+    return class_grids, error_rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Audit the heatmaps of every labelled image in --data and write the report (and --json)."""
+    t0 = time.monotonic()
+    _check_args(args)
+    use_boxes = not args.no_boxes
+    samples, classes, spec = _select(args)
     model = load_model(args.model)
     explainer = Explainer(model, args.method, layer=args.layer, batch=args.batch)
     log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split)
@@ -500,53 +615,15 @@ def run(args: argparse.Namespace) -> int:
     for i, s in enumerate(samples):
         if len(shown.setdefault(s.label, [])) < args.per_class:
             shown[s.label].append(i)
-    wanted = {i for v in shown.values() for i in v}
-    keep: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> (gray u8, heatmap) for the pictures
-    results: list[ImageResult] = []
-    kept_errors = 0
-    with tqdm(total=len(samples), desc=f"audit ({args.method})", unit="img", disable=None) as bar:
-        for start in range(0, len(samples), args.batch):
-            chunk = samples[start : start + args.batch]
-            images, _ = load_arrays(chunk)
-            rs, heat = measure_batch(
-                explainer,
-                images,
-                chunk,
-                start,
-                target=args.target,
-                fill=args.fill,
-                seeds=args.seeds,
-                use_boxes=use_boxes,
-            )
-            for j, r in enumerate(rs):
-                is_shown_error = r.pred != r.label and kept_errors < args.max_error_images
-                kept_errors += is_shown_error
-                if r.index in wanted or is_shown_error:
-                    keep[r.index] = (images[j, :, :, 0].astype(np.uint8), heatmap_u8(heat[j]))
-            results += rs
-            bar.update(len(chunk))
-
-    summary = summarize(results, args.seeds, use_boxes)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"input | {args.method} overlay | boxes + heatmap max"
-
-    def row(r: ImageResult) -> np.ndarray:
-        gray, h8 = keep[r.index]
-        return render_row(gray, h8.astype(np.float32) / 255.0, r.boxes if use_boxes else (), _caption(r))
-
-    class_grids: dict[str, np.ndarray] = {}
-    for c, idxs in sorted(shown.items()):
-        grid = stack_rows([row(results[i]) for i in idxs], f"{CLASSES[c]}: {title}")
-        class_grids[CLASSES[c]] = grid
-        (out / f"samples_{CLASSES[c]}.png").write_bytes(png(grid))
-    error_rows = [(r, row(r)) for r in results if r.pred != r.label and r.index in keep][: args.max_error_images]
-    for old in out.glob("errors_*.png"):
-        old.unlink()  # a rerun with fewer errors must not leave stale pages behind
-    for page, i in enumerate(range(0, len(error_rows), 16)):
-        grid = stack_rows([rr for _, rr in error_rows[i : i + 16]], f"misclassified: {title}")
-        (out / f"errors_{page + 1:02d}.png").write_bytes(png(grid))
-
+    results, keep = _measure_all(args, explainer, samples, spec, {i for v in shown.values() for i in v})
+    summary = summarize(results, args.seeds, use_boxes, classes)
+    summary["localisation"] = ("none" if not use_boxes else
+                               "VOC boxes" if any(s.boxes for s in samples) else "pixel masks")
+    summary["pointing_tolerance_px"] = args.tolerance
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Boxes are drawn as rectangles only where images were not resized; otherwise the moved mask's outline shows.
+    boxes_drawable = not any(s.mask is not None for s in samples) and spec.size == 200
+    class_grids, error_rows = _pictures(args, results, keep, shown, classes, boxes_drawable)
     summary = {
         "model": str(args.model),
         "data": str(args.data),
@@ -559,23 +636,14 @@ def run(args: argparse.Namespace) -> int:
         **summary,
     }
     summary["seconds"] = round(time.monotonic() - t0, 2)
-    report = write_report(out, summary, class_grids, error_rows)
+    report = write_report(args.out, summary, class_grids, error_rows)
     summary["seconds"] = round(time.monotonic() - t0, 2)  # the report is part of the job
     summary["report"] = str(report)
-    (out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "audit.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    log.info(
-        "audited",
-        n=summary["n"],
-        accuracy=summary["accuracy"],
-        pointing_game=summary["pointing_game"],
-        energy_in_boxes=summary["energy_in_boxes"],
-        box_area_share=summary["box_area_share"],
-        impact=summary["impact"],
-        errors=len(summary["errors"]),
-        seconds=summary["seconds"],
-        report=str(report),
-    )
+    log.info("audited", n=summary["n"], accuracy=summary["accuracy"], pointing_game=summary["pointing_game"],
+             energy_in_boxes=summary["energy_in_boxes"], box_area_share=summary["box_area_share"],
+             impact=summary["impact"], errors=len(summary["errors"]), seconds=summary["seconds"], report=str(report))
     return 0

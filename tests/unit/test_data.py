@@ -1,4 +1,4 @@
-"""Tests for the NEU-DET / NEU-CLS loader and the splits, on the real images."""
+"""Tests for the dataset loader (NEU-DET, NEU-CLS, class-per-folder with masks) and the splits, on real images."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from agent.errors import DataError
+from agent.geometry import InputSpec
 from agent.lab import data
-from protocol import CLASSES
+from tests.conftest import mt_data_dir
+
+NEU_CLASSES = data.NEU_CLASSES
 
 
 class TestScan:
@@ -21,7 +24,7 @@ class TestScan:
     def test_real_neu_det(self, neu_det: Path) -> None:
         """The training pool holds 240 images of each class, each with at least one box."""
         samples = data.scan(neu_det, require_boxes=True)
-        assert Counter(s.class_name for s in samples) == dict.fromkeys(CLASSES, 240)
+        assert Counter(s.class_name for s in samples) == dict.fromkeys(NEU_CLASSES, 240)
         assert all(s.boxes for s in samples)
         x0, y0, x1, y1 = samples[0].boxes[0]
         assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 200
@@ -72,12 +75,22 @@ class TestLoadImage:
         with pytest.raises(DataError, match=r"crazing_1\.jpg: unreadable"):
             data.load_arrays(samples)
 
-    def test_wrong_size(self, tmp_path: Path) -> None:
-        """An image that is not 200x200 is refused with its size."""
+    def test_any_size(self, tmp_path: Path) -> None:
+        """An image of another size becomes the 200x200 input by the geometry function."""
         p = tmp_path / "patches_1.png"
-        cv2.imwrite(str(p), np.zeros((100, 120), np.uint8))
-        with pytest.raises(DataError, match="120x100"):
-            data.load_image(p)
+        img = np.random.default_rng(0).integers(0, 256, (100, 120), dtype=np.uint8)
+        cv2.imwrite(str(p), img)
+        out = data.load_image(p)
+        assert out.shape == (200, 200) and np.array_equal(out, cv2.resize(img, (200, 200),
+                                                                          interpolation=cv2.INTER_AREA))
+
+    def test_color_image(self, tmp_path: Path) -> None:
+        """A color file is converted BGR -> gray, as the runtime does."""
+        img = np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+        p = tmp_path / "c.png"
+        cv2.imwrite(str(p), img)
+        want = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), (200, 200), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(data.load_image(p), want)
 
 
 class TestSplits:
@@ -98,3 +111,100 @@ class TestSplits:
         folds = data.kfold(samples, 5, seed=0)
         vals = [s.path for _, v in folds for s in v]
         assert len(vals) == len(set(vals)) == len(samples)
+
+
+def _write(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+class TestClassPerFolder:
+    """A folder per class, images at any depth and size, masks beside them as side data."""
+
+    def _make(self, root: Path) -> None:
+        rng = np.random.default_rng(0)
+        _write(root / "good" / "a" / "b" / "g1.jpg", rng.integers(0, 256, (120, 300), dtype=np.uint8))
+        _write(root / "good" / "g2.png", rng.integers(0, 256, (64, 64), dtype=np.uint8))
+        _write(root / "crack" / "Imgs" / "c1.jpg", rng.integers(0, 256, (400, 250, 3), dtype=np.uint8))
+        mask = np.zeros((400, 250), np.uint8)
+        mask[100:104, 50:52] = 255
+        _write(root / "crack" / "Imgs" / "c1.png", mask)
+
+    def test_layout_classes_and_masks(self, tmp_path: Path) -> None:
+        """Classes are the sorted top-level folders; the .png beside a .jpg is its mask, never a sample."""
+        self._make(tmp_path)
+        ds = data.load_dataset(tmp_path)
+        assert ds.layout == "class-per-folder" and ds.classes == ("crack", "good")
+        assert sorted(s.rel for s in ds.samples) == ["crack/Imgs/c1.jpg", "good/a/b/g1.jpg", "good/g2.png"]
+        crack = next(s for s in ds.samples if s.name == "crack")
+        assert crack.label == 0 and crack.mask == tmp_path / "crack" / "Imgs" / "c1.png"
+        m = data.defect_mask(crack)
+        assert m is not None and m.shape == (200, 200) and 0 < m.sum() < 40
+        x, y = data.load_arrays(list(ds.samples))
+        assert x.shape == (3, 200, 200, 1) and y.tolist() == [0, 1, 1]
+
+    def test_empty_class(self, tmp_path: Path) -> None:
+        """A class folder with no images is an error naming it."""
+        self._make(tmp_path)
+        (tmp_path / "empty" / "deep").mkdir(parents=True)
+        (tmp_path / "empty" / "deep" / "notes.txt").write_text("x")
+        with pytest.raises(DataError, match=r"empty: empty class"):
+            data.load_dataset(tmp_path)
+
+    def test_corrupt_file(self, tmp_path: Path) -> None:
+        """An unreadable image is one error naming the file."""
+        self._make(tmp_path)
+        (tmp_path / "good" / "bad.jpg").write_bytes(b"\xff\xd8not a jpeg")
+        samples = data.scan(tmp_path)
+        with pytest.raises(DataError, match=r"bad\.jpg: unreadable"):
+            data.load_arrays(samples)
+
+    def test_unknown_layout(self, tmp_path: Path) -> None:
+        """Neither images nor class folders, or both side by side: one error naming the folder."""
+        (tmp_path / "README.md").write_text("x")
+        with pytest.raises(DataError, match="unknown layout"):
+            data.load_dataset(tmp_path)
+        _write(tmp_path / "x.png", np.zeros((4, 4), np.uint8))
+        _write(tmp_path / "cls" / "y.png", np.zeros((4, 4), np.uint8))
+        with pytest.raises(DataError, match="unknown layout"):
+            data.load_dataset(tmp_path)
+
+    def test_split_is_stratified_and_seeded(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(0)
+        for c, n in (("a", 30), ("b", 10)):
+            for i in range(n):
+                _write(tmp_path / c / f"{i}.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))
+        samples = data.scan(tmp_path)
+        train, val = data.stratified_split(samples, 0.2, 3)
+        assert Counter(s.name for s in val) == {"a": 6, "b": 2}
+        assert data.stratified_split(samples, 0.2, 3) == (train, val)
+
+
+class TestMagneticTile:
+    """The real Magnetic-tile pool (TDN_MT_DATA)."""
+
+    def test_real_magnetic_tile(self) -> None:
+        root = mt_data_dir()
+        ds = data.load_dataset(root)
+        assert ds.layout == "class-per-folder"
+        assert ds.counts() == {"MT_Blowhole": 92, "MT_Break": 68, "MT_Crack": 46, "MT_Fray": 26, "MT_Free": 762,
+                               "MT_Uneven": 82}
+        assert all(s.mask is not None for s in ds.samples)
+        blow = next(s for s in ds.samples if s.name == "MT_Blowhole")
+        free = next(s for s in ds.samples if s.name == "MT_Free")
+        m = data.defect_mask(blow)
+        assert m is not None and m.any() and data.defect_mask(free) is None
+        img = data.load_image(blow.path, InputSpec())
+        assert img.shape == (200, 200) and img.dtype == np.uint8
+
+    def test_held_out_matches_card(self) -> None:
+        """held_out re-draws a card's split and checks its hash; a mismatch falls back and says so."""
+        ds = data.load_dataset(mt_data_dir())
+        train, val = data.stratified_split(list(ds.samples), 0.2, 0)
+        card = {"training": {"seed": 0, "config": {"val_fraction": 0.2}},
+                "validation": {"files_hash": data.file_list_hash(val)}}
+        tr, va, how = data.held_out(card, list(ds.samples))
+        assert (tr, va) == (train, val) and "held-out split" in how
+        card["validation"]["files_hash"] = "0" * 16
+        assert "may include training images" in data.held_out(card, list(ds.samples))[2]

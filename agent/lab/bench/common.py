@@ -41,9 +41,12 @@ def median(xs: Sequence[float]) -> float:
 
 
 def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray]:
-    """The model card's validation split of `data`: images the shipped model was never trained on."""
-    from agent.lab.data import load_arrays, scan, stratified_split
+    """The model card's validation split of `data` (agent.lab.data.held_out), through the card's input geometry."""
+    from agent.geometry import InputSpec
+    from agent.lab.data import check_classes, load_arrays, load_dataset
+    from agent.lab.data import held_out as split
 
-    cfg = card["training"]["config"]
-    _, val = stratified_split(scan(data), cfg["val_fraction"], card["training"]["seed"])
-    return load_arrays(val, progress=True)
+    ds = load_dataset(data)
+    check_classes(card, ds)
+    _, val, _ = split(card, list(ds.samples))
+    return load_arrays(val, progress=True, spec=InputSpec.from_card(card.get("input", {})))

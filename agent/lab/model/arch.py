@@ -45,8 +45,9 @@ class ArchSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def build(spec: ArchSpec, *, batchnorm: bool = True, with_features: bool = False) -> Any:
-    """The Keras functional model: float32 [N,200,200,1] raw 0..255 in, softmax [N,6] out.
+def build(spec: ArchSpec, *, batchnorm: bool = True, with_features: bool = False, num_classes: int = NUM_CLASSES,
+          size: int = INPUT_SHAPE[0]) -> Any:
+    """The Keras functional model: float32 [N,size,size,1] raw 0..255 in, softmax [N,num_classes] out.
 
     batchnorm=False builds the inference form (conv biases instead of BN), which fold_batchnorm fills.
     with_features=True adds the last feature map as a second output, for CAM explanations.
@@ -63,7 +64,7 @@ def build(spec: ArchSpec, *, batchnorm: bool = True, with_features: bool = False
             x = layers.BatchNormalization(momentum=0.9, epsilon=1e-3, name=name + "_bn")(x)
         return layers.ReLU(name=name + "_relu")(x) if relu else x
 
-    inp = keras.Input(INPUT_SHAPE, name="image")
+    inp = keras.Input((size, size, 1), name="image")
     # Normalisation lives in the model so every runtime takes raw pixels.
     x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inp)
     x = conv(x, spec.stem_width, spec.stem_kernel, spec.stem_stride, "stem")
@@ -88,7 +89,7 @@ def build(spec: ArchSpec, *, batchnorm: bool = True, with_features: bool = False
             x = layers.ReLU(name=p + "_out")(x)
     features = x
     x = layers.GlobalAveragePooling2D(name="gap")(features)
-    x = layers.Dense(NUM_CLASSES, name="logits")(x)
+    x = layers.Dense(num_classes, name="logits")(x)
     out = layers.Softmax(name="probs")(x)
     outputs = [out, features] if with_features else out
     return keras.Model(inp, outputs, name=spec.name)
@@ -101,7 +102,8 @@ def fold_batchnorm(trained: Any, spec: ArchSpec) -> Any:
     """
     import numpy as np
 
-    folded = build(spec, batchnorm=False)
+    folded = build(spec, batchnorm=False, num_classes=int(trained.outputs[0].shape[-1]),
+                   size=int(trained.inputs[0].shape[1]))
     for layer in folded.layers:
         if not layer.weights:
             continue
