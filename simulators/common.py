@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -78,6 +79,28 @@ def set_link_options(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding or serving on `host` keeps a socket on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_private(path: Path, what: str) -> str:
+    """A secret's file contents; ValueError naming the file if unreadable or readable by group/other."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"{what} {path} has mode {stat.S_IMODE(mode):04o}; run: chmod 600 {path}")
+    return text
 
 
 def write_report(path: str | os.PathLike[str] | None, report: dict[str, Any]) -> None:

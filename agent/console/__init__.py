@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import signal
-import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 from agent.errors import TdnError
+from simulators.common import is_loopback, read_private
 
 DEFAULT_LISTEN = "127.0.0.1:8787"
 
@@ -48,25 +47,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the console on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def read_token(path: Path) -> str:
     """The access token from a file only its owner may read."""
     try:
-        mode = path.stat().st_mode
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise TdnError(f"--token-file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise TdnError(f"--token-file {path} has mode {stat.S_IMODE(mode):04o}; run: chmod 600 {path}")
+        token = read_private(path, "--token-file").strip()
+    except ValueError as exc:
+        raise TdnError(str(exc)) from None
     if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
         raise TdnError(f"--token-file {path}: the token must be >= 16 printable characters without spaces")
     return token

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 
 from protocol import is_valid_id
+from simulators.common import read_private
 from simulators.plc.results import BridgeStatus, CameraStatus, FailSafeEvent, Update
 
 DEFAULT_LINE_ID = "line1"
@@ -33,12 +33,9 @@ class MqttConfigError(Exception):
 def read_credentials(path: Path) -> tuple[str, str]:
     """(username, password) from a file of two lines; it must not be readable by group/other."""
     try:
-        mode = path.stat().st_mode
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise MqttConfigError(f"credentials file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise MqttConfigError(f"credentials file {path} has mode {stat.S_IMODE(mode):04o}; run: chmod 600 {path}")
+        lines = read_private(path, "credentials file").splitlines()
+    except ValueError as exc:
+        raise MqttConfigError(str(exc)) from None
     if len(lines) < 2 or not lines[0]:
         raise MqttConfigError(f"credentials file {path}: expected a username line and a password line")
     return lines[0], lines[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -26,6 +25,7 @@ from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.user_managers import UserManager
 
+from simulators.common import is_loopback
 from simulators.plc.results import DECISION_CODES, AckQueue, AgentStatus, CameraStatus, FailSafeEvent, Result, Update
 
 NAMESPACE = "urn:tinydefectnet:line"
@@ -155,15 +155,6 @@ def _status(code: int) -> ua.StatusCode:
     return ua.StatusCode(ua.UInt32(code))
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_config(cfg: OpcUaConfig) -> str:
     """The security mode to use ("none" or "sign-encrypt"); OpcUaConfigError for an unsafe or incomplete setup."""
     url = urlparse(cfg.endpoint)
@@ -173,7 +164,7 @@ def check_config(cfg: OpcUaConfig) -> str:
     if mode == "auto":
         mode = "sign-encrypt" if cfg.cert else "none"
     if mode == "none":
-        if not _is_loopback(url.hostname):
+        if not is_loopback(url.hostname):
             raise OpcUaConfigError("OPC UA security None is allowed only on loopback; give --opcua-cert, "
                                    "--opcua-key and --opcua-trust-dir for Basic256Sha256 SignAndEncrypt")
     elif mode == "sign-encrypt":
