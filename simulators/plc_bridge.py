@@ -318,6 +318,9 @@ class LineTracker:
 
     def _fail_safe_agent(self, agent: AgentTrack, why: str) -> None:
         for camera_id in sorted(agent.cameras):
+            if why == "agent_lost" and any(camera_id in a.cameras and not a.lost
+                                           for a in self.agents.values() if a is not agent):
+                continue  # another live agent serves this camera: its missing seqs keep the gap timer (SPEC 7)
             cam = self.cameras[camera_id]
             for seq in list(cam.missing):
                 self._fail(camera_id, cam, seq, why)

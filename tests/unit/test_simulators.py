@@ -388,6 +388,20 @@ class TestLineTracker:
         per_camera = tracker.summary()["per_camera"]
         assert (per_camera["cam1"]["gaps"], per_camera["cam2"]["gaps"], per_camera["cam2"]["pending"]) == (4, 0, 1)
 
+    def test_agent_lost_spares_a_camera_another_agent_serves(self, clock: FakeClock) -> None:
+        """A camera shared with a live agent keeps the gap timer: the live one may still answer its seqs."""
+        tracker = LineTracker(clock=clock, verdict_timeout_s=60.0, heartbeat_timeout_s=3.0)
+        tracker.on_heartbeat(heartbeat())
+        tracker.on_verdict(verdict(0))
+        tracker.on_verdict(verdict(1, agent_id="other"))
+        tracker.on_verdict(verdict(5, agent_id="other"))
+        for _ in range(4):  # "other" stays alive, the first agent falls silent
+            clock.advance(1.0)
+            tracker.on_heartbeat(heartbeat(agent_id="other"))
+            tracker.tick()
+        assert tracker.agent_lost == 1
+        assert tracker.summary()["per_camera"]["cam1"]["pending"] == 3 and tracker.gaps == 0
+
     def test_agent_known_only_from_verdicts_can_be_lost(self, tracker: LineTracker, clock: FakeClock) -> None:
         """An agent that never sent a heartbeat is lost 3 s after it was first seen."""
         tracker.on_verdict(verdict(0, agent_id="quiet"))
