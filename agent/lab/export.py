@@ -121,12 +121,29 @@ class Exporter:
             if "int8" in want and gated:
                 out.append(Step("openvino int8 (NNCF)", f / "openvino-int8.xml", self.openvino_int8))
         if gated:
-            for backend in self.backends:
-                for precision in self.precisions:
-                    if precision in _supported(backend):
-                        out.append(Step(f"gate {backend} {precision}", f / f"{backend}-{precision}.gate.json",
-                                        lambda b=backend, p=precision: self.gate(b, p)))  # type: ignore[misc]
+            out += self._gate_steps()
         return out
+
+    def _gate_steps(self) -> list[Step]:
+        out = []
+        for backend in self.backends:
+            for precision in self.precisions:
+                if precision not in _supported(backend):
+                    continue
+                if not self._native(backend, precision):
+                    # Not a step: without native support nothing is gated, so nothing could ever be cached.
+                    self.notes.append(f"{backend} {precision}: not gated, this CPU has no native {precision} support")
+                    continue
+                out.append(Step(f"gate {backend} {precision}", self.folder / f"{backend}-{precision}.gate.json",
+                                lambda b=backend, p=precision: self.gate(b, p)))  # type: ignore[misc]
+        return out
+
+    def _native(self, backend: str, precision: str) -> bool:
+        from agent.backends import create
+        from agent.backends.artifacts import ArtifactBackend
+
+        b = create(backend, self.model_path, self.threads, precision=precision, artifacts_dir=self.args.artifacts_dir)
+        return not isinstance(b, ArtifactBackend) or b.supported_here(precision)
 
     def kernel(self) -> None:
         kernel = self.keras_model().get_layer("logits").get_weights()[0]
@@ -307,10 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
     """Top-1 classes of x through `run` (a fixed-size [batch,...] -> probs callable); the last batch is padded."""
     out = []
@@ -321,3 +334,7 @@ def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
             xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
         out.append(np.argmax(np.asarray(run(xb))[:n], axis=1))
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
