@@ -257,9 +257,19 @@ class TestPage:
         size = page.evaluate("""() => { const img = [...document.querySelectorAll('#gallery img.heatmap')]
             .find((i) => i.naturalWidth > 0); return [img.naturalWidth, img.naturalHeight]; }""")
         assert size == [200, 200]
-        page.click("#gallery .snap img.overlay")
-        page.wait_for_function("() => { const v = document.getElementById('viewer-img');"
-                               " return document.getElementById('viewer').open && v.naturalWidth > 0; }")
+        # The gallery re-renders as snapshots arrive (every review verdict is explained), so a click can land on
+        # an image that is being replaced: click again until the viewer shows one, within a bound.
+        opened = ("() => { const v = document.getElementById('viewer-img');"
+                  " return document.getElementById('viewer').open && v.naturalWidth > 0; }")
+        for _ in range(20):
+            if page.evaluate(opened):
+                break
+            try:
+                page.click("#gallery .snap img.overlay", timeout=2000)
+                page.wait_for_function(opened, timeout=1000)
+            except Exception:  # Playwright's TimeoutError: the image was replaced; try the next click
+                continue
+        assert page.evaluate(opened), "the viewer never opened"
         meta = page.inner_text("#gallery .snap")
         assert "seq" in meta and "%" in meta
 
