@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "neu-det"
+REPO_DATA = Path(__file__).resolve().parents[3] / "shared" / "neu-det"
 
 
 def default_data() -> str | None:
