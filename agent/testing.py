@@ -81,9 +81,13 @@ class AgentProcess:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 20) -> int:
-        """SIGTERM and wait; the exit code."""
+        """SIGTERM and wait; the exit code (SIGKILL, and its code, if it has not drained within `timeout`)."""
         self.signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL and reap."""

@@ -10,8 +10,6 @@ last third of the run: a leak shows there, warm-up allocations do not.
 from __future__ import annotations
 
 import argparse
-import signal
-import subprocess
 import threading
 import time
 from itertools import cycle, islice
@@ -183,12 +181,7 @@ def run(args: argparse.Namespace) -> int:
         if listener.thread.is_alive():
             listener.thread.join(5)
         ctx.destroy(linger=0)
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        agent_proc.stop(30)
     summary = _summary(args, cap, offered, samples, listener, cameras)
     md = _markdown(summary, samples)
     print(md)

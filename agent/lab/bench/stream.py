@@ -154,12 +154,7 @@ def run(args: argparse.Namespace) -> int:
                   f"ok verdicts {r['verdicts_per_s']:,.0f}/s, p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms, "
                   f"shed {r['shed_share']}, unaccounted {r['unaccounted']}", flush=True)
     finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        agent_proc.stop(30)
     summary = {"capacity_probes_img_per_s": [round(c, 1) for c in caps], "batch": args.batch,
                "backend": args.backend, "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
     md = markdown_table(
