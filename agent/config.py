@@ -142,14 +142,22 @@ class AgentSettings(BaseSettings):
     curve_require_subscribers: bool = Field(
         False, description="the PUB socket also admits only allow-listed keys (else any key, still encrypted)"
     )
+    # --- the control channel (SPEC 12): run-time thresholds, authenticated by a token file ---
+    control_endpoint: str | None = Field(
+        None, description="REP socket for operator commands, e.g. tcp://127.0.0.1:5557 (bind; unset: off)"
+    )
+    control_token_file: Path | None = Field(
+        None, description="file holding the control token (mode 0600, `tdn keygen --token FILE`); needed with "
+        "control_endpoint"
+    )
     # --- /metrics, /healthz, /readyz ---
     metrics_addr: str = Field("127.0.0.1", description="listen address of the metrics/health HTTP server")
     metrics_port: int = Field(9108, ge=0, le=65535, description="its port (0: off)")
 
-    @field_validator("frames_endpoint", "publish_endpoint")
+    @field_validator("frames_endpoint", "publish_endpoint", "control_endpoint")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
-        if not _ENDPOINT_RE.match(v):
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not _ENDPOINT_RE.match(v):
             raise ValueError(f"{v!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///run/tdn/f")
         return v
 
@@ -224,6 +232,24 @@ class AgentSettings(BaseSettings):
             from agent.security import check_settings
 
             check_settings(True, self.curve_server_secret, self.curve_allow_dir)
+        return self
+
+    @model_validator(mode="after")
+    def _control(self) -> AgentSettings:
+        from agent.control import ThresholdStore
+
+        ThresholdStore(self.state_dir).load()  # thresholds an operator set at run time: checked before the model
+        if self.control_endpoint is None:
+            return self
+        if self.control_token_file is None:
+            raise ValueError("control_endpoint is set: control_token_file must name the token file "
+                             "(make one with `tdn keygen --token FILE`)")
+        from agent.security import load_token
+
+        load_token(self.control_token_file)
+        if self.control_endpoint in (self.frames_endpoint, self.publish_endpoint) and \
+                not self.control_endpoint.endswith(":*"):
+            raise ValueError("control_endpoint must differ from frames_endpoint and publish_endpoint")
         return self
 
     @property

@@ -31,7 +31,9 @@ def decode_image(frame: Frame, spec: InputSpec) -> np.ndarray:
     if frame.encoding is Encoding.GRAY8:
         img: np.ndarray = np.frombuffer(frame.payload, np.uint8).reshape(frame.height, frame.width)
     else:
-        img = cv2.imdecode(np.frombuffer(frame.payload, np.uint8), cv2.IMREAD_GRAYSCALE)
+        # The pixels as stored: the SOF/IHDR size the header was checked against (SPEC 4.1). OpenCV would apply an
+        # EXIF Orientation tag, turning a valid frame into bad_dims (90/270) or silently rotating it (180).
+        img = cv2.imdecode(np.frombuffer(frame.payload, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise FrameError(Reason.UNDECODABLE, f"{frame.encoding} payload does not decode")
         if img.shape != (frame.height, frame.width):

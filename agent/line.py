@@ -25,7 +25,8 @@ Clock = Callable[[], int]
 Sink = Callable[[str, str | None, int], None]
 
 EVENTS = ("received", "accepted", "inferred", "shed", "rejected", "rejected_unattributed", "published", "batches",
-          "explained", "explain_dropped", "auth_denied", "model_swaps", "model_refused")
+          "explained", "explain_dropped", "auth_denied", "model_swaps", "model_refused", "commands",
+          "commands_refused", "thresholds_changed")
 # Review verdicts waiting for their explanation: every one is explained (an operator must see why), bounded.
 REVIEW_EXPLAIN_CAP = 64
 # Seqs remembered per camera for duplicate detection, and cameras remembered: both bounded, so a peer spraying
@@ -58,6 +59,8 @@ class ServingModel:
     needs_pooled: bool = False  # the rule's OOD score needs the pooled features, not only the probabilities
     runner: Any = field(default=None, compare=False)  # the backend that runs it; the line never calls it
     input: Any = None  # its input geometry (agent.geometry.InputSpec), for intake
+    # The rule before run-time commands (card, then settings): what a control command's thresholds apply to.
+    base_rule: Any = field(default=None, compare=False)
 
 
 @dataclass(slots=True, eq=False)
@@ -314,6 +317,11 @@ class Line:
         """Serve `model` from the next batch on; batches already dispatched finish on the model they started."""
         self.model = model
         self.record("model_swaps")
+
+    def retune(self, model: ServingModel) -> None:
+        """Decide with `model`'s new thresholds from the next batch on (same model, same model_id)."""
+        self.model = model
+        self.record("thresholds_changed")
 
     # --- verdicts ---
 

@@ -31,18 +31,18 @@ _FAILED_EVENTS: dict[int, str] = {
 _SEEN_KEYS_MAX = 1024  # distinct denied keys logged by name; after that they are only counted
 
 
-def secret_file_problem(path: Path) -> str | None:
-    """Why `path` is not usable as a secret key file (missing, not a regular file, group/other access), or None."""
+def secret_file_problem(path: Path, what: str = "secret key file", make: str = "tdn keygen") -> str | None:
+    """Why `path` is not usable as a secret file (missing, not a regular file, group/other access), or None."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        return f"secret key file {path} does not exist (make one with `tdn keygen`)"
+        return f"{what} {path} does not exist (make one with `{make}`)"
     except OSError as exc:
-        return f"secret key file {path} cannot be read: {exc.strerror}"
+        return f"{what} {path} cannot be read: {exc.strerror}"
     if not stat.S_ISREG(st.st_mode):
-        return f"secret key file {path} is not a regular file"
+        return f"{what} {path} is not a regular file"
     if st.st_mode & 0o077:
-        return (f"secret key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; group/other may access it, "
+        return (f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; group/other may access it, "
                 f"run: chmod 600 {path}")
     return None
 
@@ -59,6 +59,35 @@ def load_secret(path: Path) -> tuple[bytes, bytes]:
     if not secret:
         raise ConfigError(f"{path} holds no secret-key (is it the public .key file?)")
     return public, secret
+
+
+def load_token(path: Path) -> bytes:
+    """The control token (first line of a 0600 file, 16..256 printable chars); ConfigError (one line) otherwise."""
+    problem = secret_file_problem(path, "control token file", "tdn keygen --token FILE")
+    if problem:
+        raise ConfigError(problem)
+    try:
+        lines = path.read_text().splitlines()
+        token = lines[0].strip() if lines else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"control token file {path}: {exc}") from None
+    if not 16 <= len(token) <= 256 or not token.isprintable():
+        raise ConfigError(f"control token file {path}: the first line must be 16..256 printable characters")
+    return token.encode()
+
+
+def make_token(path: Path) -> Path:
+    """Write a new random control token to `path` (mode 0600, never over an existing file)."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; remove it first to replace the token") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path
 
 
 def load_public(path: Path) -> bytes:
@@ -138,7 +167,8 @@ class CurveServer:
         sock.curve_secretkey = self._secret
         sock.curve_publickey = self.public
         sock.curve_server = True
-        sock.zap_domain = (FRAMES_DOMAIN if name == "frames" else PUBLISH_DOMAIN).encode()
+        # Only the PUB socket may admit any key; frames and control commands come from allow-listed peers.
+        sock.zap_domain = (PUBLISH_DOMAIN if name == "publish" else FRAMES_DOMAIN).encode()
         mon = sock.get_monitor_socket(sum(_FAILED_EVENTS))  # a bit mask of the events above
         self._monitors[mon] = name
 

@@ -18,13 +18,15 @@ from agent.backends.base import Backend, BatchBuffers
 from agent.batcher import BatchPolicy
 from agent.beacon import Beacon
 from agent.config import AgentSettings
+from agent.control import Controller, ThresholdStore
 from agent.intake import admit
 from agent.line import Inferred, InFlight, Job, Line
 from agent.logging import RateLimited, get_logger
 from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
+from agent.security import load_token
 from agent.serving import Loader, heartbeat
-from protocol import MAX_PAYLOAD_BYTES, AgentState, Explanation, Verdict
+from protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, AgentState, Explanation, Verdict
 from protocol.codec import encode_explanation, encode_heartbeat, encode_verdict
 
 log = get_logger("agent.service")
@@ -34,7 +36,9 @@ PIPELINE_DEPTH = 2
 # Python hands the GIL to a waiting thread only every switch interval (5 ms by default). The inference thread
 # needs it briefly around every batch, and a 5 ms wait behind the busy I/O loop is a third of a batch here.
 GIL_SWITCH_INTERVAL_S = 0.0005
-MAX_PART_BYTES = MAX_PAYLOAD_BYTES + 1
+# libzmq applies ZMQ_MAXMSGSIZE to the part as it arrives: under CURVE that is the encrypted part, 33 bytes
+# longer than the payload (measured: a 16 MiB payload was dropped at + 1). 64 covers the framing of either.
+MAX_PART_BYTES = MAX_PAYLOAD_BYTES + 64
 BIG_PAYLOAD = 256 * 1024
 
 
@@ -52,6 +56,11 @@ class Agent:
         self.health = Health(stall_s=max(10.0, 5 * settings.heartbeat_interval_s))
         self.notifier = Notifier()
         self.loader = Loader(settings)
+        self._thresholds = ThresholdStore(settings.state_dir)
+        self.loader.runtime = self._thresholds.load()  # run-time thresholds set before a restart
+        self.control: zmq.Socket[Any] | None = None
+        self.controller: Controller | None = None
+        self.control_endpoint: str | None = None
         self.line: Line | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -83,6 +92,7 @@ class Agent:
                          seq_window=self.s.seq_window, log=RateLimited(log))
         self.metrics.identity(self.backend.identity(), model.model_id, self.s.agent_id, self.epoch)
         self._bind_intake()
+        self._bind_control()
         self.wake = self.ctx.socket(zmq.PULL)
         self.wake.bind(self._wake_addr)
         self._threads = [threading.Thread(target=self._infer_loop, name="tdn-infer", daemon=True),
@@ -95,7 +105,8 @@ class Agent:
         gc.freeze()
         self._set_state(AgentState.READY)
         self.ready_s = time.monotonic() - self._start_mono
-        log.info("ready", frames=self.frames_endpoint, publish=self.publish_endpoint, agent_id=self.s.agent_id,
+        log.info("ready", frames=self.frames_endpoint, publish=self.publish_endpoint, control=self.control_endpoint,
+                 agent_id=self.s.agent_id,
                  epoch=self.epoch, model_id=model.model_id, start_to_ready_s=round(self.ready_s, 2))
         self.notifier.ready(f"ready: {self.backend.name} model {model.model_id}")
 
@@ -112,7 +123,7 @@ class Agent:
         assert self.line is not None
         self.poller = zmq.Poller()
         self.monitors = self.curve.monitors if self.curve is not None else []
-        for sock in (self.wake, self.pull, *self.monitors):
+        for sock in (self.wake, self.pull, *self.monitors, *([self.control] if self.control else [])):
             self.poller.register(sock, zmq.POLLIN)
         self.reading = True
         self.drain_deadline: float | None = None
@@ -140,6 +151,8 @@ class Agent:
                 while True:
                     self.wake.recv(zmq.NOBLOCK)
         self._count_denied(events)
+        if self.control is not None and self.control in events:
+            self._answer_commands()
         if self.reading and self.pull in events:
             self._read_frames()
         self._collect()
@@ -243,6 +256,35 @@ class Agent:
             self.curve.secure(self.pull, "frames")
         self.pull.bind(self.s.frames_endpoint)
         self.frames_endpoint = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def _bind_control(self) -> None:
+        """The REP socket of SPEC 12 (operator commands), when control_endpoint is set."""
+        if self.s.control_endpoint is None:
+            return
+        assert self.s.control_token_file is not None  # the settings require it with control_endpoint
+        sock = self.ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024)  # a command is a header; nothing bigger is read
+        sock.setsockopt(zmq.RCVHWM, 16)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.secure(sock, "control")
+        sock.bind(self.s.control_endpoint)
+        self.control = sock
+        self.control_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        line = self.line
+        assert line is not None
+        self.controller = Controller(load_token(self.s.control_token_file), self.s.agent_id, self.loader,
+                                     self._thresholds, line.retune, line.record, log)
+        log.info("control", endpoint=self.control_endpoint, overridden=sorted(self.loader.runtime))
+
+    def _answer_commands(self) -> None:
+        assert self.control is not None and self.controller is not None
+        for _ in range(16):  # a few per tick: commands are rare, frames must not wait behind a flood of them
+            try:
+                parts = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.control.send_multipart(self.controller.handle(parts, draining=self.drain_deadline is not None))
 
     # --- inference ---
 
@@ -358,6 +400,8 @@ class Agent:
         assert line is not None
         log.info("stopped", **line.counters(), outstanding=line.outstanding)
         self.wake.close(linger=0)
+        if self.control is not None:
+            self.control.close(linger=0)
         # A short linger lets the last verdicts and the final heartbeat leave before the socket closes.
         self.pub.close(linger=1000)
         if self.curve is not None:

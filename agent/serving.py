@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,18 @@ def describe_thresholds(model: ServingModel) -> dict[str, float]:
     return {k: v for k, v in model.thresholds.items() if math.isfinite(v)}
 
 
+def rule_thresholds(rule: DecisionRule) -> dict[str, float]:
+    """The numbers a rule decides by, as the heartbeat and the control channel name them."""
+    return {"temperature": rule.temperature, "pass_threshold": rule.pass_threshold,
+            "min_confidence": rule.min_confidence, "ood_threshold": rule.ood_threshold}
+
+
+def retuned(model: ServingModel, runtime: dict[str, float]) -> ServingModel:
+    """`model` deciding by its card-and-settings rule with run-time thresholds on top (ValueError if invalid)."""
+    rule = model.base_rule.with_overrides(runtime)
+    return replace(model, rule=rule, thresholds=rule_thresholds(rule))
+
+
 def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> ServingModel:
     """Load, warm and check a model against its card; ModelError (one line) when it must not serve."""
     card = cards.read(model_path)
@@ -56,10 +69,8 @@ def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> Serv
     problem = card.check_self_test(probs)
     if problem is not None:
         raise ModelError(f"model {model_path} fails its self-test: {problem}")
-    thresholds = {"temperature": rule.temperature, "pass_threshold": rule.pass_threshold,
-                  "min_confidence": rule.min_confidence, "ood_threshold": rule.ood_threshold}
     return ServingModel(card.variant_id(backend.name, backend.precision), card.classes, rule.pass_classes, rule,
-                        thresholds, rule.needs_pooled, runner=backend, input=card.input)
+                        rule_thresholds(rule), rule.needs_pooled, runner=backend, input=card.input, base_rule=rule)
 
 
 class Loader:
@@ -68,6 +79,8 @@ class Loader:
     def __init__(self, settings: AgentSettings) -> None:
         self.s = settings
         self.model: ServingModel | None = None
+        # Thresholds set by control commands (agent/control.py), applied to every model served, swaps included.
+        self.runtime: dict[str, float] = {}
         self._recent: dict[str, ServingModel] = {}  # by model_id: explanations of verdicts made before a swap
         self._lock = threading.Lock()
         self._ready: ServingModel | None = None
@@ -93,7 +106,7 @@ class Loader:
 
     def serve(self, backend: Backend) -> ServingModel:
         """The first model, at start-up: any problem is fatal (one clear error, exit 1)."""
-        self.model = prepare(backend, self.s, self.s.model_path)
+        self.model = retuned(prepare(backend, self.s, self.s.model_path), self.runtime)
         self._recent[self.model.model_id] = self.model
         log.info("model serving", model_id=self.model.model_id, classes=list(self.model.classes),
                  pass_classes=list(self.model.pass_classes), **backend.identity())
@@ -146,10 +159,20 @@ class Loader:
             model, self._ready = self._ready, None
         if model is None:
             return None
+        # Thresholds an operator set apply to the new model too, including any set while it loaded.
+        model = retuned(model, self.runtime)
         old = self.model
         self.model = model
         self._recent = {m.model_id: m for m in (old, model) if m is not None}
         log.info("model swapped", model_id=model.model_id, previous=old.model_id if old else None)
+        return model
+
+    def retune(self, runtime: dict[str, float]) -> ServingModel:
+        """Serve the current model with these run-time thresholds (ValueError, nothing changed, if invalid)."""
+        model = retuned(self.require_model(), runtime)
+        self.runtime = dict(runtime)
+        self.model = model
+        self._recent[model.model_id] = model
         return model
 
     def count_refusals(self, line: Line | None) -> None:

@@ -52,6 +52,7 @@ class AgentProcess:
     log: Path
     frames: str = ""
     publish: str = ""
+    control: str = ""  # the control endpoint (SPEC 12), when control_endpoint was set
     metrics_url: str | None = None
 
     def events(self) -> list[dict[str, Any]]:
@@ -149,6 +150,7 @@ def start_agent(log: Path, settings: Mapping[str, Any] | None = None, *, wait: s
         if wait == "ready":
             ready = agent.wait_event("ready", ready_timeout_s)
             agent.frames = str(ready["frames"])
+            agent.control = str(ready.get("control") or "")
         metrics = agent.event("metrics")
         agent.metrics_url = str(metrics["url"]).removesuffix("/metrics") if metrics else None
     except BaseException:
@@ -161,6 +163,7 @@ def wait_ready(agent: AgentProcess, timeout_s: float = 180) -> AgentProcess:
     """For an agent started with wait="publishing": block until it is ready, and fill in its frame endpoint."""
     ready = agent.wait_event("ready", timeout_s)
     agent.frames = str(ready["frames"])
+    agent.control = str(ready.get("control") or "")
     metrics = agent.event("metrics")
     agent.metrics_url = str(metrics["url"]).removesuffix("/metrics") if metrics else None
     return agent

@@ -24,11 +24,12 @@ MODULE_COMMANDS = {
     "demo": ("agent.cli.demo", "the demo line: agent + 2 NEU-DET cameras + a PLC bridge, live, then a summary"),
     "bench": ("agent.lab.bench", "benchmarks: model (Table 1 / Figure 4), stream (the line under load)"),
     "audit": ("agent.lab.audit", "explainability audit: Grad-CAM vs NEU-DET defect boxes, decision impact, report"),
-    "keygen": ("agent.cli.keygen", "make a CurveZMQ key pair (NAME.key public, NAME.key_secret mode 0600)"),
+    "keygen": ("agent.cli.keygen", "make a CurveZMQ key pair (NAME.key, NAME.key_secret) or a control token file"),
     "health": ("agent.health", "exit 0 when the local agent answers ready on /readyz"),
     "export": ("agent.lab.export", "build LiteRT/OpenVINO artifacts (fp32, bf16, int8) of a model, gated on NEU-DET"),
     "robustness": ("agent.lab.robustness", "accuracy and decisions under line-camera degradations, table + plot"),
     "tune": ("agent.lab.tune", "sweep backend x precision x threads x batch here; write the profile `auto` uses"),
+    "thresholds": ("agent.cli.thresholds", "show or change a running agent's decision thresholds (its control socket)"),
     "console": ("agent.console", "operator console: a live web page of the line, explanations and a review queue"),
 }
 

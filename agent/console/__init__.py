@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import TdnError
 from simulators.common import is_loopback, read_private
 
+if TYPE_CHECKING:
+    from agent.console.app import ControlTargets
+    from simulators.common import CurveKeys
+
 DEFAULT_LISTEN = "127.0.0.1:8787"
+# Where the console connects a REQ socket to an agent's control_endpoint (SPEC 12): a concrete address.
+_CONTROL_ENDPOINT_RE = re.compile(r"(tcp://[^\s:]+:\d{1,5}|tcp://\[[0-9A-Fa-f:.]+\]:\d{1,5}|ipc://\S+)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rcvhwm", type=int, default=None,
                    help="SUB receive queue (small: the console drops, not the agent)")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--control", action="append", default=[], metavar="AGENT_ID=ENDPOINT",
+                   help="the control_endpoint of an agent whose thresholds this console may change (repeatable; "
+                        "without it the thresholds are shown read-only)")
+    p.add_argument("--control-token-file", type=Path, default=None, metavar="FILE",
+                   help="the agents' control token file (their control_token_file; mode 0600); needed with --control")
     add_curve_arguments(p)
 
 
@@ -56,6 +68,46 @@ def read_token(path: Path) -> str:
     if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
         raise TdnError(f"--token-file {path}: the token must be >= 16 printable characters without spaces")
     return token
+
+
+def parse_control(specs: list[str]) -> dict[str, str]:
+    """{agent_id: endpoint} from repeated --control AGENT_ID=ENDPOINT; TdnError naming the bad one."""
+    from protocol.messages import is_valid_id
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        agent_id, sep, endpoint = spec.partition("=")
+        agent_id, endpoint = agent_id.strip(), endpoint.strip()
+        if not sep:
+            raise TdnError(f"--control {spec!r}: expected AGENT_ID=ENDPOINT, e.g. a1=tcp://127.0.0.1:5557")
+        if not is_valid_id(agent_id):
+            raise TdnError(f"--control {spec!r}: the agent id must be 1..64 chars of [A-Za-z0-9_.-]")
+        if not _CONTROL_ENDPOINT_RE.fullmatch(endpoint):
+            raise TdnError(f"--control {spec!r}: {endpoint!r} is not a ZeroMQ endpoint to connect to "
+                           f"(tcp://HOST:PORT or ipc://PATH)")
+        if agent_id in out:
+            raise TdnError(f"--control: agent {agent_id} is given twice")
+        out[agent_id] = endpoint
+    return out
+
+
+def control_targets(args: argparse.Namespace, curve: CurveKeys | None) -> ControlTargets | None:
+    """The agents whose thresholds the console may change, with their token; None without --control."""
+    from agent.console.app import ControlTargets
+    from agent.security import load_token
+
+    endpoints = parse_control(args.control)
+    if not endpoints:
+        if args.control_token_file is not None:
+            raise TdnError("--control-token-file needs --control AGENT_ID=ENDPOINT")
+        return None
+    if args.control_token_file is None:
+        raise TdnError("--control needs --control-token-file FILE (the agents' control_token_file)")
+    try:
+        token = load_token(args.control_token_file).decode()
+    except TdnError as exc:
+        raise TdnError(f"--control-token-file: {exc}") from None
+    return ControlTargets(endpoints, token, curve)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,13 +132,15 @@ def run(args: argparse.Namespace) -> int:
             raise TdnError(str(exc)) from None
     elif args.curve_secret is not None:
         raise TdnError("--curve-secret needs --curve-server-key")
+    control = control_targets(args, curve)
     endpoints = args.endpoint or [DEFAULT_OUTPUT_ENDPOINT]
     state = ConsoleState(state_dir=args.state_dir, export_dir=args.export_dir, gallery_cap=args.gallery_cap,
-                         review_cap=args.review_cap, review_below=args.review_below)
+                         review_cap=args.review_cap, review_below=args.review_below,
+                         controllable=control.endpoints if control else ())
     lock = threading.Lock()
     closing = threading.Event()
     hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
-    app = create_app(state, lock, token=token, allowed_hosts=hosts, closing=closing)
+    app = create_app(state, lock, token=token, allowed_hosts=hosts, closing=closing, control=control)
     sub = Subscriber(state, lock, endpoints, curve=curve, rcvhwm=args.rcvhwm or DEFAULT_RCVHWM)
 
     class Server(uvicorn.Server):
@@ -99,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     server = Server(config)
     shown = f"[{host}]" if ":" in host else host
     print(f"console: http://{shown}:{port}/" + (" (append ?token=<token file contents>)" if token else "")
-          + f" watching {', '.join(endpoints)}; state in {args.state_dir}", flush=True)
+          + f" watching {', '.join(endpoints)}; state in {args.state_dir}"
+          + (f"; thresholds changeable for {', '.join(sorted(control.endpoints))}" if control else ""), flush=True)
     sub.start()
     # uvicorn re-raises the signal that stopped it once it has shut down cleanly; with these no-op handlers in
     # place that re-raise lands here, so SIGINT/SIGTERM end the console with exit code 0.

@@ -9,7 +9,7 @@ import random
 import re
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -402,6 +402,7 @@ class ConsoleState:
         gallery_max_bytes: int = 32 * 1024 * 1024,
         review_cap: int = 200,
         review_below: float = 0.0,
+        controllable: Collection[str] = (),
         latency_window_s: float = 300.0,
         latency_bucket_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -410,6 +411,7 @@ class ConsoleState:
         self.clock = clock
         self.wall_ns = wall_ns
         self.review_below = review_below
+        self.controllable = frozenset(controllable)  # agents with a --control entry: thresholds changeable
         self.gallery_cap = gallery_cap
         self.gallery_max_bytes = gallery_max_bytes
         # The bridge's own bookkeeping gives gaps, duplicates, restarts and lost agents exactly as SPEC 7 says.
@@ -624,6 +626,7 @@ class ConsoleState:
                 "classes": list(getattr(hb, "classes", None) or ()) if hb else [],
                 "pass_classes": list(getattr(hb, "pass_classes", None) or ()) if hb else [],
                 "thresholds": dict(getattr(hb, "thresholds", None) or {}) if hb else {},
+                "thresholds_changeable": agent_id in self.controllable,
                 "cameras": sorted(agent.cameras),
             }
         return agents

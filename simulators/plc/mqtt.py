@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -89,11 +90,8 @@ class MqttOutput:
         if cfg.credentials is not None:
             self.client.username_pw_set(*read_credentials(cfg.credentials))
         if self.tls:
-            self.client.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                                keyfile=str(cfg.key_file) if cfg.key_file else None,
-                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        elif cfg.ca_file or cfg.cert_file:
+            self._set_tls(cfg)
+        elif cfg.ca_file or cfg.cert_file or cfg.key_file:
             raise MqttConfigError("MQTT TLS files given but the url is mqtt://; use mqtts://")
         self.bridge_topic = topics(cfg.line_id)["bridge_status"]
         self.client.will_set(self.bridge_topic, OFFLINE, qos=1, retain=True)
@@ -103,39 +101,85 @@ class MqttOutput:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_connect_fail = self._on_connect_fail
         self._lock = threading.Lock()
         self._unacked: set[int] = set()
         self._early: set[int] = set()
+        self._status_mids: set[int] = set()  # retained statuses awaiting their PUBACK
         self.connected = threading.Event()
         self.sent = 0
         self.acked = 0
         self.dropped = 0
         self.connects = 0
         self.disconnects = 0
+        self.refused = 0  # CONNACKs refusing us (a wrong password, an ACL)
+        self.connect_errors = 0  # attempts that failed before MQTT: TCP refused, TLS verification failed...
+        self.last_error = ""
         self._bridge: BridgeStatus | None = None
         self._cameras: dict[str, CameraStatus] = {}
         self._last_event: FailSafeEvent | None = None
+
+    def _set_tls(self, cfg: MqttConfig) -> None:
+        """TLS with the server certificate verified (against --mqtt-ca, else the system CAs) and its name checked."""
+        if cfg.key_file and not cfg.cert_file:
+            raise MqttConfigError("--mqtt-key needs --mqtt-cert (the client certificate it belongs to)")
+        for option, path in (("--mqtt-ca", cfg.ca_file), ("--mqtt-cert", cfg.cert_file), ("--mqtt-key", cfg.key_file)):
+            if path is not None:
+                try:
+                    path.open("rb").close()
+                except OSError as exc:
+                    raise MqttConfigError(f"{option} {path}: {exc.strerror}") from None
+        try:
+            self.client.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                                keyfile=str(cfg.key_file) if cfg.key_file else None,
+                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: not PEM, a key that does not match
+            files = ", ".join(str(f) for f in (cfg.ca_file, cfg.cert_file, cfg.key_file) if f)
+            raise MqttConfigError(f"MQTT TLS files {files}: {exc}") from None
+
+    def _failed(self, what: str, detail: str, hint: str) -> None:
+        """A connection attempt that did not make it: counted, kept for the report, and logged (paho retries it)."""
+        with self._lock:
+            self.last_error = f"{what}: {detail}"
+        log.warning("MQTT broker %s:%d %s: %s%s", self.host, self.port, what, detail, hint)
 
     # -- paho thread --
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            log.warning("MQTT broker refused the connection: %s", reason)
+            with self._lock:
+                self.refused += 1
+            auth = getattr(reason, "value", None) in (134, 135)  # bad user name or password, not authorized
+            self._failed("refused the connection", str(reason),
+                         " (check --mqtt-credentials and the broker's password file)" if auth else "")
             return
         self.connects += 1
         self.connected.set()
         # A fresh session: the broker may have restarted, so the retained states are published again.
         self._publish_status(force_cameras=True)
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError` around the attempt, without the error: take it from there.
+        exc = sys.exc_info()[1]
+        with self._lock:
+            self.connect_errors += 1
+        hint = (" (check --mqtt-ca, and that the broker's certificate names the url's host)"
+                if isinstance(exc, ssl.SSLCertVerificationError) else "")
+        self._failed("cannot connect", str(exc) if exc is not None else "connection failed", hint)
+
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self.connected.is_set():  # paho also calls this after a refused CONNACK: that was never a connection
+            self.disconnects += 1
         self.connected.clear()
-        self.disconnects += 1
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._lock:
             if mid in self._unacked:
                 self._unacked.discard(mid)
                 self.acked += 1
+            elif mid in self._status_mids:
+                self._status_mids.discard(mid)
             else:
                 self._early.add(mid)  # PUBACK before deliver() recorded the mid (another thread)
 
@@ -182,7 +226,7 @@ class MqttOutput:
 
     def _camera_status(self, cam: CameraStatus) -> None:
         body = {**cam.to_dict(), "time_ns": time.time_ns()}
-        self.client.publish(topics(self.cfg.line_id, cam.camera_id)["status"], json.dumps(body), qos=1, retain=True)
+        self._retained(topics(self.cfg.line_id, cam.camera_id)["status"], json.dumps(body))
 
     def _bridge_status(self) -> None:
         b = self._bridge
@@ -197,7 +241,20 @@ class MqttOutput:
             e = self._last_event
             body["last_event"] = {"kind": e.kind, "subject": e.subject, "detail": e.detail,
                                   "cameras": list(e.cameras), "time_ns": e.time_ns}
-        self.client.publish(self.bridge_topic, json.dumps(body), qos=1, retain=True)
+        self._retained(self.bridge_topic, json.dumps(body))
+
+    def _retained(self, topic: str, body: str) -> None:
+        """Publish a retained status, but only while connected: paho sends what it queued offline after whatever
+        _on_connect publishes, so an offline status would overwrite the fresh one at the broker with a stale one.
+        (The state is stored before this check, and _on_connect reads it after setting `connected`: none is lost.)"""
+        if not self.connected.is_set():
+            return
+        info = self.client.publish(topic, body, qos=1, retain=True)
+        with self._lock:
+            if info.mid in self._early:
+                self._early.discard(info.mid)  # already acknowledged (PUBACK on the paho thread came first)
+            else:
+                self._status_mids.add(info.mid)
 
     def _publish_status(self, force_cameras: bool = False) -> None:
         self._bridge_status()
@@ -222,4 +279,5 @@ class MqttOutput:
         """Counters for the bridge report."""
         with self._lock:
             return {"sent": self.sent, "acked": self.acked, "buffered": len(self._unacked), "dropped": self.dropped,
-                    "connects": self.connects, "disconnects": self.disconnects}
+                    "connects": self.connects, "disconnects": self.disconnects, "refused": self.refused,
+                    "connect_errors": self.connect_errors, "last_error": self.last_error}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,10 +23,12 @@ import msgpack
 import pytest
 import zmq
 
-from agent.security import make_keypair
-from protocol import AgentState, Heartbeat, encode_heartbeat
+from agent.errors import TdnError
+from agent.security import load_token, make_keypair, make_token
+from protocol import PROTOCOL_VERSION, AgentState, Heartbeat, encode_heartbeat
+from protocol.control import COMMAND_TOPIC, Command, Outcome, Reply, Request, decode_reply
 from tests.conftest import ROOT, free_port
-from tests.integration.agentproc import Launcher
+from tests.integration.agentproc import AgentProc, Launcher
 
 pytestmark = pytest.mark.integration
 
@@ -64,11 +67,12 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: 
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def http(url: str, headers: dict[str, str] | None = None, data: bytes | None = None) -> tuple[int, bytes]:
+def http(url: str, headers: dict[str, str] | None = None, data: bytes | None = None,
+         timeout: float = 3) -> tuple[int, bytes]:
     """(status, body) of a request; 0 when nothing answers."""
     req = urllib.request.Request(url, data=data, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=3) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -123,11 +127,13 @@ def start_console(tmp: Path, endpoints: list[str], *extra: str, host: str = "127
 
 @dataclass
 class Line:
-    """An agent, two NEU-DET cameras and a console watching them."""
+    """An agent (with a control socket), two NEU-DET cameras and a console watching them."""
 
     agent_publish: str
     console: Console
     cameras: subprocess.Popen[bytes]
+    agent: AgentProc
+    control_token: Path
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +141,18 @@ def line(tmp_path_factory: pytest.TempPathFactory, neu_det: Path, shipped_model:
     """The line for the whole module: one agent (snapshots every 0.3 s), 2 cameras at 20 fps, one console."""
     tmp = tmp_path_factory.mktemp("console")
     launcher = Launcher(tmp)
-    agent = launcher.start(explain_interval_s=0.3, agent_id="a1")
+    token = make_token(tmp / "control.token")
+    # Its own state dir: run-time thresholds are kept there and must not leak into other agents' default one.
+    agent = launcher.start(explain_interval_s=0.3, agent_id="a1", state_dir=tmp / "agent-state",
+                           control_endpoint="tcp://127.0.0.1:*", control_token_file=token)
+    assert agent.control, "the agent logged no control endpoint"
     # Every verdict below 0.97 confidence is queued for review: this agent publishes no review decision yet.
-    console = start_console(tmp, [agent.publish], "--review-below", "0.97", "--review-cap", "500")
+    console = start_console(tmp, [agent.publish], "--review-below", "0.97", "--review-cap", "500",
+                            "--control", f"a1={agent.control}", "--control-token-file", str(token))
     cameras = subprocess.Popen([sys.executable, "-m", "simulators.camera", "--endpoint", agent.frames,
                                 "--cameras", "2", "--fps", "20", "--shuffle", "--source", str(neu_det), "--quiet"])
     try:
-        yield Line(agent.publish, console, cameras)
+        yield Line(agent.publish, console, cameras, agent, token)
     finally:
         cameras.send_signal(signal.SIGINT)
         try:
@@ -308,6 +319,7 @@ class TestPage:
         """Screenshots of the live page for the README, taken once tiles, chart and gallery have content."""
         page.goto(line.console.url + "/")
         page.wait_for_function("""() => document.querySelectorAll('.tile').length === 2
+            && document.querySelector('#threshold-forms form.thform')
             && document.querySelectorAll('#gallery img.heatmap').length >= 8
             && document.querySelectorAll('#review .ritem').length > 0
             && document.querySelector('#latency-chart polyline')?.getAttribute('points')?.includes(' ')""")
@@ -359,6 +371,243 @@ class TestToken:
             assert http(console.url + "/api/review/1/label", data=b"{}")[0] == 401
         finally:
             console.stop()
+
+
+def post_json(url: str, body: object, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a POST with a JSON body; the body is {} when the answer is not JSON."""
+    status, raw = http(url, {"Content-Type": "application/json", **(headers or {})}, json.dumps(body).encode(), 10)
+    try:
+        return status, dict(json.loads(raw))
+    except ValueError:
+        return status, {}
+
+
+def agent_call(line: Line, command: Command, operator: str = "test-harness", **values: float) -> Reply:
+    """Send one control command straight to the line's agent (not through the console)."""
+    from agent.cli.thresholds import call
+
+    return call(line.agent.control, Request(command, load_token(line.control_token).decode(), operator, values))
+
+
+def raw_agent_call(line: Line, header: dict[str, Any]) -> Reply:
+    """A command the protocol's Request would refuse to build, sent as raw frames: the agent's own answer to it."""
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(line.agent.control)
+        sock.send_multipart([COMMAND_TOPIC, msgpack.packb({"v": PROTOCOL_VERSION, **header})])
+        return decode_reply(sock.recv_multipart())
+    finally:
+        sock.close(linger=0)
+
+
+def apply_in_page(page: Any, url: str, agent_id: str, values: dict[str, str], operator: str) -> str:
+    """Open the page, type the values and the operator into the agent's threshold form, Apply; the outcome shown."""
+    page.goto(url + "/")
+    form = f'form.thform[data-agent="{agent_id}"]'
+    page.wait_for_selector(form)
+    for name, value in values.items():
+        page.fill(f'{form} input[name="{name}"]', value)
+    page.fill(f'{form} input[name="operator"]', operator)
+    page.click(f"{form} button.apply")
+    page.wait_for_function(f"document.querySelector('{form} .outcome')?.dataset.outcome")
+    return str(page.inner_text(f"{form} .outcome"))
+
+
+def changes_logged(line: Line, operator: str) -> list[dict[str, Any]]:
+    """The agent's "thresholds changed" log events so far made by `operator`."""
+    return [e for e in line.agent.events() if e.get("event") == "thresholds changed" and e.get("operator") == operator]
+
+
+def next_heartbeats(console: Console, n: int = 2) -> dict[str, Any]:
+    """The summary once `n` more heartbeats have reached the console."""
+    seen = console.summary()["console"]["received"].get("heartbeat", 0)
+    return dict(wait_for(lambda: (s := console.summary())["console"]["received"].get("heartbeat", 0) >= seen + n
+                         and s, 15, f"{n} more heartbeats"))
+
+
+class TestThresholdControl:
+    """Thresholds changed from the console go through the agent's control command (SPEC 12): authenticated, logged."""
+
+    @pytest.fixture(autouse=True)
+    def restore(self, line: Line) -> Iterator[None]:
+        """Start once the console's last heartbeat agrees with the agent; reset the shared agent afterwards."""
+        in_force = {k: v for k, v in agent_call(line, Command.GET_THRESHOLDS).thresholds.items() if math.isfinite(v)}
+        # A reset by the previous test shows only from the agent's next heartbeat.
+        wait_for(lambda: line.console.summary()["agents"].get("a1", {}).get("thresholds") == in_force, 15,
+                 "a heartbeat with the thresholds in force")
+        yield
+        assert agent_call(line, Command.RESET_THRESHOLDS).ok
+
+    def test_apply_in_the_page_changes_the_agent(self, line: Line, page: Any) -> None:
+        """Apply in the page sets min_confidence: the agent's next heartbeat shows it, its log names the operator."""
+        before = line.console.summary()["agents"]["a1"]["thresholds"]
+        assert line.console.summary()["agents"]["a1"]["thresholds_changeable"] is True
+        new = 0.95 if before["min_confidence"] != 0.95 else 0.9
+        shown = apply_in_page(page, line.console.url, "a1", {"min_confidence": str(new)}, "alice")
+        assert shown.startswith("ok") and "min_confidence" in shown, shown
+        wait_for(lambda: line.console.summary()["agents"]["a1"]["thresholds"]["min_confidence"] == new, 15,
+                 "a heartbeat with the new min_confidence")
+        page.wait_for_function(f"""() => document.querySelector('#agents tr[data-agent="a1"] td.thresholds')
+            .textContent.includes('min_confidence {new}')""")
+        field = 'form.thform[data-agent="a1"] input[name="min_confidence"]'
+        page.wait_for_function(f"document.querySelector('{field}').placeholder === '{new}'")
+        change = wait_for(lambda: changes_logged(line, "alice"), 10, "the agent's 'thresholds changed' event")[-1]
+        assert change["command"] == "set_thresholds"
+        assert change["changed"] == {"min_confidence": [before["min_confidence"], new]}
+        rest = line.console.summary()["agents"]["a1"]["thresholds"]
+        assert {k: v for k, v in rest.items() if k != "min_confidence"} == \
+            {k: v for k, v in before.items() if k != "min_confidence"}
+
+    def test_out_of_range_value_is_refused(self, line: Line, page: Any) -> None:
+        """min_confidence 1.5 is refused with the agent's bad_value message shown, and nothing changes."""
+        before = line.console.summary()["agents"]["a1"]["thresholds"]
+        shown = apply_in_page(page, line.console.url, "a1", {"min_confidence": "1.5"}, "bob")
+        # The agent's own words for this value (sent past the console's check, which runs the same protocol rules).
+        agent_says = raw_agent_call(line, {"command": "set_thresholds", "operator": "bob",
+                                           "token": load_token(line.control_token).decode(),
+                                           "thresholds": {"min_confidence": 1.5}})
+        assert agent_says.outcome is Outcome.BAD_VALUE
+        assert shown == f"refused: {agent_says.detail}", shown
+        assert "min_confidence must be in [0, 1], got 1.5" in shown
+        status, body = post_json(line.console.url + "/api/thresholds",
+                                 {"agent_id": "a1", "operator": "bob", "thresholds": {"min_confidence": 1.5}})
+        assert status == 400 and body["outcome"] == "bad_value" and body["detail"] == agent_says.detail
+        assert next_heartbeats(line.console)["agents"]["a1"]["thresholds"] == before
+        assert changes_logged(line, "bob") == []
+        assert agent_call(line, Command.GET_THRESHOLDS).overridden == ()
+
+    def test_wrong_token_is_refused_unauthorized(self, line: Line, page: Any, tmp_path: Path) -> None:
+        """A console holding another token gets the agent's unauthorized (403), shown in the page; nothing changes."""
+        wrong = make_token(tmp_path / "wrong.token")
+        console = start_console(tmp_path, [line.agent_publish], "--control", f"a1={line.agent.control}",
+                                "--control-token-file", str(wrong))
+        try:
+            shown = apply_in_page(page, console.url, "a1", {"min_confidence": "0.9"}, "mallory")
+            assert shown.startswith("refused: unauthorized"), shown
+            status, body = post_json(console.url + "/api/thresholds",
+                                     {"agent_id": "a1", "operator": "mallory", "reset": True})
+            assert status == 403, body
+            assert body["outcome"] == "unauthorized" and body["refused_by"] == "agent"
+            assert body["thresholds"] == {}  # a peer without the token learns nothing about the line
+            assert any(e.get("event") == "command refused" and e.get("outcome") == "unauthorized"
+                       for e in line.agent.events())
+            assert changes_logged(line, "mallory") == []
+            assert agent_call(line, Command.GET_THRESHOLDS).overridden == ()
+        finally:
+            console.stop()
+
+    def test_change_needs_the_console_token_off_loopback(self, line: Line, tmp_path: Path) -> None:
+        """Bound to 0.0.0.0 a change without (or with a wrong) console token gets 401; with it, the agent answers."""
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        console = start_console(tmp_path, [line.agent_publish], "--token-file", str(token_file), "--control",
+                                f"a1={line.agent.control}", "--control-token-file", str(line.control_token),
+                                host="0.0.0.0", token_headers=auth)
+        try:
+            change = {"agent_id": "a1", "operator": "carol", "thresholds": {"min_confidence": 0.9}}
+            assert post_json(console.url + "/api/thresholds", change)[0] == 401
+            wrong = {"X-TDN-Token": "nope-0123456789abcdef"}
+            assert post_json(console.url + "/api/thresholds", change, wrong)[0] == 401
+            status, body = post_json(console.url + "/api/thresholds", {"agent_id": "a1", "operator": "carol",
+                                                                        "reset": True}, auth)
+            assert status == 200 and body["outcome"] == "ok" and body["agent_id"] == "a1", body
+            assert set(body["thresholds"]) >= {"pass_threshold", "min_confidence", "ood_threshold"}
+            assert console.summary(auth)["agents"]["a1"]["thresholds_changeable"] is True
+        finally:
+            console.stop()
+
+    def test_silent_agent_gets_504_without_stalling_the_console(self, line: Line, tmp_path: Path) -> None:
+        """A control endpoint that never answers gets 504 after the call's timeout; meanwhile the API answers."""
+        import threading
+
+        silent = f"tcp://127.0.0.1:{free_port()}"
+        console = start_console(tmp_path, [line.agent_publish], "--control", f"ghost={silent}",
+                                "--control-token-file", str(line.control_token))
+        try:
+            result: list[tuple[int, dict[str, Any]]] = []
+            t0 = time.monotonic()
+            waiter = threading.Thread(target=lambda: result.append(post_json(
+                console.url + "/api/thresholds", {"agent_id": "ghost", "operator": "dave", "reset": True})))
+            waiter.start()
+            time.sleep(0.5)
+            t1 = time.monotonic()
+            assert "agents" in console.summary() and time.monotonic() - t1 < 1.0  # the event loop is not blocked
+            waiter.join(10)
+            status, body = result[0]
+            assert status == 504 and body["outcome"] == "no_answer" and "no answer from" in body["detail"], body
+            assert 2.5 < time.monotonic() - t0 < 8
+        finally:
+            console.stop()
+
+    def test_loopback_console_keeps_its_host_and_json_checks(self, line: Line) -> None:
+        """On loopback a foreign Host header gets 403 and a form-encodable (non-JSON) body 415, as for labels."""
+        change = json.dumps({"agent_id": "a1", "operator": "eve", "thresholds": {"min_confidence": 0.9}}).encode()
+        host = {"Host": "evil.example:80", "Content-Type": "application/json"}
+        assert http(line.console.url + "/api/thresholds", host, change)[0] == 403
+        assert http(line.console.url + "/api/thresholds", {"Content-Type": "text/plain"}, change)[0] == 415
+        assert agent_call(line, Command.GET_THRESHOLDS).overridden == ()
+
+    def test_malformed_requests_get_400(self, line: Line) -> None:
+        """Bad JSON, wrong types, missing fields and unknown names get 400 saying what is wrong; unknown agents 404."""
+        url = line.console.url + "/api/thresholds"
+        ok = {"agent_id": "a1", "operator": "dave"}
+        status, raw = http(url, {"Content-Type": "application/json"}, b"{not json")
+        assert status == 400 and json.loads(raw)["detail"] == "bad JSON"
+        cases: list[tuple[object, int, str]] = [
+            ([1, 2], 400, "send a JSON object"),
+            ({**ok, "thresholds": {"min_confidence": "0.9"}}, 400, "thresholds.min_confidence must be a number"),
+            ({**ok, "thresholds": {"min_confidence": True}}, 400, "must be a number"),
+            ({**ok, "thresholds": [0.9]}, 400, "thresholds (an object"),
+            ({**ok}, 400, "thresholds (an object"),
+            ({**ok, "reset": "yes"}, 400, "reset must be true or false"),
+            ({**ok, "reset": True, "thresholds": {"min_confidence": 0.9}}, 400, "not both"),
+            ({"agent_id": "a1", "thresholds": {"min_confidence": 0.9}}, 400, "operator"),
+            ({**ok, "operator": "dave smith", "reset": True}, 400, "operator must be 1..64 chars"),
+            ({**ok, "treshold": {}}, 400, "unknown field 'treshold'"),
+            ({**ok, "thresholds": {"temperature": 2.0}}, 400, "unknown threshold 'temperature'"),
+            ({**ok, "thresholds": {"ood_threshold": -1}}, 400, "ood_threshold must be >= 0"),
+            ({**ok, "agent_id": "nobody", "reset": True}, 404, "no --control entry"),
+        ]
+        for body, want, says in cases:
+            status, answer = post_json(url, body)
+            assert (status, says in answer.get("detail", "")) == (want, True), (body, status, answer)
+            assert answer["outcome"] in ("bad_request", "bad_value", "no_control") and answer["error"]
+        assert http(url)[0] == 405
+        assert agent_call(line, Command.GET_THRESHOLDS).overridden == ()
+
+
+class TestControlOptions:
+    """The console's --control options are checked at start-up."""
+
+    @pytest.mark.parametrize(("options", "says"), [
+        (["--control", "a1"], "expected AGENT_ID=ENDPOINT"),
+        (["--control", "a b=tcp://127.0.0.1:5557", "--control-token-file", "{token}"], "agent id must be"),
+        (["--control", "a1=http://127.0.0.1:5557", "--control-token-file", "{token}"], "not a ZeroMQ endpoint"),
+        (["--control", "a1=tcp://127.0.0.1:1", "--control", "a1=tcp://127.0.0.1:2", "--control-token-file",
+          "{token}"], "given twice"),
+        (["--control", "a1=tcp://127.0.0.1:5557"], "--control needs --control-token-file"),
+        (["--control", "a1=tcp://127.0.0.1:5557", "--control-token-file", "{missing}"], "does not exist"),
+        (["--control-token-file", "{token}"], "--control-token-file needs --control"),
+    ])
+    def test_bad_control_options_stop_the_start(self, tmp_path: Path, options: list[str], says: str) -> None:
+        """A bad --control spec or a missing control token file is one clear error before anything starts."""
+        import argparse
+
+        from agent.console import add_arguments, run
+
+        token = make_token(tmp_path / "control.token")
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(["--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}",
+                                  *(o.format(token=token, missing=tmp_path / "missing.token") for o in options)])
+        with pytest.raises(TdnError, match=says):
+            run(args)
+        assert not (tmp_path / "state").exists()
 
 
 class TestWire:

@@ -67,7 +67,7 @@ function renderAgents(agents) {
     const b = a.backend;
     const backend = [b.runtime || b.backend, b.precision, b.threads && `${b.threads} threads`].filter(Boolean).join(", ");
     const th = Object.keys(a.thresholds).length
-      ? Object.entries(a.thresholds).map(([k, v]) => `${k} ${v}`).join(", ")
+      ? Object.entries(a.thresholds).map(([k, v]) => `${k} ${Number(Number(v).toPrecision(4))}`).join(", ")
       : "not published by this agent";
     return el("tr", { "data-agent": id },
       el("td", {}, id), el("td", { class: a.lost ? "fs" : "" }, a.lost ? "LOST" : a.state || "-"),
@@ -75,6 +75,77 @@ function renderAgents(agents) {
       el("td", {}, `${fmt(a.heartbeat_age_s)} s ago, ${a.restarts} restarts`),
       el("td", { class: "thresholds" }, th));
   }));
+}
+
+// Thresholds an operator may change at run time (protocol.control.SETTABLE); the agent validates every value.
+const SETTABLE = ["pass_threshold", "min_confidence", "ood_threshold"];
+const thresholdForms = new Map(); // agent id -> its form, built once so typing is never interrupted by a push
+
+function thresholdForm(id) {
+  const inputs = Object.fromEntries(SETTABLE.map((k) => [k, el("input", { type: "number", name: k, step: "any",
+    min: 0, max: k === "ood_threshold" ? null : 1, title: k === "ood_threshold" ? ">= 0" : "0..1" })]));
+  const oodOff = el("input", { type: "checkbox", name: "ood_off" });
+  const operator = el("input", { type: "text", name: "operator", size: 12, maxlength: 64, placeholder: "your name",
+    title: "who makes the change, for the agent's log: 1..64 of A-Z a-z 0-9 _ . -" });
+  const outcome = el("span", { class: "outcome", "aria-live": "polite" });
+  const apply = el("button", { type: "submit", class: "apply" }, "Apply");
+  const reset = el("button", { type: "button", class: "reset" }, "Reset");
+  const show = (cls, text, kind) => { outcome.className = "outcome " + cls; outcome.textContent = text;
+    outcome.dataset.outcome = kind; };
+  const send = async (payload) => {
+    if (!operator.value.trim()) return show("refused", "type your name in operator: it goes in the agent's log", "");
+    payload.operator = operator.value.trim();
+    apply.disabled = reset.disabled = true;
+    show("", "sending...", "");
+    try {
+      const r = await fetch("/api/thresholds", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(payload) });
+      const text = await r.text();
+      let body;
+      try { body = JSON.parse(text); } catch { body = { outcome: `HTTP ${r.status}`, error: `HTTP ${r.status} ${text}` }; }
+      if (r.ok && body.outcome === "ok") {
+        const set = body.overridden.length ? `set at run time: ${body.overridden.join(", ")}` : "card and settings values";
+        show("ok", `ok: ${set} (the table shows it from the next heartbeat)`, "ok");
+        for (const k of SETTABLE) inputs[k].value = "";
+        oodOff.checked = false;
+      } else {
+        show("refused", `refused: ${body.error || body.outcome}`, body.outcome || "");
+      }
+    } catch (err) {
+      show("refused", `refused: ${err}`, "");
+    } finally {
+      apply.disabled = reset.disabled = false;
+    }
+  };
+  const form = el("form", { class: "thform", "data-agent": id, novalidate: "", onsubmit: (ev) => {
+    ev.preventDefault();
+    const thresholds = {};
+    for (const k of SETTABLE) if (inputs[k].value.trim() !== "") thresholds[k] = Number(inputs[k].value);
+    if (oodOff.checked) thresholds.ood_threshold = null; // JSON has no infinity: null turns the OOD check off
+    if (!Object.keys(thresholds).length) return show("refused", "nothing to apply: type a new value", "");
+    send({ agent_id: id, thresholds });
+  } },
+    el("b", {}, `${id} thresholds`), ...SETTABLE.map((k) => el("label", {}, `${k} `, inputs[k])),
+    el("label", {}, oodOff, " OOD check off"), el("label", {}, "operator ", operator), apply, reset, outcome);
+  reset.addEventListener("click", () => send({ agent_id: id, reset: true }));
+  // The placeholders show what the agent's last heartbeat says is in force.
+  form.update = (th) => { for (const k of SETTABLE) inputs[k].placeholder = k in th ? String(+Number(th[k]).toFixed(4))
+    : k === "ood_threshold" ? "off" : "-"; };
+  return form;
+}
+
+function renderThresholdForms(agents) {
+  const box = document.getElementById("threshold-forms");
+  for (const [id, a] of Object.entries(agents)) {
+    if (!a.thresholds_changeable) continue;
+    let form = thresholdForms.get(id);
+    if (!form) {
+      form = thresholdForm(id);
+      thresholdForms.set(id, form);
+      box.append(form);
+    }
+    form.update(a.thresholds);
+  }
 }
 
 function renderLatency(lat) {
@@ -164,6 +235,7 @@ function render(s) {
   classes = s.classes;
   renderTiles(s.cameras);
   renderAgents(s.agents);
+  renderThresholdForms(s.agents);
   renderLatency(s.latency);
   renderGallery(s.gallery);
   const c = s.console;
