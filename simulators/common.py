@@ -161,14 +161,19 @@ def add_curve_arguments(parser: Any) -> None:
                         help="the agent's public key file: turns CurveZMQ on")
 
 
-def curve_from_args(args: Any, parser: Any) -> CurveKeys | None:
-    """The keys the options ask for, None for plaintext; a parser error for a bad combination or file."""
+def curve_options(args: Any) -> CurveKeys | None:
+    """The keys --curve-secret/--curve-server-key ask for, None for plaintext; CurveKeyError if they can't be used."""
     if args.curve_server_key is None:
         if args.curve_secret is not None:
-            parser.error("--curve-secret needs --curve-server-key")
+            raise CurveKeyError("--curve-secret needs --curve-server-key")
         return None
+    return curve_client_keys(args.curve_secret, args.curve_server_key)
+
+
+def curve_from_args(args: Any, parser: Any) -> CurveKeys | None:
+    """curve_options, with a parser error for a bad combination or file."""
     try:
-        return curve_client_keys(args.curve_secret, args.curve_server_key)
+        return curve_options(args)
     except CurveKeyError as exc:
         parser.error(str(exc))
     return None  # unreachable: parser.error exits

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.security import load_token
     from protocol import ProtocolError
     from protocol.control import Command, Request
-    from simulators.common import CurveKeyError, curve_client_keys
+    from simulators.common import CurveKeyError, curve_options
 
     if args.set and args.reset:
         raise TdnError("--set and --reset do not go together")
@@ -105,12 +105,10 @@ def run(args: argparse.Namespace) -> int:
         request = Request(command, token, _operator(args.operator), values)
     except ProtocolError as err:
         raise TdnError(f"--set: {err.detail or err}") from None
-    curve = None
-    if args.curve_server_key is not None:
-        try:
-            curve = curve_client_keys(args.curve_secret, args.curve_server_key)
-        except CurveKeyError as exc:
-            raise TdnError(str(exc)) from None
+    try:
+        curve = curve_options(args)
+    except CurveKeyError as exc:
+        raise TdnError(str(exc)) from None
     reply = call(args.endpoint, request, args.timeout, curve)
     if args.json:
         print(json.dumps({"outcome": reply.outcome.value, "detail": reply.detail, "agent_id": reply.agent_id,

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.console.app import create_app
     from agent.console.state import ConsoleState
     from agent.console.subscriber import DEFAULT_RCVHWM, Subscriber
-    from simulators.common import DEFAULT_OUTPUT_ENDPOINT, CurveKeyError, curve_client_keys
+    from simulators.common import DEFAULT_OUTPUT_ENDPOINT, CurveKeyError, curve_options
 
     host, port = parse_listen(args.listen)
     token = read_token(args.token_file) if args.token_file else None
@@ -124,14 +124,10 @@ def run(args: argparse.Namespace) -> int:
         raise TdnError(f"--listen {host} is not loopback: pass --token-file FILE")
     if not 0.0 <= args.review_below <= 1.0:
         raise TdnError("--review-below must be within 0..1")
-    curve = None
-    if args.curve_server_key is not None:
-        try:
-            curve = curve_client_keys(args.curve_secret, args.curve_server_key)
-        except CurveKeyError as exc:
-            raise TdnError(str(exc)) from None
-    elif args.curve_secret is not None:
-        raise TdnError("--curve-secret needs --curve-server-key")
+    try:
+        curve = curve_options(args)
+    except CurveKeyError as exc:
+        raise TdnError(str(exc)) from None
     control = control_targets(args, curve)
     endpoints = args.endpoint or [DEFAULT_OUTPUT_ENDPOINT]
     state = ConsoleState(state_dir=args.state_dir, export_dir=args.export_dir, gallery_cap=args.gallery_cap,

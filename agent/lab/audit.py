@@ -338,16 +338,9 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def write_report(
-    out: Path,
-    summary: dict[str, Any],
-    class_grids: dict[str, np.ndarray],
-    error_rows: list[tuple[ImageResult, np.ndarray]],
-) -> Path:
-    """A single-file HTML report with every picture embedded as a base64 PNG."""
-    s = summary
+def _report_head(s: dict[str, Any]) -> list[str]:
     e = html.escape
-    parts = [
+    return [
         "<!doctype html><html><head><meta charset='utf-8'><title>TinyDefectNet explanation audit</title><style>",
         "body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
@@ -364,11 +357,16 @@ def write_report(
         f"<td>{_pct(s['box_area_share'])} (random point)</td></tr>",
         f"<tr><td>energy in boxes</td><td>{_pct(s['energy_in_boxes'])}</td>"
         f"<td>{_pct(s['box_area_share'])} (box area share)</td></tr></table>",
+    ]
+
+
+def _report_impact(s: dict[str, Any]) -> list[str]:
+    parts = [
         "<h2>Decision impact</h2><p class='note'>Share of images whose decision changes (argmax leaves the "
         f"explained class, or its probability drops below {CONFIDENCE_FLOOR}) when the top-k% heatmap pixels "
-        f"are replaced by the {e(s['fill'])} fill, against k% random pixels ({s['seeds']} seeds; ± is the std "
-        "over seeds). Lin et al. 2019. Random pixels are scattered, top pixels contiguous: the control measures "
-        "how much any k% perturbation hurts.</p>",
+        f"are replaced by the {html.escape(s['fill'])} fill, against k% random pixels ({s['seeds']} seeds; ± is "
+        "the std over seeds). Lin et al. 2019. Random pixels are scattered, top pixels contiguous: the control "
+        "measures how much any k% perturbation hurts.</p>",
         "<table><tr><th>k</th><th>top-k impact</th><th>random-k impact</th><th>top-k flip</th>"
         "<th>random-k flip</th></tr>",
     ]
@@ -386,32 +384,49 @@ def write_report(
     )
     for c, d in s["per_class"].items():
         parts.append(
-            f"<tr><td>{e(c)}</td><td>{d['n']}</td><td>{_pct(d['accuracy'])}</td><td>{_pct(d['pointing_game'])}</td>"
-            f"<td>{_pct(d['energy_in_boxes'])}</td><td>{_pct(d['box_area_share'])}</td>"
-            f"<td>{_pct(d['impact'].get('top10'))}</td><td>{_pct(d['impact'].get('random10'))}</td></tr>"
+            f"<tr><td>{html.escape(c)}</td><td>{d['n']}</td><td>{_pct(d['accuracy'])}</td>"
+            f"<td>{_pct(d['pointing_game'])}</td><td>{_pct(d['energy_in_boxes'])}</td>"
+            f"<td>{_pct(d['box_area_share'])}</td><td>{_pct(d['impact'].get('top10'))}</td>"
+            f"<td>{_pct(d['impact'].get('random10'))}</td></tr>"
         )
+    return parts
+
+
+def _report_errors(s: dict[str, Any], error_rows: list[tuple[ImageResult, np.ndarray]]) -> list[str]:
+    e = html.escape
+    parts = [f"<h2>Misclassified images ({len(s['errors'])})</h2>"]
+    if not s["errors"]:
+        return [*parts, "<p>None.</p>"]
+    parts.append("<table><tr><th>file</th><th>true</th><th>predicted</th><th>confidence</th></tr>")
+    for err in s["errors"]:
+        parts.append(
+            f"<tr><td>{e(err['file'])}</td><td>{e(err['true'])}</td><td>{e(err['pred'])}</td>"
+            f"<td>{err['confidence']:.3f}</td></tr>"
+        )
+    parts.append("</table>")
+    for r, row in error_rows:
+        parts.append(f"<img alt='{e(r.file)}' src='data:image/png;base64,{_b64(row)}'>")
+    if len(error_rows) < len(s["errors"]):
+        parts.append(f"<p class='note'>Pictures of the first {len(error_rows)} errors only.</p>")
+    return parts
+
+
+def write_report(
+    out: Path,
+    summary: dict[str, Any],
+    class_grids: dict[str, np.ndarray],
+    error_rows: list[tuple[ImageResult, np.ndarray]],
+) -> Path:
+    """A single-file HTML report with every picture embedded as a base64 PNG."""
+    parts = [*_report_head(summary), *_report_impact(summary)]
     parts.append(
         "</table><p class='note'>Grid columns: input | heatmap overlay | ground-truth boxes (green) with the "
         "heatmap maximum (green cross: inside a box, red: outside). E = energy in boxes / box area share.</p>"
     )
     parts.append("<h2>Samples per class</h2>")
     for c, grid in class_grids.items():
-        parts.append(f"<h3>{e(c)}</h3><img alt='{e(c)}' src='data:image/png;base64,{_b64(grid)}'>")
-    parts.append(f"<h2>Misclassified images ({len(s['errors'])})</h2>")
-    if not s["errors"]:
-        parts.append("<p>None.</p>")
-    else:
-        parts.append("<table><tr><th>file</th><th>true</th><th>predicted</th><th>confidence</th></tr>")
-        for err in s["errors"]:
-            parts.append(
-                f"<tr><td>{e(err['file'])}</td><td>{e(err['true'])}</td><td>{e(err['pred'])}</td>"
-                f"<td>{err['confidence']:.3f}</td></tr>"
-            )
-        parts.append("</table>")
-        for r, row in error_rows:
-            parts.append(f"<img alt='{e(r.file)}' src='data:image/png;base64,{_b64(row)}'>")
-        if len(error_rows) < len(s["errors"]):
-            parts.append(f"<p class='note'>Pictures of the first {len(error_rows)} errors only.</p>")
+        parts.append(f"<h3>{html.escape(c)}</h3><img alt='{html.escape(c)}' src='data:image/png;base64,{_b64(grid)}'>")
+    parts.extend(_report_errors(summary, error_rows))
     parts.append("</body></html>\n")
     path = out / "report.html"
     path.write_text("".join(parts))

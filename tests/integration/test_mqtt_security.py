@@ -26,9 +26,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from simulators.plc.synthetic import SyntheticAgent
 from tests.conftest import free_port
+from tests.integration import test_plc_outputs
 from tests.integration.test_plc_outputs import LOCAL, MOSQUITTO, Bridge, port_open, wait_for
 
 pytestmark = pytest.mark.integration
+bridges = test_plc_outputs.bridges  # the same fixture: bridges a test starts, killed at teardown
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
@@ -233,15 +235,6 @@ def subscribers() -> Iterator[list[TlsSubscriber]]:
     yield started
     for s in started:
         s.close()
-
-
-@pytest.fixture
-def bridges() -> Iterator[list[Bridge]]:
-    """Bridges a test starts, killed at teardown if still running."""
-    started: list[Bridge] = []
-    yield started
-    for b in started:
-        b.kill()
 
 
 @pytest.fixture

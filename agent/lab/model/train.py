@@ -396,37 +396,23 @@ def _display_path(p: str) -> str:
         return p
 
 
-def fit_decisions(model: Any, ds: Dataset, cfg: TrainConfig, train_x: np.ndarray, train_y: np.ndarray,
-                  val_x: np.ndarray, val_y: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    """Calibration, OOD model, thresholds (with a 2-fold cross-fit estimate) and outcomes under degradation."""
-    from agent.lab.calibrate import (
-        ECE_BINS,
-        OOD_QUANTILE,
-        REVIEW_GOAL,
-        SHRINKAGE,
-        ece,
-        fit_mahalanobis,
-        fit_rule,
-        outcome,
-        stratified_halves,
-    )
+def _outcomes(r: Any, p: np.ndarray, f: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    from agent.lab.calibrate import outcome
 
-    k = len(ds.classes)
-    _, f_tr = probs_and_pooled(model, train_x)
-    p_va, f_va = probs_and_pooled(model, val_x)
-    maha = fit_mahalanobis(f_tr, train_y, k)
-    deg = degraded_outputs(model, val_x, cfg.seed)
-    dp = np.concatenate([deg[kd][s][0] for kd in deg for s in deg[kd]])
-    df = np.concatenate([deg[kd][s][1] for kd in deg for s in deg[kd]])
-    dy = np.concatenate([val_y for kd in deg for _ in deg[kd]])
-    rule, info = fit_rule(ds.classes, cfg.pass_classes, p_va, val_y, f_va, maha, dp, dy, df)
+    dec, idx, _, _ = r.decide(p, f)
+    return outcome(dec, idx, y, r.pass_mask)
 
-    def run(r: Any, p: np.ndarray, f: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        dec, idx, _, _ = r.decide(p, f)
-        return outcome(dec, idx, y, r.pass_mask)
 
-    # Cross-fit: thresholds chosen on one half of validation, measured on the other, both ways; an honest
-    # estimate of what the in-sample figures promise on unseen images.
+def _cross_fit(ds: Dataset, cfg: TrainConfig, maha: Any, clean: tuple[np.ndarray, np.ndarray, np.ndarray],
+               degraded: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Thresholds chosen on one half of validation, measured on the other, both ways.
+
+    An honest estimate of what the in-sample figures promise on unseen images.
+    """
+    from agent.lab.calibrate import fit_rule, stratified_halves
+
+    p_va, f_va, val_y = clean
+    dp, df, dy = degraded
     halves = stratified_halves(val_y, cfg.seed)
     n_val = len(val_y)
     cross: dict[str, Any] = {}
@@ -435,53 +421,85 @@ def fit_decisions(model: Any, ds: Dataset, cfg: TrainConfig, train_x: np.ndarray
         fsel = np.concatenate([np.asarray(fit_i) + j * n_val for j in range(len(dp) // n_val)])
         r_h, _ = fit_rule(ds.classes, cfg.pass_classes, p_va[fit_i], val_y[fit_i], f_va[fit_i], maha,
                           dp[fsel], dy[fsel], df[fsel])
-        cross[name] = {"clean": run(r_h, p_va[test_i], f_va[test_i], val_y[test_i]),
-                       "degraded": run(r_h, dp[dsel], df[dsel], dy[dsel])}
+        cross[name] = {"clean": _outcomes(r_h, p_va[test_i], f_va[test_i], val_y[test_i]),
+                       "degraded": _outcomes(r_h, dp[dsel], df[dsel], dy[dsel])}
+    return cross
+
+
+def _calibration_block(rule: Any, temperature: float, p_va: np.ndarray, val_y: np.ndarray) -> dict[str, Any]:
+    from agent.lab.calibrate import ECE_BINS, ece
+
     q_va = rule.calibrate(p_va)
-    calibration = {
+    rows = np.arange(len(val_y))
+    return {
         "method": "temperature scaling of the logits, fitted on the validation split by NLL (grid 0.05..20); "
                   "the runtime applies softmax(log(probs) / temperature)",
-        "temperature": info["temperature"],
+        "temperature": temperature,
         "ece_before": ece(p_va, val_y), "ece_after": ece(q_va, val_y), "ece_bins": ECE_BINS,
-        "nll_before": float(-np.mean(np.log(np.maximum(p_va[np.arange(n_val), val_y], 1e-30)))),
-        "nll_after": float(-np.mean(np.log(np.maximum(q_va[np.arange(n_val), val_y], 1e-30)))),
+        "nll_before": float(-np.mean(np.log(np.maximum(p_va[rows, val_y], 1e-30)))),
+        "nll_after": float(-np.mean(np.log(np.maximum(q_va[rows, val_y], 1e-30)))),
     }
-    per_deg = {kd: {s: run(rule, *deg[kd][s], val_y) for s in deg[kd]} for kd in deg}
-    has_pass = bool(cfg.pass_classes)
-    decision = {
-        "pass_threshold": rule.pass_threshold,
-        "min_confidence": rule.min_confidence,
-        "rule": ("OOD score > ood.threshold -> review; else argmax a pass class: pass if the calibrated "
-                 "probability of the pass classes >= pass_threshold, else review; else argmax a defect class: "
-                 "divert if its calibrated probability >= min_confidence, else review"),
-        "how_chosen": {
-            "pass_threshold": ("the lowest threshold with 0 defect escapes (a defective validation image decided "
-                               "pass) on the clean validation split, i.e. the lowest false-reject rate at 0 escapes; "
-                               "floor 0.5") if has_pass else "no pass class: every ok verdict is divert or review",
-            "min_confidence": (f"the lowest floor sending >= {REVIEW_GOAL:.0%} of validation errors (clean images "
-                               "and every degradation at every severity, agent.lab.degrade) to review, counting "
-                               "errors already reviewed by the OOD and pass rules; floor 0.5"),
-        },
-        "validation": run(rule, p_va, f_va, val_y),
-        "validation_degraded": run(rule, dp, df, dy),
-        "per_degradation": per_deg,
-        "cross_fit": cross,
+
+
+def _how_chosen(has_pass: bool) -> dict[str, str]:
+    from agent.lab.calibrate import REVIEW_GOAL
+
+    return {
+        "pass_threshold": ("the lowest threshold with 0 defect escapes (a defective validation image decided "
+                           "pass) on the clean validation split, i.e. the lowest false-reject rate at 0 escapes; "
+                           "floor 0.5") if has_pass else "no pass class: every ok verdict is divert or review",
+        "min_confidence": (f"the lowest floor sending >= {REVIEW_GOAL:.0%} of validation errors (clean images "
+                           "and every degradation at every severity, agent.lab.degrade) to review, counting "
+                           "errors already reviewed by the OOD and pass rules; floor 0.5"),
     }
-    ood = {
+
+
+def _ood_block(rule: Any, maha: Any, n_train: int) -> dict[str, Any]:
+    from agent.lab.calibrate import OOD_QUANTILE, SHRINKAGE
+
+    return {
         "method": "mahalanobis",
         "inputs": "pooled",
         "pooled": "GlobalAveragePooling2D of the last feature map (the 'gap' layer's output, the input of 'logits'); "
                   "equal to the mean over h,w of the feature map backends return for CAM",
         "score": "min over classes of (f - mean_c) P (f - mean_c) / F, P the shrunk tied precision; computed as "
                  "||f W - means_whitened_c||^2 / F with W W^T = P",
-        "fitted_on": f"GAP features of the {len(train_y)} clean training images; shrinkage {SHRINKAGE}",
+        "fitted_on": f"GAP features of the {n_train} clean training images; shrinkage {SHRINKAGE}",
         "threshold": rule.ood_threshold,
         "how_chosen": f"the {OOD_QUANTILE:.0%} quantile of the clean validation images' scores",
         "features": maha.features,
         "whiten": maha.whiten.tolist(),
         "means_whitened": maha.means.tolist(),
     }
-    return rule, {"calibration": calibration, "decision": decision, "ood": ood}
+
+
+def fit_decisions(model: Any, ds: Dataset, cfg: TrainConfig, train_x: np.ndarray, train_y: np.ndarray,
+                  val_x: np.ndarray, val_y: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """Calibration, OOD model, thresholds (with a 2-fold cross-fit estimate) and outcomes under degradation."""
+    from agent.lab.calibrate import fit_mahalanobis, fit_rule
+
+    _, f_tr = probs_and_pooled(model, train_x)
+    p_va, f_va = probs_and_pooled(model, val_x)
+    maha = fit_mahalanobis(f_tr, train_y, len(ds.classes))
+    deg = degraded_outputs(model, val_x, cfg.seed)
+    dp = np.concatenate([deg[kd][s][0] for kd in deg for s in deg[kd]])
+    df = np.concatenate([deg[kd][s][1] for kd in deg for s in deg[kd]])
+    dy = np.concatenate([val_y for kd in deg for _ in deg[kd]])
+    rule, info = fit_rule(ds.classes, cfg.pass_classes, p_va, val_y, f_va, maha, dp, dy, df)
+    decision = {
+        "pass_threshold": rule.pass_threshold,
+        "min_confidence": rule.min_confidence,
+        "rule": ("OOD score > ood.threshold -> review; else argmax a pass class: pass if the calibrated "
+                 "probability of the pass classes >= pass_threshold, else review; else argmax a defect class: "
+                 "divert if its calibrated probability >= min_confidence, else review"),
+        "how_chosen": _how_chosen(bool(cfg.pass_classes)),
+        "validation": _outcomes(rule, p_va, f_va, val_y),
+        "validation_degraded": _outcomes(rule, dp, df, dy),
+        "per_degradation": {kd: {s: _outcomes(rule, *deg[kd][s], val_y) for s in deg[kd]} for kd in deg},
+        "cross_fit": _cross_fit(ds, cfg, maha, (p_va, f_va, val_y), (dp, df, dy)),
+    }
+    return rule, {"calibration": _calibration_block(rule, info["temperature"], p_va, val_y), "decision": decision,
+                  "ood": _ood_block(rule, maha, len(train_y))}
 
 
 def card_json(card: dict[str, Any]) -> str:
@@ -574,6 +592,106 @@ def train_command(args: Any) -> int:
     return 0
 
 
+def _self_test_block(folded: Any, rule: Any, ispec: InputSpec) -> dict[str, Any]:
+    """The card's self-test: what the model answers for seeded noise, which every runtime must reproduce."""
+    st_in = self_test_inputs(ispec.size)
+    st_probs = folded.predict(st_in, verbose=0)
+    st_dec = rule.decide(st_probs, probs_and_pooled(folded, st_in)[1])[0]
+    return {
+        "inputs": f"agent.geometry.self_test_inputs({ispec.size}, 4) = np.random.default_rng(1234)"
+                  f".integers(0, 256, (4, {ispec.size}, {ispec.size}, 1)).astype('float32')",
+        "expected_probs": st_probs.astype(float).round(7).tolist(),
+        "expected_class_index": st_probs.argmax(1).tolist(),
+        "expected_decisions": [int(c) for c in st_dec],
+        "atol": SELF_TEST_ATOL,
+        "note": "atol holds for fp32 runtimes; int8/bf16 variants are checked by their accuracy gate instead",
+    }
+
+
+def _validation_block(acc: float, cm: np.ndarray, pred: np.ndarray, val_s: Sequence[Sample], yva: np.ndarray,
+                      classes: Sequence[str], cfg: TrainConfig, data_root: str) -> dict[str, Any]:
+    errors = [
+        {"file": s.rel or s.path.name, "true": classes[int(t)], "pred": classes[int(p)]}
+        for s, t, p in zip(val_s, yva, pred, strict=True)
+        if t != p
+    ]
+    return {
+        "accuracy": acc,
+        "n": len(val_s),
+        "errors": errors,
+        "confusion_matrix": cm.tolist(),
+        "method": f"stratified hold-out of {cfg.val_fraction:.0%} of {data_root} (seed {cfg.seed}); "
+                  "these images were never trained on; early stopping, calibration and thresholds used them",
+        "files_hash": file_list_hash(val_s),
+    }
+
+
+def _training_block(train_s: Sequence[Sample], cfg: TrainConfig, data_root: str, hist: dict[str, Any],
+                    seconds: float) -> dict[str, Any]:
+    return {
+        "images": len(train_s),
+        "files_hash": file_list_hash(train_s),
+        "data": data_root,
+        "seed": cfg.seed,
+        "config": {**asdict(cfg), "pass_classes": list(cfg.pass_classes)},
+        "init": None if not cfg.init else {"model": _display_path(cfg.init),
+                                          "sha256": file_sha256(Path(cfg.init)), "head_kept": cfg.init_head},
+        "imbalance": (f"class-balanced sampling: each epoch draws {len(train_s)} training images with "
+                      f"replacement, class c's share proportional to n_c^(1 - {cfg.balance})"
+                      if cfg.balance > 0 else "none (natural frequencies, one permutation per epoch)"),
+        "augmentation": "flips, 90-degree turns, rotation up to 12 deg and shift up to 22 px (mirrored border), "
+                        "then each of Gaussian blur, motion blur, noise, JPEG, brightness, contrast with "
+                        f"probability {cfg.degrade_p} up to a little beyond 'strong' (agent.lab.degrade.augment)"
+                        if cfg.degrade else "flips, 90-degree turns, rotation and shift",
+        "epochs_run": len(hist.get("loss", [])),
+        "best_epoch": int(np.argmax(hist.get("val_accuracy", [0]))) + 1,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _model_block(folded: Any, model: Any, spec: ArchSpec, ispec: InputSpec, acc: float, k: int) -> dict[str, Any]:
+    """The card's input, output, architecture and cost entries."""
+    from agent.lab.model.flops import netscore
+
+    macs = count_macs(folded)
+    return {
+        "input": {"shape": [None, ispec.size, ispec.size, 1], "dtype": "float32", "range": "raw pixel values 0..255",
+                  "normalization": "inside the model: x/127.5 - 1", **ispec.to_card(),
+                  "function": "agent.geometry.to_input(frame, InputSpec.from_card(card['input']))"},
+        "output": {"shape": [None, k], "meaning": "softmax probabilities in class order"},
+        "architecture": spec.to_dict(),
+        "params": int(folded.count_params()),
+        "params_training_form": int(model.count_params()),
+        "flops": profiler_flops(folded),
+        "flops_convention": "tf.compat.v1.profiler float_operation on the frozen inference graph, batch 1 "
+                            "(2 per multiply-add)",
+        "macs": macs,
+        "netscore": round(netscore(100 * acc, folded.count_params(), macs), 2),
+    }
+
+
+def _ship(tmp_model: Path, card: dict[str, Any], out_dir: Path, name: str) -> None:
+    """Put the model and its card in place: others may be loading the shipped ones, so rename over them."""
+    tmp_card = out_dir / f".{name}.tmp.json"
+    tmp_card.write_text(card_json(card))
+    os.replace(tmp_model, out_dir / f"{name}.keras")
+    os.replace(tmp_card, out_dir / f"{name}.json")
+
+
+def _checked(ds: Dataset | Sequence[Sample], cfg: TrainConfig, data_root: str) -> Dataset:
+    """The dataset (a bare NEU-DET sample list is wrapped), its pass classes checked (DataError names the bad one)."""
+    from agent.lab.data import NEU_CLASSES
+
+    if not isinstance(ds, Dataset):
+        ds = Dataset(Path(data_root), "neu-det", NEU_CLASSES, tuple(ds))
+    bad = [c for c in cfg.pass_classes if c not in ds.classes]
+    if bad:
+        from agent.errors import DataError
+
+        raise DataError(f"{data_root}: pass class {bad[0]!r} is not one of {list(ds.classes)}")
+    return ds
+
+
 def train_and_ship(
     ds: Dataset | Sequence[Sample],
     spec: ArchSpec,
@@ -589,16 +707,8 @@ def train_and_ship(
     import keras
     import tensorflow as tf
 
-    from agent.lab.data import NEU_CLASSES
-
-    if not isinstance(ds, Dataset):
-        ds = Dataset(Path(data_root), "neu-det", NEU_CLASSES, tuple(ds))
+    ds = _checked(ds, cfg, data_root)
     ispec = input_spec or InputSpec()
-    bad = [c for c in cfg.pass_classes if c not in ds.classes]
-    if bad:
-        from agent.errors import DataError
-
-        raise DataError(f"{data_root}: pass class {bad[0]!r} is not one of {list(ds.classes)}")
     t0 = time.monotonic()
     samples = list(ds.samples)
     k = len(ds.classes)
@@ -620,20 +730,7 @@ def train_and_ship(
     # Others load the shipped model while this runs: write beside it, then rename over it.
     tmp_model = out_dir / f".{name}.tmp.keras"
     folded.save(tmp_model)
-    flops = profiler_flops(folded)
-    macs = count_macs(folded)
-    from agent.lab.model.flops import netscore
-
-    st_in = self_test_inputs(ispec.size)
-    st_probs = folded.predict(st_in, verbose=0)
-    st_pooled = probs_and_pooled(folded, st_in)[1]
-    st_dec = rule.decide(st_probs, st_pooled)[0]
     classes = list(ds.classes)
-    errors = [
-        {"file": s.rel or s.path.name, "true": classes[int(t)], "pred": classes[int(p)]}
-        for s, t, p in zip(val_s, yva, pred, strict=True)
-        if t != p
-    ]
     card = {
         "name": name,
         "architecture_name": "TinyDefectNet",
@@ -641,65 +738,16 @@ def train_and_ship(
         "model_sha256": file_sha256(tmp_model),
         "classes": classes,
         "pass_classes": list(cfg.pass_classes),
-        "input": {"shape": [None, ispec.size, ispec.size, 1], "dtype": "float32", "range": "raw pixel values 0..255",
-                  "normalization": "inside the model: x/127.5 - 1", **ispec.to_card(),
-                  "function": "agent.geometry.to_input(frame, InputSpec.from_card(card['input']))"},
-        "output": {"shape": [None, k], "meaning": "softmax probabilities in class order"},
-        "architecture": spec.to_dict(),
-        "params": int(folded.count_params()),
-        "params_training_form": int(model.count_params()),
-        "flops": flops,
-        "flops_convention": "tf.compat.v1.profiler float_operation on the frozen inference graph, batch 1 "
-                            "(2 per multiply-add)",
-        "macs": macs,
-        "netscore": round(netscore(100 * acc, folded.count_params(), macs), 2),
+        **_model_block(folded, model, spec, ispec, acc, k),
         **blocks,
-        "self_test": {
-            "inputs": f"agent.geometry.self_test_inputs({ispec.size}, 4) = np.random.default_rng(1234)"
-                      f".integers(0, 256, (4, {ispec.size}, {ispec.size}, 1)).astype('float32')",
-            "expected_probs": st_probs.astype(float).round(7).tolist(),
-            "expected_class_index": st_probs.argmax(1).tolist(),
-            "expected_decisions": [int(c) for c in st_dec],
-            "atol": SELF_TEST_ATOL,
-            "note": "atol holds for fp32 runtimes; int8/bf16 variants are checked by their accuracy gate instead",
-        },
-        "validation": {
-            "accuracy": acc,
-            "n": len(val_s),
-            "errors": errors,
-            "confusion_matrix": cm.tolist(),
-            "method": f"stratified hold-out of {cfg.val_fraction:.0%} of {data_root} (seed {cfg.seed}); "
-                      "these images were never trained on; early stopping, calibration and thresholds used them",
-            "files_hash": file_list_hash(val_s),
-        },
+        "self_test": _self_test_block(folded, rule, ispec),
+        "validation": _validation_block(acc, cm, pred, val_s, yva, classes, cfg, data_root),
         "data": {"layout": ds.layout, "counts": ds.counts(), "images": len(samples)},
-        "training": {
-            "images": len(train_s),
-            "files_hash": file_list_hash(train_s),
-            "data": data_root,
-            "seed": cfg.seed,
-            "config": {**asdict(cfg), "pass_classes": list(cfg.pass_classes)},
-            "init": None if not cfg.init else {"model": _display_path(cfg.init),
-                                              "sha256": file_sha256(Path(cfg.init)), "head_kept": cfg.init_head},
-            "imbalance": (f"class-balanced sampling: each epoch draws {len(train_s)} training images with "
-                          f"replacement, class c's share proportional to n_c^(1 - {cfg.balance})"
-                          if cfg.balance > 0 else "none (natural frequencies, one permutation per epoch)"),
-            "augmentation": "flips, 90-degree turns, rotation up to 12 deg and shift up to 22 px (mirrored border), "
-                            "then each of Gaussian blur, motion blur, noise, JPEG, brightness, contrast with "
-                            f"probability {cfg.degrade_p} up to a little beyond 'strong' (agent.lab.degrade.augment)"
-                            if cfg.degrade else "flips, 90-degree turns, rotation and shift",
-            "epochs_run": len(hist.get("loss", [])),
-            "best_epoch": int(np.argmax(hist.get("val_accuracy", [0]))) + 1,
-            "seconds": round(train_seconds, 1),
-        },
+        "training": _training_block(train_s, cfg, data_root, hist, train_seconds),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
         "batchnorm": "folded into conv weights for inference",
     }
-    card_path = out_dir / f"{name}.json"
-    tmp_card = out_dir / f".{name}.tmp.json"
-    tmp_card.write_text(card_json(card))
-    os.replace(tmp_model, model_path)
-    os.replace(tmp_card, card_path)
-    log.info("shipped", model=str(model_path), val_accuracy=acc, params=card["params"], flops=flops,
+    _ship(tmp_model, card, out_dir, name)
+    log.info("shipped", model=str(model_path), val_accuracy=acc, params=card["params"], flops=card["flops"],
              seconds=round(train_seconds))
     return card
