@@ -9,12 +9,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import ConfigError
-from agent.line import ServingModel
 from agent.logging import RateLimited
-from protocol import ProtocolError
 from protocol.control import (
     SETTABLE,
     Command,
@@ -24,6 +22,10 @@ from protocol.control import (
     encode_reply,
     peek_token,
 )
+from protocol.errors import ProtocolError
+
+if TYPE_CHECKING:  # settings validation reads the thresholds file before the agent imports numpy
+    from agent.line import ServingModel
 
 # Run-time thresholds survive a restart: an operator's correction must not silently vanish with the process.
 THRESHOLDS_FILE = "thresholds.json"
