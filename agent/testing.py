@@ -33,6 +33,15 @@ def wait_for(condition: Callable[[], T | None], timeout_s: float, what: str, int
         time.sleep(interval_s)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now (for servers that cannot bind port 0 and report it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def http_get(url: str, timeout: float = 3.0) -> tuple[int, str]:
     """(status, body) of a GET; status 0 when nothing answers."""
     try:

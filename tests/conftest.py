@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
+
+from agent.testing import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "agent" / "models" / "tinydefectnet.keras"
@@ -54,12 +55,6 @@ def shipped_model() -> Path:
     if not model.is_file():
         pytest.fail(f"model {model} is missing")
     return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # A test that has not finished in this long is stuck: fail it with a traceback instead of stalling CI (pyzmq's

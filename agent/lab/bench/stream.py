@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CPU from one core the way cameras on their own hardware would take none (default: unpinned)")
     p.add_argument("--agent-cpus", default="",
                    help="pin the agent, and the capacity probe it is compared with, to these CPUs (default: unpinned)")
+    p.add_argument("--console", action="store_true",
+                   help="run every load twice, without and with `tdn console` subscribed (and one page's event "
+                        "stream open), and report both side by side: the console must not slow the line")
     p.add_argument("--out", type=Path, default=Path("runs/bench-stream"))
     p.add_argument("--json", type=Path)
 
@@ -65,6 +68,75 @@ def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, t
     if out.returncode != 0:
         raise RuntimeError(f"capacity probe failed: {out.stderr[-500:]}")
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _start_console(publish: str, out: Path) -> tuple[subprocess.Popen[bytes], Any, str]:
+    """`tdn console` on a free loopback port, subscribed to the agent, with one client reading its event stream."""
+    import threading
+    import urllib.request
+
+    from agent.testing import free_port, wait_for
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "console", "--endpoint", publish, "--listen",
+                             f"127.0.0.1:{port}", "--state-dir", str(out / "console"), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(url + "/api/summary", timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_for(up, 60, "the console")
+
+    def read_events() -> None:  # what an open page costs the console: the event stream, read as it comes
+        try:
+            with urllib.request.urlopen(url + "/api/events", timeout=60) as r:
+                while r.read(4096):
+                    pass
+        except OSError:
+            pass
+
+    threading.Thread(target=read_events, daemon=True).start()
+    return proc, None, url
+
+
+def _stop_console(console: tuple[subprocess.Popen[bytes], Any, str]) -> dict[str, Any]:
+    """The console's own counts (verdicts it saw, drops) and RSS, then stop it."""
+    import urllib.request
+
+    import psutil
+
+    proc, _, url = console
+    info: dict[str, Any] = {}
+    try:
+        summary = json.loads(urllib.request.urlopen(url + "/api/summary", timeout=5).read())
+        info = {"verdicts_seen": sum(c.get("verdicts", 0) for c in summary.get("cameras", {}).values()),
+                "dropped": summary.get("console", {}).get("dropped"),
+                "rss_mib": round(psutil.Process(proc.pid).memory_info().rss / 2**20, 1)}
+    except OSError:
+        info = {"error": "console did not answer"}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    return info
+
+
+def _console_pairs(rows: list[dict[str, Any]]) -> str:
+    """Each load without and with the console, side by side: throughput ratio and p99 of both."""
+    lines = ["with the console attached (same run, same agent; each load measured without, then with):"]
+    for plain, attached in zip(rows[::2], rows[1::2], strict=True):
+        ratio = attached["verdicts_per_s"] / plain["verdicts_per_s"] if plain["verdicts_per_s"] else float("nan")
+        c = attached["console"] or {}
+        lines.append(f"- {plain['load_pct']:g}%: ok verdicts/s {plain['verdicts_per_s']:,.0f} -> "
+                     f"{attached['verdicts_per_s']:,.0f} ({ratio:.3f}x); p99 {plain['p99_ms']} -> "
+                     f"{attached['p99_ms']} ms; the console saw {c.get('verdicts_seen')} verdicts, dropped "
+                     f"{c.get('dropped')}, RSS {c.get('rss_mib')} MiB")
+    return "\n".join(lines)
 
 
 def _pinner(cpus: str) -> Any:
@@ -102,10 +174,12 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         proc = psutil.Process(agent.pid)
-        for load in [float(x) for x in args.loads.split(",")]:
+        steps = [(float(x), c) for x in args.loads.split(",") for c in ((False, True) if args.console else (False,))]
+        for load, with_console in steps:
             offered = caps[-1] * load / 100
             fps = offered / args.cameras
-            tag = f"load{load:g}"
+            tag = f"load{load:g}" + ("-console" if with_console else "")
+            console = _start_console(publish, out / tag) if with_console else None
             bridge = subprocess.Popen(
                 [py, "-m", "simulators.plc_bridge", "--endpoint", publish, "--report", str(out / f"{tag}-bridge.json"),
                  "--quiet", "--timeout", str(args.seconds + 20)], env=env, preexec_fn=_pinner(args.sim_cpus))
@@ -127,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(2.5)  # last verdicts, and the bridge's verdict timeout
             bridge.send_signal(signal.SIGINT)
             bridge.wait(30)
+            console_info = _stop_console(console) if console is not None else None
             caps.append(probe())  # the agent idles meanwhile: its queue is empty and no camera sends
             cap = (caps[-2] + caps[-1]) / 2
             br = json.loads((out / f"{tag}-bridge.json").read_text())
@@ -148,9 +223,11 @@ def run(args: argparse.Namespace) -> int:
                 "verdicts": v,
                 "unaccounted": cm.get("sent", 0) - v, "gaps": br.get("gaps"), "duplicates": br.get("duplicates"),
                 "agent_cpu_pct": round(cpu, 1), "agent_rss_mib": round(rss, 1),
+                "console": console_info,
             })
             r = results[-1]
-            print(f"{load:>5g}%: capacity {cap:,.0f}/s offered {offered:,.0f}/s sent {r['sent_img_per_s']:,.0f}/s -> "
+            step = f"{load:>5g}%" + (" +console" if with_console else "")
+            print(f"{step}: capacity {cap:,.0f}/s offered {offered:,.0f}/s sent {r['sent_img_per_s']:,.0f}/s -> "
                   f"ok verdicts {r['verdicts_per_s']:,.0f}/s, p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms, "
                   f"shed {r['shed_share']}, unaccounted {r['unaccounted']}", flush=True)
     finally:
@@ -160,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
     md = markdown_table(
         ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
          "unaccounted", "agent CPU %"],
-        [[f"{r['load_pct']:g}%", r["capacity_img_per_s"], r["offered_img_per_s"], r["sent_img_per_s"],
+        [[f"{r['load_pct']:g}%" + (" +console" if r["console"] else ""), r["capacity_img_per_s"],
+          r["offered_img_per_s"], r["sent_img_per_s"],
           r["verdicts_per_s"], f"{100 * r['verdicts_per_s'] / r['capacity_img_per_s']:.0f}%", r["p50_ms"],
           r["p99_ms"], r["shed_share"], r["unaccounted"], r["agent_cpu_pct"]] for r in results],
     )
@@ -170,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
           f"threads {args.threads or 'all'}), before the first step and after each; a step's capacity is the mean "
           f"of the two around it\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
           f"--threads {args.threads} --seconds {args.seconds:g} --loads {args.loads}{pins}")
+    if args.console:
+        md += "\n\n" + _console_pairs(results)
     print(md)
     write_outputs(out, "bench-stream", md, summary, args.json)
     _plot(results, out / "bench-stream.png", args.deadline_ms)
