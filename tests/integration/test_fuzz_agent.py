@@ -1,6 +1,6 @@
 """The real agent on real sockets: random SPEC-valid frames are all answered ok, and hostile peers cannot grow it.
 
-How the agent bounds a message (SPEC 1, 4.1, 9): its PULL socket sets ZMQ_MAXMSGSIZE to MAX_PAYLOAD_BYTES + 1
+How the agent bounds a message (SPEC 1, 4.1, 9): its PULL socket sets ZMQ_MAXMSGSIZE to MAX_PAYLOAD_BYTES + 64
 (agent/service.py), which libzmq applies to every message *part* as it reads the part's length field: a bigger
 part closes the connection before anything is allocated, silently (nothing is counted; SPEC 1 says so). A
 message whose parts are all within that is buffered whole by libzmq, then measured against max_frame_bytes by
@@ -30,6 +30,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from agent.security import make_keypair
+from agent.service import MAX_PART_BYTES
 from agent.testing import AgentProcess
 from protocol import MAX_DIM, MAX_PAYLOAD_BYTES, VERDICT_PREFIX, Encoding, Heartbeat, Status, Verdict
 from simulators.common import curve_client_keys, make_curve_client
@@ -40,7 +41,7 @@ from tests.unit.test_fuzz_frames import Cameras, Sample, check_ok, make_sample, 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
-PART_LIMIT = MAX_PAYLOAD_BYTES + 1  # the agent's ZMQ_MAXMSGSIZE (SPEC 1)
+PART_LIMIT = MAX_PART_BYTES  # the agent's ZMQ_MAXMSGSIZE (SPEC 1)
 LIMIT = 4 * MiB  # max_frame_bytes of the agents the hostile peers talk to: a 4096x4096 gray8 frame is 16 MiB
 RCVHWM = 8  # the agent's default, set explicitly: the memory bounds below are derived from it
 HOSTILE = 200
