@@ -139,3 +139,11 @@ class Controller:
                        command=req.command.value, changed=changed, model_id=model.model_id,
                        **({"warning": saved} if saved else {}))
         return self._reply(Outcome.OK, saved)
+
+
+def for_agent(settings: Any, serving: Retunable, line: Any, log: Any) -> Controller:
+    """The agent's controller: its token file (checked at start-up already), its state directory, its line."""
+    from agent.security import load_token
+
+    return Controller(load_token(settings.control_token_file), settings.agent_id, serving,
+                      ThresholdStore(settings.state_dir), line.retune, line.record, log)

@@ -18,13 +18,12 @@ from agent.backends.base import Backend, BatchBuffers
 from agent.batcher import BatchPolicy
 from agent.beacon import Beacon
 from agent.config import AgentSettings
-from agent.control import Controller, ThresholdStore
+from agent.control import Controller, for_agent
 from agent.intake import admit
 from agent.line import Inferred, InFlight, Job, Line
 from agent.logging import RateLimited, get_logger
 from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
-from agent.security import load_token
 from agent.serving import Loader, heartbeat
 from protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, AgentState, Explanation, Verdict
 from protocol.codec import encode_explanation, encode_heartbeat, encode_verdict
@@ -36,8 +35,8 @@ PIPELINE_DEPTH = 2
 # Python hands the GIL to a waiting thread only every switch interval (5 ms by default). The inference thread
 # needs it briefly around every batch, and a 5 ms wait behind the busy I/O loop is a third of a batch here.
 GIL_SWITCH_INTERVAL_S = 0.0005
-# libzmq applies ZMQ_MAXMSGSIZE to the part as it arrives: under CURVE that is the encrypted part, 33 bytes
-# longer than the payload (measured: a 16 MiB payload was dropped at + 1). 64 covers the framing of either.
+# libzmq applies ZMQ_MAXMSGSIZE to a part as it arrives: under CURVE, 33 bytes longer than the payload (+ 1 dropped
+# a 16 MiB payload). 64 covers either.
 MAX_PART_BYTES = MAX_PAYLOAD_BYTES + 64
 BIG_PAYLOAD = 256 * 1024
 
@@ -56,9 +55,7 @@ class Agent:
         self.health = Health(stall_s=max(10.0, 5 * settings.heartbeat_interval_s))
         self.notifier = Notifier()
         self.loader = Loader(settings)
-        self._thresholds = ThresholdStore(settings.state_dir)
-        self.loader.runtime = self._thresholds.load()  # run-time thresholds set before a restart
-        self.control: zmq.Socket[Any] | None = None
+        self.control: zmq.Socket[Any] | None = None  # the REP socket of SPEC 12, with its controller and endpoint
         self.controller: Controller | None = None
         self.control_endpoint: str | None = None
         self.line: Line | None = None
@@ -236,8 +233,7 @@ class Agent:
         return max(0, int(limit * 1000 + 0.999))
 
     def _set_state(self, state: AgentState) -> None:
-        self.state = state
-        self.health.state, self.health.ready = state.value, state is AgentState.READY
+        self.state, self.health.state, self.health.ready = state, state.value, state is AgentState.READY
         self.metrics.ready.set(1 if state is AgentState.READY else 0)
 
     def _bind_intake(self) -> None:
@@ -261,21 +257,15 @@ class Agent:
         """The REP socket of SPEC 12 (operator commands), when control_endpoint is set."""
         if self.s.control_endpoint is None:
             return
-        assert self.s.control_token_file is not None  # the settings require it with control_endpoint
         sock = self.ctx.socket(zmq.REP)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024)  # a command is a header; nothing bigger is read
-        sock.setsockopt(zmq.RCVHWM, 16)
-        sock.setsockopt(zmq.LINGER, 0)
+        # A command is one header: nothing bigger is read, and a flood queues 16 at most.
+        for opt, value in ((zmq.MAXMSGSIZE, MAX_HEADER_BYTES + 1024), (zmq.RCVHWM, 16), (zmq.LINGER, 0)):
+            sock.setsockopt(opt, value)
         if self.curve is not None:
             self.curve.secure(sock, "control")
         sock.bind(self.s.control_endpoint)
-        self.control = sock
-        self.control_endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        line = self.line
-        assert line is not None
-        self.controller = Controller(load_token(self.s.control_token_file), self.s.agent_id, self.loader,
-                                     self._thresholds, line.retune, line.record, log)
-        log.info("control", endpoint=self.control_endpoint, overridden=sorted(self.loader.runtime))
+        self.control, self.control_endpoint = sock, sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.controller = for_agent(self.s, self.loader, self.line, log)
 
     def _answer_commands(self) -> None:
         assert self.control is not None and self.controller is not None
@@ -396,12 +386,11 @@ class Agent:
         for t in self._threads:
             t.join(timeout=2.0)
         self.loader.close()
-        line = self.line
-        assert line is not None
-        log.info("stopped", **line.counters(), outstanding=line.outstanding)
-        self.wake.close(linger=0)
-        if self.control is not None:
-            self.control.close(linger=0)
+        assert self.line is not None
+        log.info("stopped", **self.line.counters(), outstanding=self.line.outstanding)
+        for sock in (self.wake, self.control):
+            if sock is not None:
+                sock.close(linger=0)
         # A short linger lets the last verdicts and the final heartbeat leave before the socket closes.
         self.pub.close(linger=1000)
         if self.curve is not None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from agent import card as cards
 from agent.backends.base import Backend
+from agent.control import ThresholdStore
 from agent.decision import DecisionRule
 from agent.errors import ModelError, TdnError
 from agent.geometry import InputSpec
@@ -79,8 +80,9 @@ class Loader:
     def __init__(self, settings: AgentSettings) -> None:
         self.s = settings
         self.model: ServingModel | None = None
-        # Thresholds set by control commands (agent/control.py), applied to every model served, swaps included.
-        self.runtime: dict[str, float] = {}
+        # Thresholds set by control commands (agent/control.py), applied to every model served, swaps included;
+        # the ones saved before a restart apply from the start.
+        self.runtime: dict[str, float] = ThresholdStore(settings.state_dir).load()
         self._recent: dict[str, ServingModel] = {}  # by model_id: explanations of verdicts made before a swap
         self._lock = threading.Lock()
         self._ready: ServingModel | None = None
@@ -109,7 +111,7 @@ class Loader:
         self.model = retuned(prepare(backend, self.s, self.s.model_path), self.runtime)
         self._recent[self.model.model_id] = self.model
         log.info("model serving", model_id=self.model.model_id, classes=list(self.model.classes),
-                 pass_classes=list(self.model.pass_classes), **backend.identity())
+                 pass_classes=list(self.model.pass_classes), set_at_run_time=self.runtime, **backend.identity())
         return self.model
 
     def model_by_id(self, model_id: str) -> ServingModel | None:

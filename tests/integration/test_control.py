@@ -150,6 +150,8 @@ class TestThresholdCommand:
         second = start_agent(**settings)
         hb = heartbeat(zctx, second, lambda h: h.state.value == "ready")
         assert hb.thresholds["min_confidence"] == 0.25
+        serving = second.event("model serving")
+        assert serving is not None and serving["set_at_run_time"] == {"min_confidence": 0.25}
         assert json.loads(thresholds(second, token).stdout)["overridden"] == ["min_confidence"]
 
     def test_bad_state_file_is_one_clear_error(self, tmp_path: Path, shipped_model: Path) -> None:
@@ -166,5 +168,6 @@ class TestThresholdCommand:
     def test_no_control_socket_unless_configured(self, start_agent: Any) -> None:
         """Without control_endpoint the agent binds no control socket and logs none."""
         agent = start_agent(explain_interval_s=0)
-        assert agent.control == "" and agent.event("control") is None
+        ready = agent.event("ready")
+        assert agent.control == "" and ready is not None and ready["control"] is None
         wait_for(lambda: agent.alive(), 1, "agent alive")
