@@ -179,25 +179,12 @@ class LineTracker:
     def _total(self, name: str) -> int:
         return sum(getattr(cam, name) for cam in self.cameras.values())
 
-    @property
-    def verdicts(self) -> int:
-        """Distinct verdicts received (duplicates excluded)."""
-        return self._total("verdicts")
-
-    @property
-    def rejects(self) -> int:
-        """Parts rejected: defect verdicts plus fail-safed gaps."""
-        return self._total("rejects")
-
-    @property
-    def gaps(self) -> int:
-        """Parts fail-safed because their verdict never came in time."""
-        return self._total("gaps")
-
-    @property
-    def duplicates(self) -> int:
-        """Verdicts ignored because their camera and seq already had one."""
-        return self._total("duplicates")
+    # Distinct verdicts received (duplicates excluded); parts rejected (defect verdicts plus fail-safed gaps);
+    # parts fail-safed because their verdict never came in time; verdicts ignored as a repeat of camera and seq.
+    verdicts = property(lambda self: self._total("verdicts"))
+    rejects = property(lambda self: self._total("rejects"))
+    gaps = property(lambda self: self._total("gaps"))
+    duplicates = property(lambda self: self._total("duplicates"))
 
     @property
     def agents_up(self) -> int:

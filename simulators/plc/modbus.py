@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import Counter
 from typing import Any
 
@@ -12,7 +11,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.plc.results import DECISION_CODES, BridgeStatus, CameraStatus, Decision, Update
+from simulators.plc.results import DECISION_CODES, BridgeStatus, CameraStatus, Decision, ServerThread, Update
 
 UNIT_ID = 1
 MAP_VERSION = 1
@@ -168,10 +167,11 @@ class RegisterImage:
         return None
 
 
-class ModbusOutput:
+class ModbusOutput(ServerThread):
     """A pymodbus TCP server in its own thread and loop, serving a RegisterImage."""
 
     name = "modbus"
+    label = "Modbus"
 
     def __init__(self, endpoint: str, cameras: list[str] | None = None,
                  max_cameras: int = DEFAULT_MAX_CAMERAS) -> None:
@@ -180,21 +180,10 @@ class ModbusOutput:
             raise ValueError(f"Modbus endpoint {endpoint!r}: expected HOST:PORT")
         self.address = (host.strip("[]"), int(port))
         self.image = RegisterImage(cameras, max_cameras)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="tdn-modbus", daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        super().__init__()
         self._stop: asyncio.Event | None = None
         self.requests = 0
         self.exceptions = 0
-
-    def start(self, timeout: float = 15.0) -> None:
-        """Listen; raises when the address cannot be bound."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError("Modbus server did not start in time")
-        if self._error is not None:
-            raise self._error
 
     def deliver(self, update: Update) -> None:
         """Apply an update in the server's loop (no locks: requests are served on that loop too)."""
@@ -211,19 +200,6 @@ class ModbusOutput:
         """Counters for the bridge report."""
         return {"requests": self.requests, "exceptions": self.exceptions, "rejected": dict(self.image.rejected),
                 "acks": self.image.acks, "cameras": dict(self.image.order), "unmapped": sorted(self.image.unmapped)}
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported to start() or logged; the bridge must not die
-            if not self._ready.is_set():
-                self._error = exc
-                self._ready.set()
-            else:
-                log.exception("Modbus server failed")
-        finally:
-            self.loop.close()
 
     async def _action(self, function_code: int, start_address: int, address: int, count: int,
                       registers: list[int], set_values: list[int] | list[bool] | None) -> ExcCodes | None:

@@ -10,7 +10,6 @@ import os
 import secrets
 import stat
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +25,16 @@ from asyncua.crypto.validator import CertificateValidator, CertificateValidatorO
 from asyncua.server.user_managers import UserManager
 
 from simulators.common import is_loopback
-from simulators.plc.results import DECISION_CODES, AckQueue, AgentStatus, CameraStatus, FailSafeEvent, Result, Update
+from simulators.plc.results import (
+    DECISION_CODES,
+    AckQueue,
+    AgentStatus,
+    CameraStatus,
+    FailSafeEvent,
+    Result,
+    ServerThread,
+    Update,
+)
 
 NAMESPACE = "urn:tinydefectnet:line"
 APPLICATION_URI = "urn:tinydefectnet:line:plc-bridge"
@@ -242,10 +250,11 @@ class _CameraNodes:
     status: CameraStatus | None = None
 
 
-class OpcUaOutput:
+class OpcUaOutput(ServerThread):
     """The OPC UA server in its own thread and event loop; deliver() hands it Updates without blocking."""
 
     name = "opcua"
+    label = "OPC UA"
 
     def __init__(self, cfg: OpcUaConfig) -> None:
         self.cfg = cfg
@@ -253,11 +262,8 @@ class OpcUaOutput:
         users = load_users(cfg.users) if cfg.users else {}
         self.users = BridgeUserManager(users, allow_anonymous=self.mode == "none")
         self.rules = RoleRules()
-        self.loop = asyncio.new_event_loop()
+        super().__init__()
         self._queue: asyncio.Queue[Update | None] | None = None
-        self._thread = threading.Thread(target=self._run, name="tdn-opcua", daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
         self._written: dict[ua.NodeId, Any] = {}
         self.cameras: dict[str, _CameraNodes] = {}
         self.agents: dict[str, dict[str, ua.NodeId]] = {}
@@ -270,14 +276,6 @@ class OpcUaOutput:
         self.idx = 0
 
     # -- bridge thread --
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the server; raises what the server raised if it could not listen."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise RuntimeError("OPC UA server did not start in time")
-        if self._error is not None:
-            raise self._error
 
     def deliver(self, update: Update) -> None:
         """Queue an update for the server's loop."""
@@ -298,19 +296,6 @@ class OpcUaOutput:
                 "queue_overflow": {c: n.queue.overflowed for c, n in self.cameras.items() if n.queue}}
 
     # -- server thread --
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported to start() or logged; the bridge must not die
-            if not self._ready.is_set():
-                self._error = exc
-                self._ready.set()
-            else:
-                log.exception("OPC UA server failed")
-        finally:
-            self.loop.close()
 
     async def _validate(self, cert: Any, app: ua.ApplicationDescription) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -453,3 +454,47 @@ class AckQueue:
     def oldest(self) -> Result | None:
         """The result the PLC should take next."""
         return self.items[0] if self.items else None
+
+
+class ServerThread:
+    """An output's server in its own thread and asyncio loop: start() waits until it listens, or re-raises why not.
+
+    The subclass's _main() coroutine sets _ready once listening; if it raises before that, start() re-raises it.
+    """
+
+    name = "server"
+    label = "server"
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=f"tdn-{self.name}", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    async def _main(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        import asyncio
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:  # reported to start() or logged; the bridge must not die
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+            else:
+                logging.getLogger(f"tdn.plc.{self.name}").exception("%s server failed", self.label)
+        finally:
+            self.loop.close()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server; raises what the server raised if it could not listen."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"{self.label} server did not start in time")
+        if self._error is not None:
+            raise self._error
