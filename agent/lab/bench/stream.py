@@ -66,7 +66,10 @@ def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, t
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                          preexec_fn=_pinner(cpus))
     if out.returncode != 0:
-        raise RuntimeError(f"capacity probe failed: {out.stderr[-500:]}")
+        from agent.errors import TdnError
+
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TdnError(f"capacity probe ({backend_name}) failed: {last}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -186,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.8)
             cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
                        "--fps", f"{fps:.3f}", "--report", str(out / f"{tag}-cams.json"), "--quiet",
-                       "--send-timeout-ms", "200", "--seed", str(int(load))]
+                       "--send-timeout-ms", "200", "--seed", str(int(load)),
+                       # The agent runs through every step and remembers each camera's recent seqs: a camera
+                       # starting again at 0 would be refused as duplicate_seq.
+                       "--start-seq", str(len(results) * 10_000_000)]
             if args.data:
                 cam_cmd += ["--source", args.data, "--shuffle"]
             proc.cpu_percent(None)
