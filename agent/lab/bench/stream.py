@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     cpus = [int(c) for c in args.agent_cpus.split(",")] if args.agent_cpus else None
     agent_proc = start_agent(log, settings, cpus=cpus)
     agent, frames, publish = agent_proc.proc, agent_proc.frames, agent_proc.publish
-    results = []
+    results: list[dict[str, Any]] = []
     try:
         proc = psutil.Process(agent.pid)
         steps = [(float(x), c) for x in args.loads.split(",") for c in ((False, True) if args.console else (False,))]
