@@ -50,7 +50,8 @@ def rule_thresholds(rule: DecisionRule) -> dict[str, float]:
 def retuned(model: ServingModel, runtime: dict[str, float]) -> ServingModel:
     """`model` deciding by its card-and-settings rule with run-time thresholds on top (ValueError if invalid)."""
     rule = model.base_rule.with_overrides(runtime)
-    return replace(model, rule=rule, thresholds=rule_thresholds(rule))
+    # An OOD check turned on at run time needs the pooled features from the next batch on (and off, not).
+    return replace(model, rule=rule, thresholds=rule_thresholds(rule), needs_pooled=rule.needs_pooled)
 
 
 def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> ServingModel:

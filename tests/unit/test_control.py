@@ -201,6 +201,18 @@ class TestController:
             c.handle(request(token="wrong-token"))
         assert events.count("commands_refused") == 50 and len(log.lines) <= 5
 
+    def test_ood_on_and_off_switches_the_pooled_features(self, shipped_model: Path, tmp_path: Path) -> None:
+        """An OOD check the settings turned off, turned on at run time, asks the backend for pooled features."""
+        card = read(shipped_model)
+        base = DecisionRule.from_card(card.raw, {"ood": False})
+        model = ServingModel("m1/tf", card.classes, base.pass_classes, base, rule_thresholds(base),
+                             base.needs_pooled, base_rule=base)
+        loader = Loader(AgentSettings(state_dir=tmp_path))
+        loader.model = model
+        assert not model.needs_pooled
+        assert loader.retune({"ood_threshold": 1.0}).needs_pooled
+        assert not loader.retune({"ood_threshold": math.inf}).needs_pooled
+
     def test_draining_is_unavailable(self, ctl: Any) -> None:
         """While draining, commands are refused as unavailable."""
         c, _, applied, _, _ = ctl
