@@ -91,16 +91,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_private(path: Path, what: str) -> str:
-    """A secret's file contents; ValueError naming the file if unreadable or readable by group/other."""
+def check_private(path: Path, what: str) -> None:
+    """ValueError naming the file if it cannot be read or group/other may access it."""
     try:
         mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"{what} {path}: {exc.strerror}") from None
     if mode & 0o077:
         raise ValueError(f"{what} {path} has mode {stat.S_IMODE(mode):04o}; run: chmod 600 {path}")
-    return text
+
+
+def read_private(path: Path, what: str) -> str:
+    """A secret's file contents; ValueError naming the file if unreadable or readable by group/other."""
+    check_private(path, what)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror}") from None
 
 
 def write_report(path: str | os.PathLike[str] | None, report: dict[str, Any]) -> None:
@@ -127,12 +134,9 @@ def curve_client_keys(secret_file: Path | None, server_key_file: Path) -> CurveK
         public, secret = zmq.curve_keypair()
     else:
         try:
-            mode = secret_file.stat().st_mode
-        except OSError as exc:
-            raise CurveKeyError(f"secret key file {secret_file}: {exc.strerror}") from None
-        if mode & 0o077:
-            raise CurveKeyError(f"secret key file {secret_file} has mode {stat.S_IMODE(mode):04o}; "
-                                f"group/other may access it, run: chmod 600 {secret_file}")
+            check_private(secret_file, "secret key file")
+        except ValueError as exc:
+            raise CurveKeyError(str(exc)) from None
         try:
             public, secret_or_none = zmq.auth.load_certificate(secret_file)
         except (OSError, ValueError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -485,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ready-file", type=Path, default=None,
                         help="create this file once the first heartbeat arrived (the subscription is live)")
     parser.add_argument("--quiet", action="store_true", help="no live status or event lines")
+    parser.add_argument("--log-level", default=_env("TDN_BRIDGE_LOG_LEVEL", "info"), type=str.lower,
+                        choices=("debug", "info", "warning", "error"),
+                        help="the outputs' log lines on stderr (refused writes, broker and client errors)")
     add_curve_arguments(parser)
     add_output_arguments(parser)
     return parser
@@ -495,49 +499,45 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value or default
 
 
-def _env_path(name: str) -> Path | None:
-    value = _env(name)
-    return Path(value) if value else None
+def env_name(flag: str) -> str:
+    """The TDN_BRIDGE_* setting that gives an output flag its default: --mqtt-url -> TDN_BRIDGE_MQTT_URL."""
+    return "TDN_BRIDGE_" + flag.removeprefix("--").upper().replace("-", "_")
+
+
+_FILE: dict[str, Any] = {"type": Path, "metavar": "FILE"}
+# The outputs' flags: (flag, built-in default, argparse keywords, help). Each flag's default is its env_name()
+# setting when set; defaults stay strings, so argparse converts them with `type` and a bad setting is a usage error.
+OUTPUT_OPTIONS: tuple[tuple[str, str | None, dict[str, Any], str], ...] = (
+    ("--opcua-endpoint", None, {"metavar": "opc.tcp://HOST:PORT"},
+     "serve OPC UA here (security None only on loopback)"),
+    ("--opcua-security", "auto", {"choices": ("auto", "none", "sign-encrypt")},
+     "auto: sign-encrypt when --opcua-cert is given"),
+    ("--opcua-cert", None, _FILE, "server certificate (PEM/DER) for Basic256Sha256 SignAndEncrypt"),
+    ("--opcua-key", None, _FILE, "its private key (PEM)"),
+    ("--opcua-trust-dir", None, {"type": Path, "metavar": "DIR"},
+     "trusted client certificates (or their CAs); any other client is refused"),
+    ("--opcua-users", None, _FILE,
+     "users file, name:role:hash lines (mode 0600; python -m simulators.plc.opcua NAME ROLE)"),
+    ("--opcua-ack-queue", "0", {"type": int, "metavar": "N"},
+     "per-camera results queue the PLC must Acknowledge(seq); full is fail-safe (0: off)"),
+    ("--modbus-endpoint", None, {"metavar": "HOST:PORT"}, "serve Modbus/TCP here (unit id 1, holding registers)"),
+    ("--modbus-max-cameras", "16", {"type": int}, "camera blocks in the register map"),
+    ("--mqtt-url", None, {"metavar": "mqtt[s]://HOST:PORT"}, "publish to this MQTT broker"),
+    ("--line-id", "line1", {}, "MQTT topic tdn/<line-id>/..."),
+    ("--mqtt-credentials", None, _FILE, "username line + password line (mode 0600)"),
+    ("--mqtt-ca", None, _FILE, "CA bundle for mqtts://"),
+    ("--mqtt-cert", None, _FILE, "client certificate for mqtts://"),
+    ("--mqtt-key", None, _FILE, "its private key (mode 0600)"),
+    ("--mqtt-buffer", "100000", {"type": int},
+     "verdicts held unacknowledged across a broker outage; more are dropped and counted"),
+)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """The PLC/plant outputs: each on by its flag or its TDN_BRIDGE_* setting (systemd/plc-bridge.env.example).
-
-    Numeric defaults stay strings: argparse converts them with `type`, so a bad setting is a usage error.
-    """
+    """The PLC/plant outputs: each on by its flag or its TDN_BRIDGE_* setting (systemd/plc-bridge.env.example)."""
     g = parser.add_argument_group("PLC and plant outputs (simulators/plc; each default comes from its TDN_BRIDGE_*)")
-    g.add_argument("--opcua-endpoint", default=_env("TDN_BRIDGE_OPCUA_ENDPOINT"), metavar="opc.tcp://HOST:PORT",
-                   help="serve OPC UA here (security None only on loopback)")
-    g.add_argument("--opcua-security", default=_env("TDN_BRIDGE_OPCUA_SECURITY", "auto"),
-                   choices=("auto", "none", "sign-encrypt"), help="auto: sign-encrypt when --opcua-cert is given")
-    g.add_argument("--opcua-cert", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_CERT"), metavar="FILE",
-                   help="server certificate (PEM/DER) for Basic256Sha256 SignAndEncrypt")
-    g.add_argument("--opcua-key", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_KEY"), metavar="FILE",
-                   help="its private key (PEM)")
-    g.add_argument("--opcua-trust-dir", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_TRUST_DIR"), metavar="DIR",
-                   help="trusted client certificates (or their CAs); any other client is refused")
-    g.add_argument("--opcua-users", type=Path, default=_env_path("TDN_BRIDGE_OPCUA_USERS"), metavar="FILE",
-                   help="users file, name:role:hash lines (mode 0600; python -m simulators.plc.opcua NAME ROLE)")
-    g.add_argument("--opcua-ack-queue", type=int, default=_env("TDN_BRIDGE_OPCUA_ACK_QUEUE", "0"),
-                   metavar="N", help="per-camera results queue the PLC must Acknowledge(seq); full is fail-safe "
-                   "(0: off)")
-    g.add_argument("--modbus-endpoint", default=_env("TDN_BRIDGE_MODBUS_ENDPOINT"), metavar="HOST:PORT",
-                   help="serve Modbus/TCP here (unit id 1, holding registers)")
-    g.add_argument("--modbus-max-cameras", type=int, default=_env("TDN_BRIDGE_MODBUS_MAX_CAMERAS", "16"),
-                   help="camera blocks in the register map")
-    g.add_argument("--mqtt-url", default=_env("TDN_BRIDGE_MQTT_URL"), metavar="mqtt[s]://HOST:PORT",
-                   help="publish to this MQTT broker")
-    g.add_argument("--line-id", default=_env("TDN_BRIDGE_LINE_ID", "line1"), help="MQTT topic tdn/<line-id>/...")
-    g.add_argument("--mqtt-credentials", type=Path, default=_env_path("TDN_BRIDGE_MQTT_CREDENTIALS"),
-                   metavar="FILE", help="username line + password line (mode 0600)")
-    g.add_argument("--mqtt-ca", type=Path, default=_env_path("TDN_BRIDGE_MQTT_CA"), metavar="FILE",
-                   help="CA bundle for mqtts://")
-    g.add_argument("--mqtt-cert", type=Path, default=_env_path("TDN_BRIDGE_MQTT_CERT"), metavar="FILE",
-                   help="client certificate for mqtts://")
-    g.add_argument("--mqtt-key", type=Path, default=_env_path("TDN_BRIDGE_MQTT_KEY"), metavar="FILE",
-                   help="its private key")
-    g.add_argument("--mqtt-buffer", type=int, default=_env("TDN_BRIDGE_MQTT_BUFFER", "100000"),
-                   help="verdicts held unacknowledged across a broker outage; more are dropped and counted")
+    for flag, default, kwargs, text in OUTPUT_OPTIONS:
+        g.add_argument(flag, default=_env(env_name(flag), default), help=text, **kwargs)
     g.add_argument("--fail-safe-hold", type=float, default=1.0,
                    help="s a camera stays FailSafe after its latest fail-safed part")
 
@@ -570,6 +570,17 @@ def build_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return outputs
 
 
+def configure_logging(level: str) -> None:
+    """The outputs' `tdn.plc.*` loggers at `level` on stderr, one line each; the libraries' own at warning.
+
+    Without it the outputs' info lines (a PLC's refused write, an MQTT reconnect) were lost and warnings came out
+    bare, without time or source. asyncua and pymodbus log every session at info, which would drown them.
+    """
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tdn.plc").setLevel(level.upper())
+
+
 def _subscriptions(cameras: list[str] | None) -> list[bytes]:
     verdicts = [topic_for(Kind.VERDICT, cam) for cam in cameras] if cameras else [VERDICT_PREFIX]
     return [*verdicts, HEARTBEAT_PREFIX]
@@ -579,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the bridge; exit code 0, or 1 when --expect verdicts did not arrive before --timeout."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     if not args.camera and _env("TDN_BRIDGE_CAMERAS"):
         args.camera = [c.strip() for c in (_env("TDN_BRIDGE_CAMERAS") or "").split(",") if c.strip()]
     for cam in args.camera or []:

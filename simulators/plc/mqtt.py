@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 
 from protocol import is_valid_id
-from simulators.common import read_private
+from simulators.common import check_private, read_private
 from simulators.plc.results import BridgeStatus, CameraStatus, FailSafeEvent, Update
 
 DEFAULT_LINE_ID = "line1"
@@ -129,6 +129,12 @@ class MqttOutput:
                     path.open("rb").close()
                 except OSError as exc:
                     raise MqttConfigError(f"{option} {path}: {exc.strerror}") from None
+        if cfg.key_file is not None:
+            # A private key others can read is a credential already leaked: refused like the password file.
+            try:
+                check_private(cfg.key_file, "--mqtt-key")
+            except ValueError as exc:
+                raise MqttConfigError(str(exc)) from None
         try:
             self.client.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
                                 certfile=str(cfg.cert_file) if cfg.cert_file else None,

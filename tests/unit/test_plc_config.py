@@ -145,6 +145,18 @@ class TestMqttSettings:
             MqttOutput(MqttConfig("mqtt://127.0.0.1:1883", ca_file=Path("/etc/ssl/certs/ca-certificates.crt")))
         assert MqttOutput(MqttConfig("mqtts://127.0.0.1")).port == 8883
 
+    def test_client_key_must_be_private(self, tmp_path: Path) -> None:
+        """A client key readable by group/other is refused, naming the file and the chmod that fixes it."""
+        cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+        cert.write_text("not checked before the key\n")
+        key.write_text("-----BEGIN PRIVATE KEY-----\n")
+        key.chmod(0o644)
+        with pytest.raises(MqttConfigError, match=f"--mqtt-key {key} has mode 0644; run: chmod 600"):
+            MqttOutput(MqttConfig("mqtts://127.0.0.1", cert_file=cert, key_file=key))
+        key.chmod(0o600)
+        with pytest.raises(MqttConfigError, match="MQTT TLS files"):  # private now: on to the PEM check
+            MqttOutput(MqttConfig("mqtts://127.0.0.1", cert_file=cert, key_file=key))
+
     def test_topics(self) -> None:
         """The documented topic tree."""
         assert topics("line7", "cam1") == {"bridge_status": "tdn/line7/bridge/status",
@@ -157,7 +169,9 @@ class TestBridgeSettings:
     def test_env_example_lists_every_setting(self) -> None:
         """Every TDN_BRIDGE_ name the bridge reads appears as a #KEY= line of systemd/plc-bridge.env.example."""
         root = Path(__file__).resolve().parents[2]
-        names = set(re.findall(r'"(TDN_BRIDGE_[A-Z_]+)"', (root / "simulators" / "plc_bridge.py").read_text()))
+        source = (root / "simulators" / "plc_bridge.py").read_text()
+        names = set(re.findall(r'"(TDN_BRIDGE_[A-Z_]+)"', source))
+        names |= {plc_bridge.env_name(flag) for flag, *_ in plc_bridge.OUTPUT_OPTIONS}
         example = (root / "systemd" / "plc-bridge.env.example").read_text()
         listed = set(re.findall(r"^#?(TDN_BRIDGE_[A-Z_]+)=", example, re.M))
         assert len(names) >= 15 and names == listed
@@ -178,3 +192,18 @@ class TestBridgeSettings:
         with pytest.raises(SystemExit) as exc:
             plc_bridge.build_parser().parse_args([])
         assert exc.value.code == 2 and "--mqtt-buffer" in capsys.readouterr().err
+
+    def test_outputs_log_with_time_level_and_source(self) -> None:
+        """The bridge configures logging: an output's warning reaches stderr as one timestamped, named line."""
+        import subprocess
+        import sys
+
+        root = Path(__file__).resolve().parents[2]
+        # Port 1 on loopback refuses at once: the MQTT output logs that it cannot connect, then the bridge exits.
+        run = subprocess.run([sys.executable, "-m", "simulators.plc_bridge", "--endpoint", "tcp://127.0.0.1:1",
+                              "--mqtt-url", "mqtt://127.0.0.1:1", "--timeout", "1.5", "--quiet",
+                              "--log-level", "WARNING"], cwd=root, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        line = next(ln for ln in run.stderr.splitlines() if "tdn.plc.mqtt" in ln)
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING tdn\.plc\.mqtt: MQTT broker 127\.0\.0\.1:1 "
+                        r"cannot connect", line), line
