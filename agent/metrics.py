@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -20,6 +21,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from agent.logging import get_logger
 
@@ -36,6 +39,44 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NO_CLASS = "none"  # class label of shed and rejected verdicts
 
 
+class BulkHistogram:
+    """A Prometheus histogram observed a batch at a time: one numpy pass per batch instead of a lock per frame.
+
+    Histogram.observe() takes a lock and walks the buckets in Python, ~2 us a call; per-frame latencies made it
+    the larger part of the agent's metrics cost. The exposition is the same as a prometheus_client Histogram's.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = np.asarray(buckets, np.float64)
+        self._labels = [floatToGoString(b) for b in buckets] + ["+Inf"]
+        self._counts = np.zeros(len(buckets) + 1, np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, values: Any) -> None:
+        """Add every value of an array-like (seconds, or any unit the buckets are in)."""
+        v = np.asarray(values, np.float64).ravel()
+        if not v.size:
+            return
+        # le semantics: a value equal to a bound belongs to that bound's bucket, as in prometheus_client.
+        counts = np.bincount(np.searchsorted(self._bounds, v, side="left"), minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(v.sum())
+
+    def collect(self) -> Any:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        yield HistogramMetricFamily(self.name, self.documentation, sum_value=total,
+                                    buckets=list(zip(self._labels, cumulative, strict=True)))
+
+    def describe(self) -> Any:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
 class Metrics:
     """Every metric the agent exports; updated from the I/O thread, read by the HTTP thread (thread-safe)."""
 
@@ -48,7 +89,7 @@ class Metrics:
                                 ["reason"], registry=r)
         self.shed = Counter("tdn_frames_shed", "Frames too old at batch time, answered shed without inference",
                             registry=r)
-        self.verdicts = Counter("tdn_verdicts", "Verdicts published, by status, decision and predicted class",
+        self.verdicts_total = Counter("tdn_verdicts", "Verdicts published, by status, decision and predicted class",
                                 ["status", "decision", "class"], registry=r)
         self.swaps = Counter("tdn_model_swaps", "Models swapped in without a restart (SIGHUP)", registry=r)
         self.refused = Counter("tdn_models_refused", "New models refused by their checks; the old one served on",
@@ -56,12 +97,12 @@ class Metrics:
         self.queue_depth = Gauge("tdn_queue_depth", "Accepted frames waiting for a batch", registry=r)
         self.batch_size = Histogram("tdn_batch_size", "Frames per inference batch (before padding)",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.queue_wait = Histogram("tdn_queue_wait_seconds", "Time from intake to the frame's batch leaving",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = BulkHistogram("tdn_queue_wait_seconds", "Time from intake to the frame's batch leaving",
+                                        LATENCY_BUCKETS, r)
         self.inference = Histogram("tdn_inference_seconds", "Backend time per batch", buckets=INFERENCE_BUCKETS,
                                    registry=r)
-        self.latency = Histogram("tdn_capture_to_verdict_seconds", "Capture time to verdict publish time",
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = BulkHistogram("tdn_capture_to_verdict_seconds", "Capture time to verdict publish time",
+                                     LATENCY_BUCKETS, r)
         self.backend = Info("tdn_backend", "Inference backend, model and agent identity", registry=r)
         self.last_heartbeat = Gauge("tdn_last_heartbeat_timestamp_seconds", "Unix time of the last heartbeat",
                                     registry=r)
@@ -87,21 +128,29 @@ class Metrics:
         if counter is not None:
             counter.inc(n)
 
-    def verdict(self, v: Verdict, published_ns: int) -> None:
-        """Observe one published verdict: its status, decision and class, and its capture-to-verdict latency."""
-        key = (v.status.value, v.decision.value if v.decision else NO_CLASS, v.class_name)
-        child = self._verdict.get(key)
-        if child is None:
-            child = self._verdict[key] = self.verdicts.labels(key[0], key[1], v.class_name or NO_CLASS)
-        child.inc()
-        if v.capture_ns:
-            self.latency.observe(max(0, published_ns - v.capture_ns) / 1e9)
+    def verdicts(self, published: list[tuple[Verdict, int]]) -> None:
+        """Observe published verdicts with their publish times: status, decision and class, and the
+        capture-to-verdict latency of each that has a capture time. Counted per label set, once per call."""
+        by_key: dict[tuple[str, str, str | None], int] = {}
+        latencies = []
+        for v, published_ns in published:
+            key = (v.status.value, v.decision.value if v.decision else NO_CLASS, v.class_name)
+            by_key[key] = by_key.get(key, 0) + 1
+            if v.capture_ns:
+                latencies.append(max(0, published_ns - v.capture_ns))
+        for key, n in by_key.items():
+            child = self._verdict.get(key)
+            if child is None:
+                child = self._verdict[key] = self.verdicts_total.labels(key[0], key[1], key[2] or NO_CLASS)
+            child.inc(n)
+        if latencies:
+            self.latency.observe(np.asarray(latencies, np.float64) / 1e9)
 
     def batch(self, job: Job, now_mono_ns: int) -> None:
         """Observe a dispatched batch: its size, and how long each frame waited for it."""
         self.batch_size.observe(len(job.items))
-        for p in job.items:
-            self.queue_wait.observe(max(0, now_mono_ns - p.received_ns) / 1e9)
+        waits = np.fromiter((now_mono_ns - p.received_ns for p in job.items), np.float64, len(job.items))
+        self.queue_wait.observe(np.maximum(waits, 0.0) / 1e9)
 
     def identity(self, backend: Mapping[str, str], model_id: str, agent_id: str, epoch: int) -> None:
         """Set the info metric once the backend is loaded."""

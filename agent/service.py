@@ -336,11 +336,15 @@ class Agent:
     # --- publishing ---
 
     def _publish(self, verdicts: list[Verdict]) -> None:
+        if not verdicts:
+            return
+        sent = []
         for v in verdicts:
             now = time.time_ns()
             object.__setattr__(v, "published_ns", now)  # stamped at the moment it leaves, not when it was made
             self.pub.send_multipart(encode_verdict(v), copy=False)
-            self.metrics.verdict(v, now)
+            sent.append((v, now))
+        self.metrics.verdicts(sent)
 
     def _heartbeat(self) -> None:
         hb = heartbeat(self.s, self.epoch, self.beacon.next_seq(), time.monotonic() - self._start_mono, self.state,

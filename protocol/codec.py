@@ -271,7 +271,8 @@ def _build(header: dict[Any, Any], items: list[Any], count: int, expected: Kind 
             kwargs[name] = header[name]
         elif required:
             raise ProtocolError(Reason.MISSING_FIELD, detail=f"{kind} header has no {name}")
-    cls: Callable[..., Message] = _CLASSES[kind]
+    # A frame is built without the dataclass __init__ (Frame.checked validates the same): one per received frame.
+    cls: Callable[..., Message] = Frame.checked if kind is Kind.FRAME else _CLASSES[kind]
     return cls(**kwargs)
 
 

@@ -50,9 +50,9 @@ class TestMetrics:
         m = Metrics()
         ok = make_verdict(decision=Decision.DIVERT)
         shed = make_shed(decision=Decision.DIVERT)
-        m.verdict(ok, ok.received_ns)
-        m.verdict(ok, ok.received_ns)
-        m.verdict(shed, shed.received_ns)
+        m.verdicts([(ok, ok.received_ns), (ok, ok.received_ns)])
+        m.verdicts([(shed, shed.received_ns)])
+        m.verdicts([])
         m.record("rejected_unattributed", "bad_msgpack", 1)
         m.record("rejected", "undecodable", 2)
         v = m.registry.get_sample_value
@@ -60,6 +60,39 @@ class TestMetrics:
         assert v("tdn_verdicts_total", {"status": "shed", "decision": "divert", "class": "none"}) == 1
         assert v("tdn_frames_rejected_total", {"reason": "bad_msgpack"}) == 1
         assert v("tdn_frames_rejected_total", {"reason": "undecodable"}) == 2
+
+    def test_bulk_histogram_matches_prometheus_client(self) -> None:
+        """A latency histogram fed a batch at a time exposes what a prometheus_client Histogram fed one by one does."""
+        import numpy as np
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+        from agent.metrics import LATENCY_BUCKETS, BulkHistogram
+
+        values = np.concatenate([np.random.default_rng(3).exponential(0.02, 500), LATENCY_BUCKETS, [0.0, 9.0]])
+        ours, ref = CollectorRegistry(), CollectorRegistry()
+        bulk = BulkHistogram("tdn_x_seconds", "doc", LATENCY_BUCKETS, ours)
+        one = Histogram("tdn_x_seconds", "doc", buckets=LATENCY_BUCKETS, registry=ref)
+        for chunk in np.array_split(values, 7):
+            bulk.observe(chunk)
+        bulk.observe([])
+        for x in values:
+            one.observe(float(x))
+        ours_text, ref_text = generate_latest(ours).decode(), generate_latest(ref).decode()
+        drop = ("_created", "_sum")  # created is off in Metrics; the sums differ in the last float digits
+        keep = [ln for ln in ref_text.splitlines() if not any(d in ln for d in drop)]
+        assert keep == [ln for ln in ours_text.splitlines() if not any(d in ln for d in drop)]
+        assert ours.get_sample_value("tdn_x_seconds_sum") == pytest.approx(float(values.sum()))
+        assert ours.get_sample_value("tdn_x_seconds_bucket", {"le": "0.002"}) == int((values <= 0.002).sum())
+
+    def test_latency_from_capture_to_publish(self) -> None:
+        """Each verdict with a capture time adds its capture-to-publish time; one without adds nothing."""
+        m = Metrics()
+        ok = make_verdict(decision=Decision.DIVERT)
+        m.verdicts([(ok, ok.capture_ns + 3_000_000), (ok, ok.capture_ns + 40_000_000)])
+        v = m.registry.get_sample_value
+        assert v("tdn_capture_to_verdict_seconds_count") == 2
+        assert v("tdn_capture_to_verdict_seconds_bucket", {"le": "0.005"}) == 1
+        assert v("tdn_capture_to_verdict_seconds_sum") == pytest.approx(0.043)
 
     def test_identity_info(self) -> None:
         """Backend identity, model, agent and epoch appear as one info series."""
