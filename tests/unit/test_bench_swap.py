@@ -1,0 +1,44 @@
+"""Unit tests for the hot-swap bench's analysis of recorded verdicts (no agent, no sockets)."""
+
+from __future__ import annotations
+
+from agent.lab.bench.swap import analyse
+
+MS = 1_000_000
+OLD, NEW = "tdn-aaaa/tensorflow-fp32", "tdn-next-bbbb/tensorflow-fp32"
+
+
+def rows_for(cam: str, n: int, swap_at: int, base_ns: int, slow: frozenset[int] = frozenset()
+             ) -> list[tuple[str, int, int, int, str, str]]:
+    """One camera's verdicts: seq i captured at base + 10 ms * i, answered in 5 ms (50 ms for seqs in slow)."""
+    out = []
+    for i in range(n):
+        cap = base_ns + 10 * MS * i
+        out.append((cam, i, cap, cap + (50 if i in slow else 5) * MS, OLD if i < swap_at else NEW, "ok"))
+    return out
+
+
+class TestAnalyse:
+    """Figures of a swap from the verdicts a subscriber recorded."""
+
+    def test_clean_swap(self) -> None:
+        """Nothing lost or doubled, one model change per camera, and the swap window's p99 against the steady one."""
+        base = 10**18
+        rows = rows_for("a", 400, 200, base, slow=frozenset({205})) + rows_for("b", 400, 210, base)
+        r = analyse(rows, sent=800, hup_ns=base + 1900 * MS, window_s=0.2, settle_ns=base)
+        assert r["lost"] == 0 and r["duplicates"] == 0
+        assert r["model_id_changes_per_camera"] == {"a": 1, "b": 1}
+        assert r["old_model_id"] == OLD and r["new_model_id"] == NEW
+        assert r["swap_after_hup_s"] == 0.105  # a's seq 200: captured at 2000 ms, answered at 2005; SIGHUP at 1900
+        assert r["steady"]["p99_ms"] == 5.0
+        assert r["during"]["max_ms"] == 50.0 and r["p99_ratio"] is not None and r["p99_ratio"] > 2
+
+    def test_lost_and_doubled(self) -> None:
+        """A frame without a verdict counts lost, a verdict twice counts as a duplicate, a flip back as a change."""
+        base = 10**18
+        rows = rows_for("a", 10, 5, base)
+        rows = [r for r in rows if r[1] != 3] + [rows[7]]
+        rows.append(("a", 9, base + 90 * MS, base + 95 * MS, OLD, "ok"))  # seq 9 again, on the old model
+        r = analyse(rows, sent=10, hup_ns=base + 40 * MS, window_s=0.0, settle_ns=base)
+        assert r["lost"] == 1 and r["duplicates"] == 2
+        assert r["model_id_changes_per_camera"]["a"] >= 2
