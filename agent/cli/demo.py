@@ -45,7 +45,7 @@ def free_endpoints(n: int = 2) -> list[str]:
         return [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in socks]
 
 
-def _model_and_data(name: str, data: str | None) -> tuple[Path, str | None]:
+def model_and_data(name: str, data: str | None) -> tuple[Path, str | None]:
     """The model file a --model names, and the folder to replay (its shipped dataset when --data is not given)."""
     from agent.config import MODELS_DIR
     from agent.lab import REPO_DATA, default_data
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    model, data = _model_and_data(args.model, args.data)
+    model, data = model_and_data(args.model, args.data)
     settings = {"explain_dir": out / "explanations", "agent_id": "demo", "backend": args.backend,
                 "model_path": model}
     agent_log = out / "agent.log"
