@@ -123,6 +123,13 @@ class AgentSettings(BaseSettings):
         None, ge=0.0, description="out-of-distribution score above which a frame is decided review"
     )
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between heartbeats")
+    ready_subscribers: int = Field(
+        0, ge=0, le=1000,
+        description="hold READY (frames unread) until this many bridges subscribed to heartbeats, or ready_wait_s",
+    )
+    ready_wait_s: float = Field(
+        10.0, gt=0, le=3600, description="the longest READY waits for ready_subscribers; then it serves anyway"
+    )
     explain_interval_s: float = Field(
         5.0, ge=0, le=86_400, description="seconds between explanation snapshots (0: off)"
     )

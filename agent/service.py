@@ -81,6 +81,7 @@ class Agent:
         self._metrics_server = start_server(self.metrics, self.health, self.s.metrics_addr, self.s.metrics_port)
         self.notifier.status("loading model")
         model = self.loader.serve(self.backend)
+        self._await_subscribers()
         self.pub = self.beacon.hand_over()
         self.publish_endpoint = self.beacon.endpoint
         self.line = Line(BatchPolicy(self.s.max_batch_size, self.s.max_queue_delay_us, self.s.shed_deadline_ms,
@@ -107,6 +108,18 @@ class Agent:
                  epoch=self.epoch, model_id=model.model_id, start_to_ready_s=round(self.ready_s, 2))
         self.notifier.ready(f"ready: {self.backend.name} model {model.model_id}")
 
+    def _await_subscribers(self) -> None:
+        """Hold READY, beating `starting`, until the configured bridges subscribed: verdicts sent before a restarted
+        line's bridges reconnect would go nowhere (PUB keeps no history)."""
+        n = self.s.ready_subscribers
+        if not n:
+            return
+        self.notifier.status(f"waiting for {n} subscriber(s)")
+        log.info("waiting for subscribers", want=n, wait_s=self.s.ready_wait_s)
+        got = self.beacon.wait_for_subscribers(n, self.s.ready_wait_s)
+        if got < n:
+            log.warning("serving without every subscriber", want=n, subscribers=got, waited_s=self.s.ready_wait_s)
+
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag that the loop checks every tick."""
         self._stop.set()
@@ -120,7 +133,7 @@ class Agent:
         assert self.line is not None
         self.poller = zmq.Poller()
         self.monitors = self.curve.monitors if self.curve is not None else []
-        for sock in (self.wake, self.pull, *self.monitors, *([self.control] if self.control else [])):
+        for sock in (self.wake, self.pull, self.pub, *self.monitors, *([self.control] if self.control else [])):
             self.poller.register(sock, zmq.POLLIN)
         self.reading = True
         self.drain_deadline: float | None = None
@@ -142,16 +155,7 @@ class Agent:
             # block the cameras' PUSH sockets at their send high-water mark.
             self.reading = not self.reading
             self.poller.modify(self.pull, zmq.POLLIN if self.reading else 0)
-        events = dict(self.poller.poll(self._timeout_ms()))
-        if self.wake in events:
-            with contextlib.suppress(zmq.Again):
-                while True:
-                    self.wake.recv(zmq.NOBLOCK)
-        self._count_denied(events)
-        if self.control is not None and self.control in events:
-            self._answer_commands()
-        if self.reading and self.pull in events:
-            self._read_frames()
+        self._handle_events(dict(self.poller.poll(self._timeout_ms())))
         self._collect()
         self._publish(line.expire())
         self._dispatch()
@@ -163,6 +167,20 @@ class Agent:
                 self._publish(line.abandon())
                 return False
         return True
+
+    def _handle_events(self, events: dict[Any, int]) -> None:
+        """Whatever the poll woke for: wake-ups, denied handshakes, subscriptions, commands, frames."""
+        if self.wake in events:
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    self.wake.recv(zmq.NOBLOCK)
+        self._count_denied(events)
+        if (self.pub in events or self.beacon.instant_pending) and self.beacon.read_subscriptions():
+            self._heartbeat()  # a bridge just subscribed: it learns the agent, model and classes now
+        if self.control is not None and self.control in events:
+            self._answer_commands()
+        if self.reading and self.pull in events:
+            self._read_frames()
 
     def _count_denied(self, events: dict[Any, int]) -> None:
         for mon in (m for m in self.monitors if m in events):
