@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
-    p.add_argument("--backend", default="tensorflow")
+    p.add_argument("--backend", default="auto",
+                   help="the agent's backend (default: the agent's own default, auto; the capacity probe then runs "
+                        "the variant the agent chose)")
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
     p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
     p.add_argument("--delay-us", type=int, default=2000, help="the agent's max queue delay")
@@ -150,6 +152,13 @@ def _pinner(cpus: str) -> Any:
     return lambda: os.sched_setaffinity(0, mask)
 
 
+def served_variant(ready: dict[str, Any], requested: str) -> str:
+    """backend:precision the agent serves, from its ready event's model_id (name-hash/litert-fp32 -> litert:fp32)."""
+    variant = str(ready.get("model_id", "")).rpartition("/")[2]
+    backend, _, precision = variant.partition("-")
+    return f"{backend}:{precision}" if backend and precision else requested
+
+
 def run(args: argparse.Namespace) -> int:
     import psutil
 
@@ -157,13 +166,6 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    print("measuring capacity (raw backend throughput) ...", flush=True)
-    def probe() -> float:
-        c = capacity(args.backend, args.model, args.batch, threads=args.threads, cpus=args.agent_cpus)
-        print(f"capacity: {c:,.0f} img/s at batch {args.batch} ({args.backend})", flush=True)
-        return c
-
-    caps = [probe()]
     py = sys.executable
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     log = out / "agent.log"
@@ -174,6 +176,16 @@ def run(args: argparse.Namespace) -> int:
     cpus = [int(c) for c in args.agent_cpus.split(",")] if args.agent_cpus else None
     agent_proc = start_agent(log, settings, cpus=cpus)
     agent, frames, publish = agent_proc.proc, agent_proc.frames, agent_proc.publish
+    # Capacity is probed on the variant the agent serves: with auto, the one it chose (its model_id says which).
+    backend = served_variant(agent_proc.event("ready") or {}, args.backend)
+    print(f"agent serving {backend}; measuring capacity (raw backend throughput) ...", flush=True)
+
+    def probe() -> float:
+        c = capacity(backend, args.model, args.batch, threads=args.threads, cpus=args.agent_cpus)
+        print(f"capacity: {c:,.0f} img/s at batch {args.batch} ({backend})", flush=True)
+        return c
+
+    caps = [probe()]
     results: list[dict[str, Any]] = []
     try:
         proc = psutil.Process(agent.pid)
@@ -239,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         agent_proc.stop(30)
     summary = {"capacity_probes_img_per_s": [round(c, 1) for c in caps], "batch": args.batch,
-               "backend": args.backend, "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
+               "backend": args.backend, "served": backend, "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
     md = markdown_table(
         ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
          "unaccounted", "agent CPU %"],
@@ -250,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     )
     pins = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("sim_cpus", args.sim_cpus),
                                                                 ("agent_cpus", args.agent_cpus)) if v)
-    md = (f"capacity probes {', '.join(f'{c:,.0f}' for c in caps)} img/s ({args.backend}, batch {args.batch}, "
+    md = (f"capacity probes {', '.join(f'{c:,.0f}' for c in caps)} img/s ({backend}, batch {args.batch}, "
           f"threads {args.threads or 'all'}), before the first step and after each; a step's capacity is the mean "
           f"of the two around it\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
           f"--threads {args.threads} --seconds {args.seconds:g} --loads {args.loads}{pins}")

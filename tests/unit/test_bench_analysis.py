@@ -1,7 +1,8 @@
-"""Unit tests for the hot-swap bench's analysis of recorded verdicts (no agent, no sockets)."""
+"""Unit tests for the benches' pure parts: the hot-swap analysis, the variant the stream bench probes."""
 
 from __future__ import annotations
 
+from agent.lab.bench.stream import served_variant
 from agent.lab.bench.swap import analyse
 
 MS = 1_000_000
@@ -42,3 +43,13 @@ class TestAnalyse:
         r = analyse(rows, sent=10, hup_ns=base + 40 * MS, window_s=0.0, settle_ns=base)
         assert r["lost"] == 1 and r["duplicates"] == 2
         assert r["model_id_changes_per_camera"]["a"] >= 2
+
+
+class TestServedVariant:
+    """The stream bench probes the capacity of the variant the agent serves, not of what was asked."""
+
+    def test_from_model_id(self) -> None:
+        """auto resolves to the backend:precision in the ready event's model_id; without one, the request stands."""
+        assert served_variant({"model_id": "tinydefectnet-ff30e4330a01/litert-fp32"}, "auto") == "litert:fp32"
+        assert served_variant({"model_id": "magnetic-tile-5caa3e37e399/openvino-int8"}, "auto") == "openvino:int8"
+        assert served_variant({}, "tensorflow") == "tensorflow"
