@@ -251,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         agent_proc.stop(30)
     summary = {"capacity_probes_img_per_s": [round(c, 1) for c in caps], "batch": args.batch,
-               "backend": args.backend, "served": backend, "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
+               "backend": args.backend, "served": backend,
+               "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
     md = markdown_table(
         ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
          "unaccounted", "agent CPU %"],

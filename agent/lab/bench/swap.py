@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
-    p.add_argument("--backend", default="tensorflow")
+    p.add_argument("--backend", default="auto", help="the agent's backend (default: the agent's own, auto)")
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
     p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
     p.add_argument("--load", type=float, default=50.0, help="offered load, percent of capacity")
@@ -99,7 +99,7 @@ def analyse(rows: list[tuple[str, int, int, int, str, str]], sent: int, hup_ns: 
 def run(args: argparse.Namespace) -> int:
     import zmq
 
-    from agent.lab.bench.stream import capacity
+    from agent.lab.bench.stream import capacity, served_variant
     from agent.serving import NEXT_MODEL_FILE
     from agent.testing import start_agent
     from protocol import VERDICT_PREFIX
@@ -108,11 +108,6 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(out, ignore_errors=True)
     state = out / "state"
     state.mkdir(parents=True)
-    print("measuring capacity (raw backend throughput) ...", flush=True)
-    cap = capacity(args.backend, args.model, args.batch, threads=args.threads)
-    fps = cap * args.load / 100 / args.cameras
-    print(f"capacity {cap:,.0f} img/s at batch {args.batch} ({args.backend}); offering {args.load:g}% = "
-          f"{fps * args.cameras:,.0f} frames/s from {args.cameras} cameras", flush=True)
     # A copy under another name is another model id: the verdicts show which one decided.
     nxt = state / f"{args.model.stem}-next.keras"
     shutil.copyfile(args.model, nxt)
@@ -120,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
     settings = {"backend": args.backend, "model_path": args.model, "max_batch_size": args.batch,
                 "threads": args.threads, "queue_cap": 4 * args.batch, "state_dir": state, "explain_interval_s": 0}
     agent = start_agent(out / "agent.log", settings)
+    backend = served_variant(agent.event("ready") or {}, args.backend)
+    print(f"agent serving {backend}; measuring capacity (raw backend throughput) ...", flush=True)
+    cap = capacity(backend, args.model, args.batch, threads=args.threads)
+    fps = cap * args.load / 100 / args.cameras
+    print(f"capacity {cap:,.0f} img/s at batch {args.batch}; offering {args.load:g}% = "
+          f"{fps * args.cameras:,.0f} frames/s from {args.cameras} cameras", flush=True)
     ctx: zmq.Context[Any] = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     sent = int(json.loads((out / "cams.json").read_text()).get("sent", 0))
     report = analyse(rows, sent, hup_ns, args.window_s, settle_ns)
     report.update({"capacity_img_per_s": round(cap, 1), "load_pct": args.load, "offered_img_per_s":
-                   round(fps * args.cameras, 1), "backend": args.backend, "batch": args.batch,
+                   round(fps * args.cameras, 1), "backend": backend, "batch": args.batch,
                    "swapped": swapped is not None, "refused": refused})
     s, d = report["steady"], report["during"]
     print(f"swap logged: {swapped is not None}; first verdict of the new model {report['swap_after_hup_s']} s "
@@ -173,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
           "(target <= 2)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    # The timeline, for a plot or a closer look: capture time after the SIGHUP (s), latency (ms), new model?
+    timeline = [(round((r[2] - hup_ns) / 1e9, 4), round((r[3] - r[2]) / 1e6, 2), r[4] != report["old_model_id"])
+                for r in sorted(rows, key=lambda r: r[2]) if r[2]]
+    (out / "timeline.json").write_text(json.dumps(timeline) + "\n")
     ok = (report["lost"] == 0 and report["duplicates"] == 0 and swapped is not None
           and all(n == 1 for n in report["model_id_changes_per_camera"].values()))
     return 0 if ok else 1
