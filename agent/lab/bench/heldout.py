@@ -111,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{model.name} on {how} of {data}", flush=True)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    settings: dict[str, Any] = {"model_path": model, "explain_interval_s": 0, "agent_id": "heldout"}
+    # An accuracy run, not a latency one: a frame that waits long on a busy host must not be shed (and miscounted).
+    settings: dict[str, Any] = {"model_path": model, "explain_interval_s": 0, "agent_id": "heldout",
+                                "shed_deadline_ms": 600_000}
     if args.backend:
         settings["backend"] = args.backend
     log = out / "agent.log"
@@ -143,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
     report = {"model": str(model), "model_id": ready.get("model_id"),
               "variants": sorted({v.model_id for v in verdicts.values()}),
               "split": how, "images": len(samples), "seconds": round(seconds, 2), "line": line,
-              "card_validation_keras": keras}
+              "card_validation_keras": keras,
+              "per_image": [{"file": s.rel or s.path.name, "label": classes[s.label],
+                             "class": verdicts[i].class_name, "decision": verdicts[i].decision.value,
+                             "confidence": verdicts[i].confidence, "probs": verdicts[i].probs}
+                            for i, s in enumerate(samples)]}
     _print(line, keras if args.split == "val" else {}, pass_classes)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
