@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
     p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
     p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--console", action="store_true",
+                   help="also run `tdn console` subscribed to the agent, with one page's event stream open, and "
+                        "sample its RSS beside the agent's: the console's memory must stay flat too")
     p.add_argument("--out", type=Path, default=Path("runs/bench-soak"))
     p.add_argument("--json", type=Path)
 
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     import psutil
     import zmq
 
-    from agent.lab.bench.stream import capacity
+    from agent.lab.bench.stream import capacity, start_console, stop_console
     from agent.testing import start_agent
     from simulators.camera import Camera
 
@@ -139,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
     listener = _Listener(publish)
     ctx: zmq.Context[Any] = zmq.Context()
     cameras: list[Any] = []
+    console = start_console(publish, out) if args.console else None
+    console_info: dict[str, Any] | None = None
     try:
         proc = psutil.Process(agent.pid)
+        cproc = psutil.Process(console[0].pid) if console is not None else None
         listener.thread.start()
         listener.heartbeat.wait(10)
         shots = _shots(args.data)
@@ -165,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 "cpu_pct": round(proc.cpu_percent(None), 1), "sent_per_s": round((sent - sent_before) / span, 1),
                 "ok_per_s": round(ok / span, 1), "shed": shed, "queue_depth": depth,
                 "p50_ms": _r(percentile(lat, 50)), "p99_ms": _r(percentile(lat, 99)),
+                **({"console_rss_mib": round(cproc.memory_info().rss / 2**20, 1)} if cproc is not None else {}),
             })
             sent_before = sent
             s = samples[-1]
@@ -177,12 +184,16 @@ def run(args: argparse.Namespace) -> int:
             w.join(10)
         time.sleep(3.0)  # last verdicts, and the gap timeout
     finally:
+        if console is not None:
+            console_info = stop_console(console)
         listener.stop.set()
         if listener.thread.is_alive():
             listener.thread.join(5)
         ctx.destroy(linger=0)
         agent_proc.stop(30)
     summary = _summary(args, cap, offered, samples, listener, cameras)
+    if console_info is not None:
+        summary["console"] = {**console_info, **_growth([x["console_rss_mib"] for x in samples], "rss")}
     md = _markdown(summary, samples)
     print(md)
     write_outputs(out, "bench-soak", md, {**summary, "samples": samples}, args.json)
@@ -196,17 +207,14 @@ def _r(v: float | None) -> float | None:
 
 def _summary(args: argparse.Namespace, cap: float, offered: float, samples: list[dict[str, Any]],
              listener: _Listener, cameras: list[Any]) -> dict[str, Any]:
-    third = max(1, len(samples) // 3)
     rss = [s["rss_mib"] for s in samples]
-    first, last = (float(np.mean(rss[:third])), float(np.mean(rss[-third:]))) if rss else (0.0, 0.0)
     r = listener.tracker.summary()
     sent = sum(c.stats.sent for c in cameras)
     return {
         "capacity_img_per_s": round(cap, 1), "load_pct": args.load, "offered_img_per_s": round(offered, 1),
         "minutes": args.minutes, "interval_s": args.interval, "backend": args.backend, "batch": args.batch,
         "threads": args.threads,
-        "rss_first_third_mib": round(first, 1), "rss_last_third_mib": round(last, 1),
-        "rss_growth_mib": round(last - first, 1), "rss_max_mib": max(rss, default=None),
+        **_growth(rss, "rss"),
         "latency_ms": {"p50": _r(percentile(listener.all_ms, 50)), "p99": _r(percentile(listener.all_ms, 99)),
                        "max": _r(max(listener.all_ms, default=None))},
         "sent": sent, "sent_per_s": round(sent / (args.minutes * 60), 1) if args.minutes else None,
@@ -215,6 +223,14 @@ def _summary(args: argparse.Namespace, cap: float, offered: float, samples: list
         "by_status": r["by_status"], "unaccounted": sent - r["verdicts"], "gaps": r["gaps"],
         "duplicates": r["duplicates"], "agent_restarts": r["agent_restarts"], "agent_lost": r["agent_lost"],
     }
+
+
+def _growth(rss: list[float], key: str) -> dict[str, Any]:
+    """Mean RSS of the first and the last third of the samples, their difference (a leak shows there) and the max."""
+    third = max(1, len(rss) // 3)
+    first, last = (float(np.mean(rss[:third])), float(np.mean(rss[-third:]))) if rss else (0.0, 0.0)
+    return {f"{key}_first_third_mib": round(first, 1), f"{key}_last_third_mib": round(last, 1),
+            f"{key}_growth_mib": round(last - first, 1), f"{key}_max_mib": max(rss, default=None)}
 
 
 def _markdown(s: dict[str, Any], samples: list[dict[str, Any]]) -> str:
@@ -226,6 +242,11 @@ def _markdown(s: dict[str, Any], samples: list[dict[str, Any]]) -> str:
           s["latency_ms"]["p99"], s["verdicts"], s["by_status"].get("shed", 0), s["unaccounted"],
           s["duplicates"]]],
     )
+    c = s.get("console")
+    if c:
+        head += (f"\n\nconsole: RSS {c['rss_first_third_mib']} -> {c['rss_last_third_mib']} MiB (first -> last third, "
+                 f"{c['rss_growth_mib']:+} MiB, max {c['rss_max_mib']}); saw {c.get('verdicts_seen')} verdicts, "
+                 f"dropped {c.get('dropped')}")
     return (f"soak: capacity {s['capacity_img_per_s']:,.0f} img/s ({s['backend']}, batch {s['batch']}), "
             f"{s['load_pct']:g}% offered, {len(samples)} samples every {s['interval_s']:g} s (sent/s below offered/s "
             f"with a full queue: the line saturated first)\n\n{head}\n\n"

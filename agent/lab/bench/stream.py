@@ -75,7 +75,7 @@ def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, t
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _start_console(publish: str, out: Path) -> tuple[subprocess.Popen[bytes], Any, str]:
+def start_console(publish: str, out: Path) -> tuple[subprocess.Popen[bytes], Any, str]:
     """`tdn console` on a free loopback port, subscribed to the agent, with one client reading its event stream."""
     import threading
     import urllib.request
@@ -108,7 +108,7 @@ def _start_console(publish: str, out: Path) -> tuple[subprocess.Popen[bytes], An
     return proc, None, url
 
 
-def _stop_console(console: tuple[subprocess.Popen[bytes], Any, str]) -> dict[str, Any]:
+def stop_console(console: tuple[subprocess.Popen[bytes], Any, str]) -> dict[str, Any]:
     """The console's own counts (verdicts it saw, drops) and RSS, then stop it."""
     import urllib.request
 
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             offered = caps[-1] * load / 100
             fps = offered / args.cameras
             tag = f"load{load:g}" + ("-console" if with_console else "")
-            console = _start_console(publish, out / tag) if with_console else None
+            console = start_console(publish, out / tag) if with_console else None
             bridge = subprocess.Popen(
                 [py, "-m", "simulators.plc_bridge", "--endpoint", publish, "--report", str(out / f"{tag}-bridge.json"),
                  "--quiet", "--timeout", str(args.seconds + 20)], env=env, preexec_fn=_pinner(args.sim_cpus))
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(2.5)  # last verdicts, and the bridge's verdict timeout
             bridge.send_signal(signal.SIGINT)
             bridge.wait(30)
-            console_info = _stop_console(console) if console is not None else None
+            console_info = stop_console(console) if console is not None else None
             caps.append(probe())  # the agent idles meanwhile: its queue is empty and no camera sends
             cap = (caps[-2] + caps[-1]) / 2
             br = json.loads((out / f"{tag}-bridge.json").read_text())
