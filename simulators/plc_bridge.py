@@ -336,13 +336,18 @@ class LineTracker:
 
     # -- output --
 
-    def status_line(self) -> str:
-        """One-line live summary for the terminal."""
+    def _by_status_and_decision(self) -> tuple[Counter[str], Counter[str]]:
+        """Verdicts by status and by decision, summed over the cameras."""
         by_status: Counter[str] = Counter()
         by_decision: Counter[str] = Counter()
         for cam in self.cameras.values():
             by_status.update(cam.by_status)
             by_decision.update(cam.by_decision)
+        return by_status, by_decision
+
+    def status_line(self) -> str:
+        """One-line live summary for the terminal."""
+        by_status, by_decision = self._by_status_and_decision()
         labeled = self._total("labeled")
         accuracy = f"{self._total('correct') / labeled:.3f}" if labeled else "-"
         lat = percentiles(self.latencies_ms[-5000:])
@@ -360,11 +365,7 @@ class LineTracker:
 
     def summary(self) -> dict[str, Any]:
         """The JSON report: totals, accuracy, latency, agents and per-camera figures."""
-        by_status: Counter[str] = Counter()
-        by_decision: Counter[str] = Counter()
-        for cam in self.cameras.values():
-            by_status.update(cam.by_status)
-            by_decision.update(cam.by_decision)
+        by_status, by_decision = self._by_status_and_decision()
         labeled = self._total("labeled")
         now = self.clock()
         return {
