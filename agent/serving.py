@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
-import os
 import threading
 import time
 from dataclasses import replace
@@ -139,10 +137,6 @@ class Loader:
         self._thread.start()
 
     def _reload(self) -> None:
-        # The new model's load, self-test and warm-up compete for the cores with the serving inference thread; at
-        # the lowest priority (Linux: nice is per thread) they take only what serving leaves.
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         # Loading a model makes tens of thousands of objects; the collections they trigger would walk them (and
         # each new generation) while holding the GIL, stalling the I/O thread for tens of ms mid-line. Collection
         # waits until the model is built, and what it built is then frozen out of it, as at start-up.
