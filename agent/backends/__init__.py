@@ -279,8 +279,10 @@ def export_fp32(model_path: Path, artifacts_dir: str | Path | None) -> list[str]
     folder = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
     log.info("exporting lean artifacts (first start)", backends=names, artifacts_dir=str(folder))
     t0 = time.monotonic()
+    # --data "": fp32 needs no data, and a TDN_DATA of another dataset (NEU-DET beside a Magnetic-tile model)
+    # would otherwise fail the class check of the gate and leave the agent on the slow path.
     cmd = [sys.executable, "-m", "agent.lab.export", "--model", str(model_path), "--artifacts-dir", str(folder),
-           "--backends", ",".join(names), "--precisions", "fp32", "--quiet"]
+           "--backends", ",".join(names), "--precisions", "fp32", "--data", "", "--quiet"]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                          timeout=900)
     if out.returncode != 0:
