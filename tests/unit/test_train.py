@@ -109,3 +109,31 @@ class TestGuidedAugmentation:
         x = np.zeros((2, 200, 200, 1), np.float32)
         with pytest.raises(ValueError, match="box masks"):
             fit(ArchSpec(), (x, np.zeros(2, np.int64)), (x, np.zeros(2, np.int64)), TrainConfig(attention_weight=1))
+
+
+class TestInputNormalisation:
+    """ArchSpec.normalize: the fixed x/127.5 - 1, or each image to zero mean and unit variance."""
+
+    def test_image_normalisation_ignores_brightness_and_contrast(self) -> None:
+        """With normalize="image" a tile and its brighter, lower-contrast copy give the same output; fixed does not."""
+        import json
+
+        from agent.lab.model.arch import ArchSpec, build
+
+        card = json.loads((Path(__file__).resolve().parents[2] / "agent" / "models" / "magnetic-tile.json").read_text())
+        spec = ArchSpec.from_dict(card["architecture"])
+        assert spec.normalize == "image"
+        rng = np.random.default_rng(0)
+        x = rng.integers(60, 200, (1, 200, 200, 1)).astype(np.float32)
+        y = (x - 128) * 0.6 + 150  # contrast x0.6 about 128, then brighter
+        for normalize, same in (("image", True), ("fixed", False)):
+            model = build(ArchSpec.from_dict({**card["architecture"], "normalize": normalize}), num_classes=6)
+            a, b = model.predict(np.concatenate([x, y]), verbose=0)
+            assert np.allclose(a, b, atol=1e-4) is same, normalize
+
+    def test_unknown_normalisation_is_refused(self) -> None:
+        """A misspelt normalize is a ValueError naming the choices, not a silently fixed model."""
+        from agent.lab.model.arch import ArchSpec
+
+        with pytest.raises(ValueError, match="expected fixed or image"):
+            ArchSpec(normalize="per-image")

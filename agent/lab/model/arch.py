@@ -8,6 +8,12 @@ from typing import Any
 
 NUM_CLASSES = 6
 INPUT_SHAPE = (200, 200, 1)
+IMAGE_NORM_EPSILON = 25.0
+NORMALIZATION = {
+    "fixed": "inside the model: x/127.5 - 1",
+    "image": f"inside the model: (x - mean) / sqrt(var + {IMAGE_NORM_EPSILON:g}), mean and var over the image's "
+             "pixels (parameter-free LayerNormalization over h, w, c)",
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,14 @@ class ArchSpec:
     stem_pool: bool = False
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     name: str = "tinydefectnet"
+    # Input normalisation inside the model: "fixed" is x/127.5 - 1 (the paper's); "image" takes each image to zero
+    # mean and unit variance (a parameter-free LayerNormalization over h, w, c), so a tile's lighting and contrast,
+    # which vary from shot to shot, are not something the few weights of a tiny net have to learn away.
+    normalize: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.normalize not in ("fixed", "image"):
+            raise ValueError(f"unknown normalize {self.normalize!r}; expected fixed or image")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +80,12 @@ def build(spec: ArchSpec, *, batchnorm: bool = True, with_features: bool = False
 
     inp = keras.Input((size, size, 1), name="image")
     # Normalisation lives in the model so every runtime takes raw pixels.
-    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inp)
+    if spec.normalize == "image":
+        # epsilon in gray levels squared: a flat image (sigma below ~5) is not blown up into its noise.
+        x = layers.LayerNormalization(axis=[1, 2, 3], center=False, scale=False, epsilon=IMAGE_NORM_EPSILON,
+                                      name="normalize")(inp)
+    else:
+        x = layers.Rescaling(1 / 127.5, offset=-1.0, name="normalize")(inp)
     x = conv(x, spec.stem_width, spec.stem_kernel, spec.stem_stride, "stem")
     if spec.stem_pool:
         x = layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)

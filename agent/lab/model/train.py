@@ -17,7 +17,7 @@ import numpy as np
 
 from agent.geometry import InputSpec, self_test_inputs
 from agent.lab.data import Dataset, Sample, box_mask, defect_mask, file_list_hash, load_arrays, stratified_split
-from agent.lab.model.arch import ArchSpec, build, count_macs, fold_batchnorm
+from agent.lab.model.arch import NORMALIZATION, ArchSpec, build, count_macs, fold_batchnorm
 from agent.lab.model.flops import profiler_flops
 from agent.logging import get_logger
 
@@ -523,7 +523,8 @@ def add_arguments(p: Any, models_dir: Path) -> None:
     p.add_argument("--name", default="tinydefectnet", help="model name: writes <out>/<name>.keras and <name>.json")
     p.add_argument("--pass-class", action="append", metavar="NAME",
                    help="a defect-free class (repeatable); frames of it may be decided pass")
-    p.add_argument("--arch", type=Path, help="architecture JSON (default: the winner of the design-search log)")
+    p.add_argument("--arch", type=Path,
+                   help="architecture JSON, or a model card (its architecture) (default: the design-search winner)")
     p.add_argument("--search-log", type=Path, default=models_dir / "design_search.jsonl")
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=32)
@@ -563,7 +564,9 @@ def train_command(args: Any) -> int:
     from agent.lab.model.search import best, read_log
 
     if args.arch:
-        spec = ArchSpec.from_dict(json.loads(Path(args.arch).read_text()))
+        arch = json.loads(Path(args.arch).read_text())
+        # A model card names its architecture too: --arch agent/models/magnetic-tile.json reproduces that model's.
+        spec = ArchSpec.from_dict(arch.get("architecture", arch) if isinstance(arch, dict) else arch)
     else:
         winner = best(read_log(args.search_log))
         if winner is None:
@@ -656,7 +659,7 @@ def _model_block(folded: Any, model: Any, spec: ArchSpec, ispec: InputSpec, acc:
     macs = count_macs(folded)
     return {
         "input": {"shape": [None, ispec.size, ispec.size, 1], "dtype": "float32", "range": "raw pixel values 0..255",
-                  "normalization": "inside the model: x/127.5 - 1", **ispec.to_card(),
+                  "normalization": NORMALIZATION[spec.normalize], **ispec.to_card(),
                   "function": "agent.geometry.to_input(frame, InputSpec.from_card(card['input']))"},
         "output": {"shape": [None, k], "meaning": "softmax probabilities in class order"},
         "architecture": spec.to_dict(),
