@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import os
 import threading
 import time
 from dataclasses import replace
@@ -76,6 +78,43 @@ def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> Serv
                         rule_thresholds(rule), rule.needs_pooled, runner=backend, input=card.input, base_rule=rule)
 
 
+def _can_undo_nice() -> bool:
+    """Whether this process may lower a thread's nice value back to 0: as root, or when RLIMIT_NICE allows it
+    (the agent's systemd unit sets LimitNICE=+0)."""
+    import resource
+
+    if os.geteuid() == 0:
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return soft == resource.RLIM_INFINITY or soft >= 20
+
+
+class _Background:
+    """The reload thread at the lowest priority while it loads, warms and self-tests the next model, so that work
+    takes only what the serving inference thread leaves of the cores.
+
+    Nice is per thread on Linux, and the runtime threads the reload creates (an interpreter's pool per batch size)
+    inherit it; they serve the new model afterwards, so on exit they are put back to the process's priority. Where
+    that is not allowed (an unprivileged process without LimitNICE), nothing is lowered in the first place.
+    """
+
+    def __enter__(self) -> None:
+        self.before = set(os.listdir("/proc/self/task"))
+        self.base = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's (Linux: PRIO_PROCESS 0 is the caller)
+        self.lowered = False
+        if _can_undo_nice():
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, 0, 19)
+                self.lowered = True
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.lowered:
+            return
+        for tid in set(os.listdir("/proc/self/task")) - self.before:
+            with contextlib.suppress(OSError, ValueError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), self.base)
+
+
 class Loader:
     """Holds the serving model; reload() prepares the next one on its own thread, take_ready() hands it over."""
 
@@ -142,7 +181,8 @@ class Loader:
         # waits until the model is built, and what it built is then frozen out of it, as at start-up.
         gc.disable()
         try:
-            self._load_next()
+            with _Background():
+                self._load_next()
         finally:
             gc.freeze()
             gc.enable()
