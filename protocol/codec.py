@@ -62,6 +62,9 @@ _HEADER: dict[Kind, tuple[tuple[str, bool], ...]] = {
     )
     for kind, cls in _CLASSES.items()
 }
+# What builds each kind from its decoded fields. A frame skips the dataclass __init__ (Frame.checked validates the
+# same): the agent decodes one per received frame.
+_BUILDERS: dict[Kind, Callable[..., Message]] = {**_CLASSES, Kind.FRAME: Frame.checked}
 _KIND_OF: dict[str, Kind] = {kind.value: kind for kind in Kind}
 _TOPIC_PREFIX: dict[Kind, bytes] = {kind: topic_for(kind, "x")[:-2] for kind in Kind}
 _MAX_PARTS = 2 + max(len(p) for p in _PAYLOADS.values())
@@ -271,9 +274,7 @@ def _build(header: dict[Any, Any], items: list[Any], count: int, expected: Kind 
             kwargs[name] = header[name]
         elif required:
             raise ProtocolError(Reason.MISSING_FIELD, detail=f"{kind} header has no {name}")
-    # A frame is built without the dataclass __init__ (Frame.checked validates the same): one per received frame.
-    cls: Callable[..., Message] = Frame.checked if kind is Kind.FRAME else _CLASSES[kind]
-    return cls(**kwargs)
+    return _BUILDERS[kind](**kwargs)
 
 
 def _typed(parts: Sequence[Any], kind: Kind, cls: type[_M]) -> _M:

@@ -35,15 +35,16 @@ def frame_for(path: Path, seq: int, label: str, encoding: str) -> Any:
     """The protocol Frame a camera would send for this image file, at the image's own size."""
     import cv2
 
-    from protocol import Encoding, Frame
+    from protocol import JPEG_MAGIC, PNG_MAGIC, Encoding, Frame
 
     data = path.read_bytes()
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise ValueError(f"{path}: OpenCV cannot decode it")
     h, w = img.shape
-    kind = {".jpg": Encoding.JPEG, ".jpeg": Encoding.JPEG, ".png": Encoding.PNG}.get(path.suffix.lower())
-    if encoding == "gray8" or kind is None or (kind is Encoding.JPEG and data[:3] != b"\xff\xd8\xff"):
+    # By content, as the agent checks it (SPEC 4.1): a JPEG or PNG goes as it is, anything else as pixels.
+    kind = Encoding.JPEG if data.startswith(JPEG_MAGIC) else Encoding.PNG if data.startswith(PNG_MAGIC) else None
+    if encoding == "gray8" or kind is None:
         kind, data = Encoding.GRAY8, img.tobytes()
     return Frame(camera_id="heldout", seq=seq, capture_ns=time.time_ns(), width=w, height=h, encoding=kind,
                  payload=data, label=label)
@@ -80,8 +81,7 @@ def score(verdicts: dict[int, Any], y: np.ndarray, classes: tuple[str, ...], pas
     from agent.decision import DECISIONS
     from agent.lab.calibrate import outcome
 
-    codes = {d: i for i, d in enumerate(DECISIONS)}
-    dec = np.array([codes[verdicts[i].decision.value] for i in range(len(y))], np.uint8)
+    dec = np.array([DECISIONS.index(verdicts[i].decision.value) for i in range(len(y))], np.uint8)
     idx = np.array([-1 if verdicts[i].class_index is None else verdicts[i].class_index for i in range(len(y))])
     pass_mask = np.array([c in pass_classes for c in classes])
     out = outcome(dec, idx, y, pass_mask)
