@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from agent.lab.bench.common import percentile
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,9 @@ def _collect(sub: Any, stop: threading.Event, rows: list[tuple[str, int, int, in
 
 
 def _pct(lat_ns: list[int], q: float) -> float | None:
-    return round(float(np.percentile(np.asarray(lat_ns) / 1e6, q)), 2) if lat_ns else None
+    """The q-th percentile of latencies in ns, as ms to 0.01."""
+    p = percentile(lat_ns, q)
+    return None if p is None else round(p / 1e6, 2)
 
 
 def analyse(rows: list[tuple[str, int, int, int, str, str]], sent: int, hup_ns: int, window_s: float,
