@@ -23,6 +23,7 @@ from protocol import AgentState, Heartbeat, encode_heartbeat, topic_for
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
+    from agent.sdnotify import Notifier
     from agent.security import CurveServer
 
 log = get_logger("agent.beacon")
@@ -134,6 +135,17 @@ class Beacon:
             while self.subscribers < n and (left := deadline - time.monotonic()) > 0:
                 self._subscribed.wait(left)
             return self.subscribers
+
+    def hold_ready(self, n: int, wait_s: float, notifier: Notifier) -> None:
+        """Hold READY, beating `starting`, until n bridges subscribed: verdicts sent before a restarted line's
+        bridges reconnect would go nowhere (PUB keeps no history)."""
+        if not n:
+            return
+        notifier.status(f"waiting for {n} subscriber(s)")
+        log.info("waiting for subscribers", want=n, wait_s=wait_s)
+        got = self.wait_for_subscribers(n, wait_s)
+        if got < n:
+            log.warning("serving without every subscriber", want=n, subscribers=got, waited_s=wait_s)
 
     def hand_over(self) -> zmq.Socket[Any]:
         """Stop beating and give the XPUB socket to the caller's thread (sockets are not shared between threads)."""

@@ -24,7 +24,7 @@ from agent.line import Inferred, InFlight, Job, Line
 from agent.logging import RateLimited, get_logger
 from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
-from agent.serving import Loader, heartbeat
+from agent.serving import Loader, heartbeat, run_job
 from protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, AgentState, Explanation, Verdict
 from protocol.codec import encode_explanation, encode_heartbeat, encode_verdict
 
@@ -67,7 +67,6 @@ class Agent:
         self._explain_out: queue.Queue[Explanation | None] = queue.Queue()
         self._explaining = False
         self._threads: list[threading.Thread] = []
-        self._buffers = BatchBuffers()  # the inference thread's own
         self._wake_addr = f"inproc://tdn-wake-{id(self)}"
         self._start_mono = beacon.start_mono  # uptime counts from the launch on every backend
         self._metrics_server: MetricsServer | None = None
@@ -81,7 +80,7 @@ class Agent:
         self._metrics_server = start_server(self.metrics, self.health, self.s.metrics_addr, self.s.metrics_port)
         self.notifier.status("loading model")
         model = self.loader.serve(self.backend)
-        self._await_subscribers()
+        self.beacon.hold_ready(self.s.ready_subscribers, self.s.ready_wait_s, self.notifier)
         self.pub = self.beacon.hand_over()
         self.publish_endpoint = self.beacon.endpoint
         self.line = Line(BatchPolicy(self.s.max_batch_size, self.s.max_queue_delay_us, self.s.shed_deadline_ms,
@@ -107,18 +106,6 @@ class Agent:
                  agent_id=self.s.agent_id,
                  epoch=self.epoch, model_id=model.model_id, start_to_ready_s=round(self.ready_s, 2))
         self.notifier.ready(f"ready: {self.backend.name} model {model.model_id}")
-
-    def _await_subscribers(self) -> None:
-        """Hold READY, beating `starting`, until the configured bridges subscribed: verdicts sent before a restarted
-        line's bridges reconnect would go nowhere (PUB keeps no history)."""
-        n = self.s.ready_subscribers
-        if not n:
-            return
-        self.notifier.status(f"waiting for {n} subscriber(s)")
-        log.info("waiting for subscribers", want=n, wait_s=self.s.ready_wait_s)
-        got = self.beacon.wait_for_subscribers(n, self.s.ready_wait_s)
-        if got < n:
-            log.warning("serving without every subscriber", want=n, subscribers=got, waited_s=self.s.ready_wait_s)
 
     def request_stop(self) -> None:
         """Signal-safe: only sets a flag that the loop checks every tick."""
@@ -256,14 +243,13 @@ class Agent:
 
     def _bind_intake(self) -> None:
         self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, self.s.rcvhwm)
         # libzmq drops a connection whose message part exceeds MAXMSGSIZE, silently; set above the largest
         # SPEC-valid part (a 16 MiB payload), so every valid frame is read, and answered or refused with a count.
-        self.pull.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)
-        self.pull.setsockopt(zmq.LINGER, 0)
-        # Kernel TCP buffers are a hidden queue of hundreds of frames on loopback; keeping them small makes the
-        # camera feel backpressure before its frames grow stale in transit.
-        self.pull.setsockopt(zmq.RCVBUF, 256 * 1024)
+        # Kernel TCP buffers (RCVBUF) are a hidden queue of hundreds of frames on loopback; keeping them small
+        # makes the camera feel backpressure before its frames grow stale in transit.
+        for opt, value in ((zmq.RCVHWM, self.s.rcvhwm), (zmq.MAXMSGSIZE, MAX_PART_BYTES), (zmq.LINGER, 0),
+                           (zmq.RCVBUF, 256 * 1024)):
+            self.pull.setsockopt(opt, value)
         # No ZMTP heartbeats on this socket: under backpressure libzmq stops reading it, heartbeat replies
         # included, and the timeout then dropped live cameras with their queued frames (seen at 2x overload).
         if self.curve is not None:
@@ -308,21 +294,8 @@ class Agent:
             self._jobs.put(job)
 
     def _infer_loop(self) -> None:
-        self._worker(self._jobs, self._infer_one, self._results)
-
-    def _infer_one(self, job: Job) -> Inferred:
-        backend = job.model.runner
-        batch = self._buffers.fill([p.image for p in job.items], job.padded_size)
-        probs = pooled = error = None
-        t0 = time.perf_counter()
-        try:
-            if job.model.needs_pooled:
-                probs, pooled = backend.infer_pooled(batch)
-            else:
-                probs = backend.infer(batch)
-        except Exception as exc:  # any runtime failure must still end in verdicts
-            error = f"{type(exc).__name__}: {exc}"
-        return Inferred(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0)
+        buffers = BatchBuffers()  # the inference thread's own
+        self._worker(self._jobs, lambda job: run_job(job, buffers), self._results)
 
     def _worker(self, inbox: queue.Queue[Any], work: Callable[[Any], Any], outbox: queue.Queue[Any]) -> None:
         """Take tasks until the None sentinel; hand each result back and wake the I/O loop."""

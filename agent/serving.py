@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent import card as cards
-from agent.backends.base import Backend
+from agent.backends.base import Backend, BatchBuffers
 from agent.control import ThresholdStore
 from agent.decision import DecisionRule
 from agent.errors import ModelError, TdnError
 from agent.geometry import InputSpec
-from agent.line import ServingModel
+from agent.line import Inferred, Job, ServingModel
 from agent.logging import get_logger
 from protocol import AgentState, Heartbeat
 
@@ -240,6 +240,21 @@ class Loader:
     def close(self) -> None:
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+
+
+def run_job(job: Job, buffers: BatchBuffers) -> Inferred:
+    """One batch through its model's runner, on the inference thread; a runtime failure comes back as the error."""
+    batch = buffers.fill([p.image for p in job.items], job.padded_size)
+    probs = pooled = error = None
+    t0 = time.perf_counter()
+    try:
+        if job.model.needs_pooled:
+            probs, pooled = job.model.runner.infer_pooled(batch)
+        else:
+            probs = job.model.runner.infer(batch)
+    except Exception as exc:  # any runtime failure must still end in verdicts
+        error = f"{type(exc).__name__}: {exc}"
+    return Inferred(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0)
 
 
 def heartbeat(settings: AgentSettings, epoch: int, hb_seq: int, uptime_s: float, state: AgentState,

@@ -225,19 +225,11 @@ BRIDGE_VARS: dict[str, tuple[ua.VariantType, Any]] = {
     "AgentsUp": (ua.VariantType.UInt32, 0),
 }
 # Fields of ResultReadyEventType (named after OPC 40100's ResultReadyEventType / ResultId / ResultState).
+_V = ua.VariantType
 EVENT_FIELDS: list[tuple[str, ua.VariantType]] = [
-    ("CameraId", ua.VariantType.String),
-    ("ResultId", ua.VariantType.String),
-    ("Seq", ua.VariantType.UInt64),
-    ("PartId", ua.VariantType.String),
-    ("Decision", ua.VariantType.String),
-    ("ResultState", ua.VariantType.Int32),
-    ("ClassName", ua.VariantType.String),
-    ("Confidence", ua.VariantType.Double),
-    ("ModelId", ua.VariantType.String),
-    ("AgentEpoch", ua.VariantType.UInt64),
-    ("ResultCounter", ua.VariantType.UInt64),
-    ("PublishedNs", ua.VariantType.Int64),
+    ("CameraId", _V.String), ("ResultId", _V.String), ("Seq", _V.UInt64), ("PartId", _V.String),
+    ("Decision", _V.String), ("ResultState", _V.Int32), ("ClassName", _V.String), ("Confidence", _V.Double),
+    ("ModelId", _V.String), ("AgentEpoch", _V.UInt64), ("ResultCounter", _V.UInt64), ("PublishedNs", _V.Int64),
 ]
 
 
