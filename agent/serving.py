@@ -22,7 +22,7 @@ from agent.errors import ModelError, TdnError
 from agent.geometry import InputSpec
 from agent.line import Inferred, Job, ServingModel
 from agent.logging import get_logger
-from protocol import AgentState, Heartbeat
+from protocol import MAX_TEXT_LEN, AgentState, Heartbeat
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -261,6 +261,9 @@ def heartbeat(settings: AgentSettings, epoch: int, hb_seq: int, uptime_s: float,
               line: Line | None, model: ServingModel | None, backend: Backend) -> Heartbeat:
     """The heartbeat of this moment; while the model loads (no line yet) it says `starting` and little else."""
     ident = model.runner.identity() if model is not None else {"backend": backend.name}
+    # The SPEC bounds every text to MAX_TEXT_LEN; a long value (auto's reason lists every variant it measured)
+    # is cut here, whole in the log, rather than failing the heartbeat and with it the I/O loop.
+    ident = {k: v if len(v) <= MAX_TEXT_LEN else v[: MAX_TEXT_LEN - 1] + "\u2026" for k, v in ident.items()}
     return Heartbeat(
         agent_id=settings.agent_id, epoch=epoch, hb_seq=hb_seq, time_ns=time.time_ns(), uptime_s=uptime_s,
         state=state, queue_depth=len(line.batcher) if line else 0, counters=line.counters() if line else {},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +324,30 @@ class TestCheckOutput:
         """Short, misshapen or non-finite output raises OutputError naming the problem."""
         with pytest.raises(OutputError, match=match):
             check_output(probs, 4, 6)
+
+
+class _LongReason:
+    """A runner whose identity carries auto's reason, longer than the SPEC's text bound."""
+
+    name = "openvino"
+
+    def identity(self) -> dict[str, str]:
+        return {"backend": "openvino", "selected_by": "probe: " + ", ".join(f"variant{i} 5000" for i in range(40))}
+
+
+class TestHeartbeat:
+    def test_long_identity_text_is_cut_not_fatal(self, clock: FakeClock, tmp_path: Path) -> None:
+        """A backend value over MAX_TEXT_LEN is cut to fit, so the heartbeat still encodes (it once killed the loop)."""
+        from dataclasses import replace
+
+        from agent.config import AgentSettings
+        from agent.serving import heartbeat
+        from protocol import MAX_TEXT_LEN, AgentState, decode_heartbeat, encode_heartbeat
+
+        line, _ = make_line(clock)
+        m = replace(model(), runner=_LongReason())
+        hb = heartbeat(AgentSettings(state_dir=tmp_path), 1, 0, 1.0, AgentState.READY, line, m, m.runner)
+        assert len(hb.backend["selected_by"]) == MAX_TEXT_LEN
+        assert hb.backend["selected_by"].startswith("probe: variant0 5000")
+        back = decode_heartbeat(encode_heartbeat(hb))
+        assert back.backend == hb.backend
