@@ -133,6 +133,10 @@ class AgentSettings(BaseSettings):
     explain_interval_s: float = Field(
         5.0, ge=0, le=86_400, description="seconds between explanation snapshots (0: off)"
     )
+    explain_budget: float = Field(
+        0.05, gt=0, le=1,
+        description="share of one core the explainer may use; reviews beyond it wait (64 at most, then dropped)",
+    )
     explain_dir: Path | None = Field(None, description="also write snapshot PNGs here (optional)")
     explain_keep: int = Field(200, ge=1, le=1_000_000, description="snapshot files kept in explain_dir")
     shutdown_timeout_s: float = Field(5.0, gt=0, le=300, description="drain bound on SIGTERM")

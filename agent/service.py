@@ -64,8 +64,9 @@ class Agent:
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=PIPELINE_DEPTH + 1)  # + the shutdown sentinel
         self._results: queue.Queue[Inferred] = queue.Queue()
         self._explain_in: queue.Queue[tuple[InFlight, Verdict] | None] = queue.Queue(maxsize=1)
-        self._explain_out: queue.Queue[Explanation | None] = queue.Queue()
+        self._explain_out: queue.Queue[tuple[Explanation | None, float]] = queue.Queue()
         self._explaining = False
+        self._explain_free_at = 0.0  # the explainer's CPU budget: no new task before this (monotonic s)
         self._threads: list[threading.Thread] = []
         self._wake_addr = f"inproc://tdn-wake-{id(self)}"
         self._start_mono = beacon.start_mono  # uptime counts from the launch on every backend
@@ -194,7 +195,7 @@ class Agent:
         if now >= self.next_hb:
             self._heartbeat()
             self.next_hb = now + self.s.heartbeat_interval_s
-        if self.s.explain_interval_s > 0 and not self._explaining:
+        if self.s.explain_interval_s > 0 and not self._explaining and now >= self._explain_free_at:
             assert self.line is not None
             # Every review verdict is explained at once; other snapshots come every explain_interval_s.
             review = self.line.take_review()
@@ -318,8 +319,11 @@ class Agent:
                 self._publish(line.complete(r.job, r.probs, r.pooled, r.error, r.inferred_ns))
         with contextlib.suppress(queue.Empty):
             while True:
-                expl = self._explain_out.get_nowait()
+                expl, cost_s = self._explain_out.get_nowait()
                 self._explaining = False
+                # A task that took c s is followed by c * (1/budget - 1) s of rest: at a high review rate
+                # the explainer (PNG encoding, CAM) took ~40% of the agent's CPU and starved the cameras.
+                self._explain_free_at = time.monotonic() + cost_s * (1 / self.s.explain_budget - 1)
                 if expl is not None:
                     self.pub.send_multipart(encode_explanation(expl), copy=False)
                     line.record("explained")
@@ -360,12 +364,13 @@ class Agent:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         self._worker(self._explain_in, self._explain_one, self._explain_out)
 
-    def _explain_one(self, task: tuple[InFlight, Verdict]) -> Explanation | None:
+    def _explain_one(self, task: tuple[InFlight, Verdict]) -> tuple[Explanation | None, float]:
         from agent import explain
 
+        t0 = time.perf_counter()  # wall time: it also counts the runtime threads the CAM inference uses
         item, v = task
         model = self.loader.model_by_id(v.model_id) or self.loader.require_model()
-        return explain.task(model.runner, item, v, self.s.explain_dir, self.s.explain_keep)
+        return explain.task(model.runner, item, v, self.s.explain_dir, self.s.explain_keep), time.perf_counter() - t0
 
     # --- shutdown ---
 
