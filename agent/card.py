@@ -62,18 +62,21 @@ class ModelCard:
         """One image of the model's input: [size, size, 1]."""
         return (self.input.size, self.input.size, 1)
 
-    def check_self_test(self, probs: np.ndarray, tolerance: float = SELF_TEST_TOLERANCE) -> str | None:
-        """None when `probs` (the runtime's output on self_test_inputs) matches the card; else what is wrong."""
-        expected = self.raw.get("self_test", {}).get("expected_probs")
+    def check_self_test(self, probs: np.ndarray, tolerance: float = SELF_TEST_TOLERANCE,
+                        expected: Any = None, source: str = "the card") -> str | None:
+        """None when `probs` (the runtime's output on self_test_inputs) matches the card (or `expected`, a reduced
+        precision's own output recorded by its gate at export); else what is wrong."""
+        if expected is None:
+            expected = self.raw.get("self_test", {}).get("expected_probs")
         if expected is None:
             return None  # cards written before self-tests existed: nothing to compare against
         exp = np.asarray(expected, np.float32)
         got = np.asarray(probs, np.float32)
         if got.shape != exp.shape:
-            return f"self-test output shape {got.shape} != card {exp.shape}"
+            return f"self-test output shape {got.shape} != {source}'s {exp.shape}"
         worst = float(np.max(np.abs(got - exp)))
         if worst > tolerance:
-            return f"self-test probabilities differ from the card by {worst:.3f} (> {tolerance})"
+            return f"self-test probabilities differ from {source} by {worst:.3f} (> {tolerance})"
         return None
 
     def self_test_inputs(self) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from agent.card import file_sha256
 
-FORMAT = 1  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt
+FORMAT = 2  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt (2: gate self-tests)
 KERNEL_FILE = "cam_kernel.npy"
 MANIFEST = "manifest.json"
 

@@ -168,6 +168,27 @@ class TestLeanBackends:
             assert read_gate(folder, name, b.precision)["passed"]  # type: ignore[index]
 
     @pytest.mark.parametrize("name", LEAN)
+    def test_every_gated_variant_passes_the_start_up_self_test(self, name: str, model: Path, artifacts: Path) -> None:
+        """Each variant auto may pick serves: its self-test is held to its own output at export, not to fp32's."""
+        from agent.config import AgentSettings
+        from agent.serving import prepare
+
+        folder = model_dir(artifacts, model)
+        probe = create(name, model, artifacts_dir=artifacts)
+        assert isinstance(probe, ArtifactBackend)
+        served = 0
+        for precision in probe.precisions:
+            rec = read_gate(folder, name, precision)
+            if precision != "fp32" and not (rec and rec.get("passed")):
+                continue
+            assert precision == "fp32" or len(rec["self_test_probs"]) >= 1  # type: ignore[index]
+            b = create(name, model, precision=precision, artifacts_dir=artifacts)
+            sm = prepare(b, AgentSettings(max_batch_size=4), model)  # raises ModelError on a failed self-test
+            assert sm.model_id.endswith(f"/{name}-{precision}")
+            served += 1
+        assert served >= 2  # fp32 and at least one reduced precision on this CPU
+
+    @pytest.mark.parametrize("name", LEAN)
     def test_serving_never_imports_tensorflow(self, name: str, model: Path, artifacts: Path) -> None:
         """load, warmup, infer and features of a lean backend leave TensorFlow unimported."""
         out = python(f"""
