@@ -12,6 +12,7 @@ import msgpack
 from protocol.errors import OversizedError, ProtocolError, Reason, VersionError
 from protocol.messages import (
     INT64_MAX,
+    MAX_DIM,
     MAX_HEADER_BYTES,
     MAX_ID_LEN,
     MAX_PAYLOAD_BYTES,
@@ -19,6 +20,7 @@ from protocol.messages import (
     MAX_TOPIC_BYTES,
     PROTOCOL_VERSION,
     UINT64_MAX,
+    Encoding,
     Explanation,
     Frame,
     Heartbeat,
@@ -26,6 +28,7 @@ from protocol.messages import (
     Message,
     Verdict,
     check_id,
+    check_image,
     is_valid_id,
     topic_for,
 )
@@ -230,9 +233,43 @@ def _decode(parts: Sequence[Any], expected: Kind | None) -> Message:
         raise ProtocolError(Reason.FRAME_COUNT, detail=f"{count} frames, need topic and header")
     header = _unpack_header(_buffer(items[1]))
     try:
+        if expected is Kind.FRAME and (frame := _fast_frame(header, items, count)) is not None:
+            return frame
         return _build(header, items, count, expected)
     except ProtocolError as err:
         raise err.with_context(*_context(header)) from None
+
+
+_FRAME_TOPIC = _TOPIC_PREFIX[Kind.FRAME]
+_ENCODINGS: dict[str, Encoding] = {e.value: e for e in Encoding}
+
+
+def _fast_frame(h: dict[Any, Any], items: list[Any], count: int) -> Frame | None:
+    """The common valid frame, every SPEC 4.1 rule checked inline; None for anything else, which _build then
+    checks rule by rule (and names the fault). It accepts only what _build accepts, and builds the same Frame
+    (tested): _build's generic walk was half the agent's decode cost per frame."""
+    cam, seq, cap, w, ht, enc = (h.get("camera_id"), h.get("seq"), h.get("capture_ns"), h.get("width"),
+                                 h.get("height"), h.get("encoding"))
+    # Exact types: bool is not int, and numpy scalars or odd strings go the careful way.
+    if not (count == 3 and type(h.get("v")) is int and h["v"] == PROTOCOL_VERSION and h.get("kind") == "frame"
+            and type(cam) is str and type(seq) is int and type(cap) is int and type(w) is int and type(ht) is int
+            and type(enc) is str and 0 <= seq <= UINT64_MAX and 0 <= cap <= INT64_MAX and 1 <= w <= MAX_DIM
+            and 1 <= ht <= MAX_DIM and (encoding := _ENCODINGS.get(enc)) is not None and is_valid_id(cam)):
+        return None
+    topic, obj = _buffer(items[0]), items[2]
+    if topic.nbytes > MAX_TOPIC_BYTES or topic != _FRAME_TOPIC + cam.encode() + b"/":
+        return None
+    payload = obj if type(obj) is bytes else _buffer(obj)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    part_id, label = h.get("part_id"), h.get("label")
+    if not ((part_id is None or (type(part_id) is str and 1 <= len(part_id) <= MAX_TEXT_LEN))
+            and (label is None or (type(label) is str and 1 <= len(label) <= MAX_ID_LEN))):
+        return None
+    if encoding is Encoding.GRAY8 and len(payload) != w * ht:
+        return None
+    check_image(encoding, w, ht, payload)  # JPEG/PNG magic and SOF/IHDR size; raises as _build would, last
+    return Frame.from_checked((cam, seq, cap, w, ht, encoding, payload, part_id, label))
 
 
 # One check per rule of SPEC 2-4, in the SPEC's order: split into helpers, that order would be lost.

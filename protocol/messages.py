@@ -309,7 +309,7 @@ def _check_png(name: str, payload: bytes | memoryview) -> None:
         raise PayloadError(Reason.BAD_ENCODING, detail=f"{name} is not a PNG")
 
 
-def _check_image(encoding: Encoding, width: int, height: int, payload: bytes | memoryview) -> None:
+def check_image(encoding: Encoding, width: int, height: int, payload: bytes | memoryview) -> None:
     size = len(payload)
     if size > MAX_PAYLOAD_BYTES:
         raise OversizedError(detail=f"payload exceeds {MAX_PAYLOAD_BYTES} bytes")
@@ -362,8 +362,13 @@ class Frame:
                 encoding: object, payload: object, part_id: object = None, label: object = None) -> Frame:
         """The same validation as Frame(...), without the dataclass __init__ that sets each field twice: the
         agent's decoder builds one per received frame."""
+        return cls.from_checked(_frame_values(camera_id, seq, capture_ns, width, height, encoding, payload, part_id,
+                                              label))
+
+    @classmethod
+    def from_checked(cls, values: tuple[Any, ...]) -> Frame:
+        """A Frame from field values already checked and normalised, in field order (the codec's fast path)."""
         f = object.__new__(cls)
-        values = _frame_values(camera_id, seq, capture_ns, width, height, encoding, payload, part_id, label)
         for put, value in zip(_FRAME_SETTERS, values, strict=True):
             put(f, value)
         return f
@@ -393,7 +398,7 @@ def _frame_values(camera_id: object, seq: object, capture_ns: object, width: obj
               _int("capture_ns", capture_ns, 0, INT64_MAX), _dim("width", width), _dim("height", height),
               _enum("encoding", encoding, Encoding, Reason.BAD_ENCODING), _bytes("payload", payload),
               _opt_text("part_id", part_id), _opt_label("label", label))
-    _check_image(values[5], values[3], values[4], values[6])
+    check_image(values[5], values[3], values[4], values[6])
     return values
 
 

@@ -10,7 +10,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import cv2
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -892,3 +894,86 @@ class TestFuzz:
             return
         # Anything accepted is a valid message that re-encodes to an equal one.
         assert decode(encode(msg)) == msg
+
+
+_ODD = st.one_of(st.none(), st.booleans(), st.integers(-3, 5),
+                 st.sampled_from([0, 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 4096, 4097, -1]),
+                 st.floats(allow_nan=True), st.text(max_size=70), st.binary(max_size=8),
+                 st.sampled_from(["gray8", "jpeg", "png", "GRAY8", "cam1", "frame", "x" * 64, "x" * 65, ""]),
+                 st.lists(st.integers(0, 3), max_size=2))
+_KEYS = ("v", "kind", "camera_id", "seq", "capture_ns", "width", "height", "encoding", "part_id", "label")
+
+
+class TestFastFramePath:
+    @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(changes=st.dictionaries(st.sampled_from(_KEYS), _ODD, max_size=3),
+           dropped=st.sets(st.sampled_from(_KEYS), max_size=2), w=st.integers(1, 6), h=st.integers(1, 6),
+           extra=st.integers(-1, 1), topic=st.sampled_from([None, b"frame/cam1/", b"frame/cam2/", b"frame/cam1",
+                                                            b"verdict/cam1/"]), jpeg=st.booleans())
+    def test_fast_path_accepts_only_what_the_rule_by_rule_path_accepts(
+            self, changes: dict[str, Any], dropped: set[str], w: int, h: int, extra: int, topic: bytes | None,
+            jpeg: bool) -> None:
+        """Whatever the header holds, the codec's fast path either defers, or gives what _build gives (same Frame or
+        the same refusal)."""
+        from protocol.codec import _build, _fast_frame
+
+        enc = Encoding.JPEG if jpeg else Encoding.GRAY8
+        payload = (bytes(cv2.imencode(".jpg", np.zeros((h, w), np.uint8))[1]) if jpeg
+                   else bytes(max(0, w * h + extra)))
+        header: dict[Any, Any] = {"v": 1, "kind": "frame", "camera_id": "cam1", "seq": 7, "capture_ns": 5,
+                                  "width": w, "height": h, "encoding": enc.value, "part_id": None, "label": None}
+        header.update(changes)
+        for k in dropped:
+            header.pop(k, None)
+        items = [topic if topic is not None else b"frame/" + str(header.get("camera_id")).encode() + b"/",
+                 b"", memoryview(payload)]
+
+        def run(fn: Any) -> Any:
+            try:
+                return fn()
+            except protocol.ProtocolError as exc:
+                return ("refused", exc.reason)
+
+        fast = run(lambda: _fast_frame(header, items, 3))
+        if fast is None:
+            return
+        assert fast == run(lambda: _build(header, items, 3, protocol.Kind.FRAME))
+
+    def test_every_single_odd_value_is_judged_alike(self) -> None:
+        """Each header key set to each odd value (or left out), the rest valid: the fast path defers or agrees."""
+        from protocol.codec import _build, _fast_frame
+
+        odd = [None, True, False, -1, 0, 1, 2, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 4096, 4097, 1.0, math.nan, "",
+               "gray8", "GRAY8", "jpeg", "frame", "cam1", "x" * 64, "x" * 65, "x" * 257, b"cam1", [1], np.int64(2)]
+        base = {"v": 1, "kind": "frame", "camera_id": "cam1", "seq": 7, "capture_ns": 5, "width": 2, "height": 3,
+                "encoding": "gray8", "part_id": None, "label": None}
+        fast_built = 0
+        for key in _KEYS:
+            for value in [*odd, KeyError]:
+                header: dict[Any, Any] = {**base, key: value}
+                if value is KeyError:
+                    del header[key]
+                items = [b"frame/" + str(header.get("camera_id")).encode() + b"/", b"", memoryview(bytes(6))]
+                try:
+                    fast: Any = _fast_frame(header, items, 3)
+                except protocol.ProtocolError as exc:
+                    fast = ("refused", exc.reason)
+                if fast is None:
+                    continue
+                try:
+                    slow: Any = _build(header, items, 3, protocol.Kind.FRAME)
+                except protocol.ProtocolError as exc:
+                    slow = ("refused", exc.reason)
+                assert fast == slow, (key, value)
+                fast_built += 1
+        assert fast_built >= 20  # the valid variants (part ids, labels, other sizes) really took the fast path
+
+    def test_a_valid_frame_takes_the_fast_path(self) -> None:
+        """A plain gray8 frame with a part id is built by the fast path, equal to the rule-by-rule build."""
+        from protocol.codec import _build, _fast_frame
+
+        header = {"v": 1, "kind": "frame", "camera_id": "cam1", "seq": 7, "capture_ns": 5, "width": 2, "height": 3,
+                  "encoding": "gray8", "part_id": "p-1", "label": None}
+        items = [b"frame/cam1/", b"", memoryview(bytes(6))]
+        fast = _fast_frame(header, items, 3)
+        assert fast is not None and fast == _build(header, items, 3, protocol.Kind.FRAME)
