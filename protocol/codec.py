@@ -11,8 +11,8 @@ import msgpack
 
 from protocol.errors import OversizedError, ProtocolError, Reason, VersionError
 from protocol.messages import (
+    ENCODING_OF,
     INT64_MAX,
-    MAX_DIM,
     MAX_HEADER_BYTES,
     MAX_ID_LEN,
     MAX_PAYLOAD_BYTES,
@@ -20,7 +20,6 @@ from protocol.messages import (
     MAX_TOPIC_BYTES,
     PROTOCOL_VERSION,
     UINT64_MAX,
-    Encoding,
     Explanation,
     Frame,
     Heartbeat,
@@ -32,6 +31,7 @@ from protocol.messages import (
     is_valid_id,
     topic_for,
 )
+from protocol.messages import MAX_DIM as _MAX_SIDE
 
 Part = bytes | memoryview
 _M = TypeVar("_M", Frame, Verdict, Explanation, Heartbeat)
@@ -241,7 +241,7 @@ def _decode(parts: Sequence[Any], expected: Kind | None) -> Message:
 
 
 _FRAME_TOPIC = _TOPIC_PREFIX[Kind.FRAME]
-_ENCODINGS: dict[str, Encoding] = {e.value: e for e in Encoding}
+_GRAY8 = ENCODING_OF["gray8"]
 
 
 def _fast_frame(h: dict[Any, Any], items: list[Any], count: int) -> Frame | None:
@@ -253,8 +253,8 @@ def _fast_frame(h: dict[Any, Any], items: list[Any], count: int) -> Frame | None
     # Exact types: bool is not int, and numpy scalars or odd strings go the careful way.
     if not (count == 3 and type(h.get("v")) is int and h["v"] == PROTOCOL_VERSION and h.get("kind") == "frame"
             and type(cam) is str and type(seq) is int and type(cap) is int and type(w) is int and type(ht) is int
-            and type(enc) is str and 0 <= seq <= UINT64_MAX and 0 <= cap <= INT64_MAX and 1 <= w <= MAX_DIM
-            and 1 <= ht <= MAX_DIM and (encoding := _ENCODINGS.get(enc)) is not None and is_valid_id(cam)):
+            and type(enc) is str and 0 <= seq <= UINT64_MAX and 0 <= cap <= INT64_MAX and 1 <= w <= _MAX_SIDE
+            and 1 <= ht <= _MAX_SIDE and (encoding := ENCODING_OF.get(enc)) is not None and is_valid_id(cam)):
         return None
     topic, obj = _buffer(items[0]), items[2]
     if topic.nbytes > MAX_TOPIC_BYTES or topic != _FRAME_TOPIC + cam.encode() + b"/":
@@ -266,7 +266,7 @@ def _fast_frame(h: dict[Any, Any], items: list[Any], count: int) -> Frame | None
     if not ((part_id is None or (type(part_id) is str and 1 <= len(part_id) <= MAX_TEXT_LEN))
             and (label is None or (type(label) is str and 1 <= len(label) <= MAX_ID_LEN))):
         return None
-    if encoding is Encoding.GRAY8 and len(payload) != w * ht:
+    if encoding is _GRAY8 and len(payload) != w * ht:
         return None
     check_image(encoding, w, ht, payload)  # JPEG/PNG magic and SOF/IHDR size; raises as _build would, last
     return Frame.from_checked((cam, seq, cap, w, ht, encoding, payload, part_id, label))

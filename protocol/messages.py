@@ -70,6 +70,10 @@ class Encoding(StrEnum):
     PNG = "png"
 
 
+# Wire value -> member: the codec's fast path looks an encoding up without EnumType.__call__.
+ENCODING_OF: dict[str, Encoding] = {e.value: e for e in Encoding}
+
+
 class Status(StrEnum):
     """Outcome of one accepted frame: inferred, shed unread because too old, or unreadable."""
 
