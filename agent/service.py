@@ -197,7 +197,7 @@ class Agent:
             self.next_hb = now + self.s.heartbeat_interval_s
         if self.s.explain_interval_s > 0 and not self._explaining and now >= self._explain_free_at:
             assert self.line is not None
-            # Every review verdict is explained at once; other snapshots come every explain_interval_s.
+            # Review verdicts go first, within the budget; other snapshots come every explain_interval_s.
             review = self.line.take_review()
             if review is not None:
                 self._offer_explanation(review)
