@@ -29,6 +29,11 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name", "unknown")
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty when unknown)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
 def cores() -> int:
     """Cores this process may run on (respects CPU affinity and systemd's CPUAffinity=)."""
     return len(os.sched_getaffinity(0))

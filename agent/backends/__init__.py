@@ -31,7 +31,7 @@ class Entry:
 # The one table every other list derives from (uvicorn's loops/auto.py and config.py tables are the model).
 REGISTRY: dict[str, Entry] = {
     "tensorflow": Entry("agent.backends.tensorflow:TensorFlowBackend", ("fp32",), False, "tensorflow"),
-    "zendnn": Entry("agent.backends.zendnn:ZenDNNBackend", ("fp32",), False, "zentf"),
+    "zendnn": Entry("agent.backends.zendnn:ZenDNNBackend", ("fp32", "bf16"), False, "zentf"),
     "litert": Entry("agent.backends.litert:LiteRTBackend", ("fp32", "int8"), True, "ai_edge_litert"),
     "openvino": Entry("agent.backends.openvino:OpenVINOBackend", ("fp32", "bf16", "int8"), True, "openvino"),
 }
@@ -105,7 +105,7 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
     cls = getattr(importlib.import_module(module_name), cls_name)
     b: Backend
     if backend == "zendnn":
-        b = cls(model_path, threads, precision, knobs)
+        b = cls(model_path, threads, precision, knobs, artifacts_dir)
     elif REGISTRY[backend].lean:
         b = cls(model_path, threads, precision, artifacts_dir)
     else:

@@ -49,7 +49,8 @@ class TensorFlowBackend(Backend):
         super().__init__(model_path, threads)
         if precision not in ("auto", *self.precisions):
             raise BackendError(
-                f"backend {self.name} runs fp32 only, not {precision}; int8/bf16 run on litert or openvino"
+                f"backend {self.name} runs fp32 only, not {precision}; int8/bf16 run on litert or openvino "
+                "(bf16 also on zendnn)"
             )
         self.precision = "fp32"
         self._fns: dict[int, Any] = {}
@@ -165,7 +166,7 @@ class TensorFlowBackend(Backend):
             "backend": self.name,
             "runtime": f"tensorflow {tf.__version__} ({self.kernels()})",
             "keras": keras.__version__,
-            "precision": "fp32",
+            "precision": self.precision,
             "threads": str(self.threads or cores()),
         }
         if self.selected_by:

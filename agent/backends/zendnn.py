@@ -9,10 +9,12 @@ from typing import Any
 
 from agent.backends.tensorflow import TensorFlowBackend, plugin_loaded
 from agent.errors import BackendError
-from agent.hostinfo import cores
+from agent.hostinfo import cores, cpu_flags
 
 # Read by TensorFlow core and the plugin when TensorFlow is imported; later changes have no effect.
 SWITCHES = {"TF_ENABLE_ZENDNN_OPTS": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
+# The plugin's bf16 path (auto mixed precision: bf16 convolutions on avx512_bf16), also read at TensorFlow's import.
+BF16_SWITCH = "TF_ZENDNN_PLUGIN_BF16"
 # Agent setting -> the environment variable the installed plugin (or its bundled libiomp5/oneDNN) reads.
 # How each was found and what became of the paper's Table 2 settings: ZENDNN.md beside this file.
 KNOBS = {
@@ -55,13 +57,48 @@ class ZenDNNBackend(TensorFlowBackend):
     name = "zendnn"
 
     def __init__(self, model_path: Any, threads: int = 0, precision: str = "auto",
-                 knobs: dict[str, Any] | None = None) -> None:
-        super().__init__(model_path, threads, precision)
+                 knobs: dict[str, Any] | None = None, artifacts_dir: str | Path | None = None, *,
+                 ungated: bool = False) -> None:
+        if precision not in ("auto", "fp32", "bf16"):
+            raise BackendError(f"backend zendnn runs fp32 and bf16, not {precision}; int8 runs on litert or openvino")
+        super().__init__(model_path, threads)
+        self.precision = "bf16" if precision == "bf16" else "fp32"  # auto is fp32: bf16 is asked for, gated
         self.env = knob_env(knobs)
+        self.artifacts_dir = artifacts_dir
+        self._ungated = ungated  # how `tdn export` measures bf16 for its gate
+        self.gate: dict[str, Any] | None = None
+
+    def load(self) -> None:
+        if self.precision == "bf16":
+            if "avx512_bf16" not in cpu_flags():
+                raise BackendError("zendnn bf16: this CPU has no native bf16 (avx512_bf16)")
+            if not self._ungated:
+                self.gate = self._require_gate()
+        super().load()
+
+    def _require_gate(self) -> dict[str, Any]:
+        """bf16 serves only after `tdn export` measured it on the held-out split against fp32 and it passed."""
+        from agent.backends.gate import read_gate
+        from agent.backends.store import manifest_ok, model_dir
+        from agent.config import default_artifacts_dir
+
+        folder = model_dir(Path(self.artifacts_dir) if self.artifacts_dir else default_artifacts_dir(),
+                           Path(self.model_path))
+        rec = read_gate(folder, self.name, "bf16") if manifest_ok(folder) else None
+        if rec is None:
+            raise BackendError(f"zendnn bf16 has no accuracy gate record in {folder}; build it with "
+                               f"`tdn export --model {self.model_path} --data NEU-DET` on this machine")
+        if not rec.get("passed"):
+            raise BackendError(f"zendnn bf16 fails the accuracy gate: {rec.get('decision')}")
+        return rec
 
     def _import_tf(self) -> Any:
+        bf16 = self.precision == "bf16"
         if "tensorflow" in sys.modules:
             wrong = {k: os.environ.get(k) for k, v in SWITCHES.items() if os.environ.get(k) != v}
+            if (os.environ.get(BF16_SWITCH) == "1") != bf16:
+                raise BackendError(f"zendnn {self.precision}: TensorFlow was already imported in this process "
+                                   f"with{'out' if bf16 else ''} {BF16_SWITCH}=1; run it in its own process")
             if wrong:
                 raise BackendError(
                     "zendnn: TensorFlow was already imported in this process without "
@@ -74,6 +111,10 @@ class ZenDNNBackend(TensorFlowBackend):
         n = str(self.threads or cores())
         # ZenDNN parallelises with the plugin's own OpenMP (libiomp5), which sizes its team from OMP_NUM_THREADS.
         os.environ.update({**SWITCHES, "OMP_NUM_THREADS": n, **self.env})
+        if bf16:
+            os.environ[BF16_SWITCH] = "1"
+        else:
+            os.environ.pop(BF16_SWITCH, None)  # an inherited switch must not turn an fp32 backend into bf16
         import tensorflow as tf
 
         return tf
@@ -83,6 +124,8 @@ class ZenDNNBackend(TensorFlowBackend):
         tf.config.optimizer.set_experimental_options({"use_plugin_optimizers": True})
 
     def _check_ops(self) -> None:
+        if self.precision == "bf16" and not self.ops.get("Cast"):
+            raise BackendError("zendnn bf16: the plugin's mixed-precision pass added no Cast ops; bf16 is not active")
         zen = sorted(op for op in self.ops if op.startswith("_Zen"))
         if not zen:
             raise BackendError(
@@ -109,7 +152,9 @@ class ZenDNNBackend(TensorFlowBackend):
             "backend": self.name,
             "zentf": version,
             "zendnn": self.verification(),
-            "env": " ".join(f"{k}={os.environ[k]}" for k in (*SWITCHES, "OMP_NUM_THREADS", *self.env)
+            "env": " ".join(f"{k}={os.environ[k]}" for k in (*SWITCHES, BF16_SWITCH, "OMP_NUM_THREADS", *self.env)
                             if k in os.environ),
         })
+        if self.gate:
+            ident["gate"] = str(self.gate.get("decision", ""))
         return ident

@@ -136,7 +136,37 @@ class Exporter:
                     continue
                 out.append(Step(f"gate {backend} {precision}", self.folder / f"{backend}-{precision}.gate.json",
                                 lambda b=backend, p=precision: self.gate(b, p)))  # type: ignore[misc]
+        if "bf16" in self.precisions and _zendnn_bf16_here():
+            out.append(Step("gate zendnn bf16", self.folder / "zendnn-bf16.gate.json", self.gate_zendnn_bf16))
         return out
+
+    def gate_zendnn_bf16(self) -> None:
+        """ZenDNN's bf16 path against the fp32 reference, measured in a child process: this one imported
+        TensorFlow without the plugin's switches, which are read only at TensorFlow's import."""
+        import subprocess
+        import tempfile
+
+        from agent.backends.gate import gate_record, write_gate
+
+        d = self.data()
+        with tempfile.TemporaryDirectory(prefix="tdn-zgate-") as tmp:
+            x_file, out_file = Path(tmp) / "x.npy", Path(tmp) / "out.npz"
+            np.save(x_file, d["x"])
+            code = ("import sys; from agent.lab.export import zendnn_bf16_worker; "
+                    "sys.exit(zendnn_bf16_worker(*sys.argv[1:]))")
+            res = subprocess.run([sys.executable, "-c", code, str(self.model_path), str(x_file), str(out_file),
+                                  str(self.threads)], capture_output=True, text=True,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if res.returncode != 0:
+                tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+                self.notes.append(f"zendnn bf16: not gated, its measurement failed: {tail[-200:]}")
+                return
+            got = np.load(out_file)
+            pred, self_test = got["pred"], got["self_test"]
+        record = {**gate_record(pred, d["ref"], d["y"]), "images": d["how"], "fp32_reference": "Keras (TensorFlow)",
+                  "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "self_test_probs": np.round(self_test.astype(np.float64), 6).tolist()}
+        write_gate(self.folder, "zendnn", "bf16", record)
 
     def _native(self, backend: str, precision: str) -> bool:
         from agent.backends import create
@@ -329,6 +359,28 @@ def main(argv: list[str] | None = None) -> int:
     except TdnError as exc:
         print(f"tdn export: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _zendnn_bf16_here() -> bool:
+    from agent.backends import installed
+    from agent.hostinfo import cpu_flags
+
+    return installed("zendnn") and "avx512_bf16" in cpu_flags()
+
+
+def zendnn_bf16_worker(model: str, x_file: str, out_file: str, threads: str) -> int:
+    """In a fresh process: ZenDNN bf16's top-1 classes on the gate images and its self-test output, to out_file."""
+    from agent.backends.zendnn import ZenDNNBackend
+    from agent.card import read as read_card
+
+    b = ZenDNNBackend(model, int(threads), "bf16", ungated=True)
+    b.load()
+    b.warmup((EVAL_BATCH,))
+    pred = predict_all(b.infer, np.load(x_file), EVAL_BATCH)
+    st = read_card(Path(model)).self_test_inputs()
+    batch = np.concatenate([st, np.zeros((EVAL_BATCH - len(st), *st.shape[1:]), st.dtype)])
+    np.savez(out_file, pred=pred, self_test=np.asarray(b.infer(batch))[: len(st)])
+    return 0
 
 
 def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from agent.backends.gate import read_gate
 from agent.backends.store import model_dir
 from agent.card import read_dict
 from agent.errors import BackendError, ConfigError
+from agent.hostinfo import cpu_flags
 from agent.lab.data import held_out as card_split
 from agent.lab.data import load_arrays, scan, stratified_subset
 from agent.lab.export import predict_all
@@ -119,6 +120,38 @@ class TestZenDNN:
         assert "plugin loaded" in res["identity"]["zendnn"] and "_ZenFusedConv2D" in res["identity"]["zendnn"]
         assert "TF_ENABLE_ZENDNN_OPTS=1" in res["identity"]["env"]
         assert agreement(res["pred"], reference) >= 0.99
+
+    @pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="this CPU has no native bf16")
+    def test_bf16_is_gated_and_serves(self, model: Path, artifacts: Path, images: tuple[np.ndarray, np.ndarray, Path],
+                                      reference: np.ndarray) -> None:
+        """`tdn export` gates ZenDNN's bf16 path; in its own process it then passes the agent's start-up checks, runs
+        the plugin's bf16 casts and agrees with native TF on >= 99%."""
+        rec = read_gate(model_dir(artifacts, model), "zendnn", "bf16")
+        assert rec is not None and rec["passed"] and len(rec["self_test_probs"]) >= 1
+        out = python(f"""
+            import json, numpy as np
+            from pathlib import Path
+            from agent.backends import create
+            from agent.config import AgentSettings
+            from agent.lab.export import predict_all
+            from agent.serving import prepare
+            b = create("zendnn:bf16", {str(model)!r}, artifacts_dir={str(artifacts)!r})
+            sm = prepare(b, AgentSettings(max_batch_size={BATCH}), Path({str(model)!r}))
+            pred = predict_all(b.infer, np.load({str(images[2])!r}), {BATCH})
+            print(json.dumps({{"pred": pred.tolist(), "identity": b.identity(), "casts": b.ops.get("Cast", 0),
+                              "model_id": sm.model_id}}))
+        """)
+        assert out.returncode == 0, out.stderr[-2000:]
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        assert res["casts"] >= 1 and res["identity"]["precision"] == "bf16"
+        assert "TF_ZENDNN_PLUGIN_BF16=1" in res["identity"]["env"] and res["identity"]["gate"].startswith("passes")
+        assert res["model_id"].endswith("/zendnn-bf16")
+        assert agreement(res["pred"], reference) >= 0.99
+
+    def test_bf16_without_export_names_the_command(self, model: Path, tmp_path: Path) -> None:
+        """ZenDNN bf16 before `tdn export` gated it is one error naming the command (or, without bf16, saying so)."""
+        with pytest.raises(BackendError, match="tdn export" if "avx512_bf16" in cpu_flags() else "no native bf16"):
+            create("zendnn:bf16", model, artifacts_dir=tmp_path).load()
 
     def test_refuses_after_a_plain_tensorflow_import(self) -> None:
         """When TensorFlow was imported without the ZenDNN switches, the backend says so in one line."""
