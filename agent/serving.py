@@ -72,7 +72,7 @@ def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> Serv
     if probs.ndim != 2 or probs.shape[1] != len(card.classes):
         raise ModelError(f"model {model_path} outputs {probs.shape}, its card lists {len(card.classes)} classes")
     # A gated reduced precision is held to its own output at export, fp32 (and an ungated runtime) to the card's.
-    recorded = (getattr(backend, "gate", None) or {}).get("self_test_probs")
+    recorded = (backend.gate or {}).get("self_test_probs")
     problem = card.check_self_test(probs, expected=recorded, source="its gate's record" if recorded else "the card")
     if problem is not None:
         raise ModelError(f"model {model_path} fails its self-test: {problem}")

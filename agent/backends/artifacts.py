@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from agent.backends.base import Backend
-from agent.backends.gate import read_gate
+from agent.backends.gate import passed_gate, read_gate
 from agent.backends.store import KERNEL_FILE, manifest_ok, model_dir
 from agent.config import default_artifacts_dir
 from agent.errors import BackendError
@@ -37,7 +37,6 @@ class ArtifactBackend(Backend):
         self.precision = precision
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
         self.folder = Path()
-        self.gate: dict[str, Any] | None = None
         self.selected_by = ""
         self._kernel: np.ndarray | None = None
         self._runners: dict[int, Any] = {}
@@ -128,12 +127,9 @@ class ArtifactBackend(Backend):
         if not self.supported_here(precision):
             raise BackendError(f"{self.name} {precision}: this CPU has no native {precision} support")
         rec = read_gate(self.folder, self.name, precision) if self._fresh else None
-        if rec is None or not self.artifact(precision).is_file():
-            raise BackendError(f"{self.name} {precision} artifact not found in {self.folder}; build it with "
-                               f"`tdn export --model {self.model_path}` (it calibrates and gates on NEU-DET)")
-        if not rec.get("passed"):
-            raise BackendError(f"{self.name} {precision} fails the accuracy gate: {rec.get('decision')}")
-        self.gate = rec
+        self.gate = passed_gate(rec if self.artifact(precision).is_file() else None, self.name, precision,
+                                f"{self.name} {precision} artifact not found in {self.folder}; build it with "
+                                f"`tdn export --model {self.model_path}` (it calibrates and gates on NEU-DET)")
 
     def _export_fp32(self) -> None:
         # fp32 needs no data: convert it now, in a child process, so this one never imports TensorFlow.

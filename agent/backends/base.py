@@ -67,6 +67,7 @@ class Backend(ABC):
         self.input_shape: tuple[int, int, int] = IMAGE_SHAPE  # [S,S,1] from the card, once load() read it
         self.precision = "fp32"  # what runs, once resolved from the requested precision at load()
         self.selected_by = ""  # why `auto` chose this backend or precision, when it did
+        self.gate: dict[str, Any] | None = None  # a reduced precision's gate record (agent.backends.gate)
 
     def read_card(self) -> None:
         """Read the model card (ModelError if missing or bad): classes, input size, and the id verdicts carry."""

@@ -56,6 +56,17 @@ def read_gate(folder: Path, backend: str, precision: str) -> dict[str, Any] | No
     return data
 
 
+def passed_gate(record: dict[str, Any] | None, backend: str, precision: str, missing: str) -> dict[str, Any]:
+    """The record of a variant that may serve; BackendError (`missing`, or why it failed) for one that may not."""
+    from agent.errors import BackendError
+
+    if record is None:
+        raise BackendError(missing)
+    if not record.get("passed"):
+        raise BackendError(f"{backend} {precision} fails the accuracy gate: {record.get('decision')}")
+    return record
+
+
 def write_gate(folder: Path, backend: str, precision: str, record: dict[str, Any]) -> dict[str, Any]:
     ok, reason = gate_decision(record)
     out = {"backend": backend, "precision": precision, **record, "passed": ok, "decision": reason,

@@ -66,7 +66,6 @@ class ZenDNNBackend(TensorFlowBackend):
         self.env = knob_env(knobs)
         self.artifacts_dir = artifacts_dir
         self._ungated = ungated  # how `tdn export` measures bf16 for its gate
-        self.gate: dict[str, Any] | None = None
 
     def load(self) -> None:
         if self.precision == "bf16":
@@ -78,19 +77,15 @@ class ZenDNNBackend(TensorFlowBackend):
 
     def _require_gate(self) -> dict[str, Any]:
         """bf16 serves only after `tdn export` measured it on the held-out split against fp32 and it passed."""
-        from agent.backends.gate import read_gate
+        from agent.backends.gate import passed_gate, read_gate
         from agent.backends.store import manifest_ok, model_dir
         from agent.config import default_artifacts_dir
 
         folder = model_dir(Path(self.artifacts_dir) if self.artifacts_dir else default_artifacts_dir(),
                            Path(self.model_path))
         rec = read_gate(folder, self.name, "bf16") if manifest_ok(folder) else None
-        if rec is None:
-            raise BackendError(f"zendnn bf16 has no accuracy gate record in {folder}; build it with "
-                               f"`tdn export --model {self.model_path} --data NEU-DET` on this machine")
-        if not rec.get("passed"):
-            raise BackendError(f"zendnn bf16 fails the accuracy gate: {rec.get('decision')}")
-        return rec
+        return passed_gate(rec, self.name, "bf16", f"zendnn bf16 has no accuracy gate record in {folder}; build it "
+                           f"with `tdn export --model {self.model_path} --data NEU-DET` on this machine")
 
     def _import_tf(self) -> Any:
         bf16 = self.precision == "bf16"

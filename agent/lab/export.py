@@ -146,8 +146,6 @@ class Exporter:
         import subprocess
         import tempfile
 
-        from agent.backends.gate import gate_record, write_gate
-
         d = self.data()
         with tempfile.TemporaryDirectory(prefix="tdn-zgate-") as tmp:
             x_file, out_file = Path(tmp) / "x.npy", Path(tmp) / "out.npz"
@@ -162,11 +160,19 @@ class Exporter:
                 self.notes.append(f"zendnn bf16: not gated, its measurement failed: {tail[-200:]}")
                 return
             got = np.load(out_file)
-            pred, self_test = got["pred"], got["self_test"]
+            self._write_gate("zendnn", "bf16", got["pred"], got["self_test"])
+
+    def _write_gate(self, backend: str, precision: str, pred: np.ndarray, self_test: np.ndarray) -> None:
+        """The gate record of a variant's top-1 classes on the gate images, with its own self-test output: what the
+        agent checks that variant against at start-up (int8 on the synthetic self-test images differs from fp32 by
+        up to ~0.23 while passing the gate)."""
+        from agent.backends.gate import gate_record, write_gate
+
+        d = self.data()
         record = {**gate_record(pred, d["ref"], d["y"]), "images": d["how"], "fp32_reference": "Keras (TensorFlow)",
                   "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "self_test_probs": np.round(self_test.astype(np.float64), 6).tolist()}
-        write_gate(self.folder, "zendnn", "bf16", record)
+                  "self_test_probs": np.round(np.asarray(self_test, np.float64), 6).tolist()}
+        write_gate(self.folder, backend, precision, record)
 
     def _native(self, backend: str, precision: str) -> bool:
         from agent.backends import create
@@ -223,8 +229,6 @@ class Exporter:
     def gate(self, backend: str, precision: str) -> None:
         from agent.backends import create
         from agent.backends.artifacts import ArtifactBackend
-        from agent.backends.gate import gate_record, write_gate
-        from agent.card import read as read_card
         from agent.hostinfo import cores
 
         b = create(backend, self.model_path, self.threads, precision=precision, artifacts_dir=self.args.artifacts_dir)
@@ -238,16 +242,12 @@ class Exporter:
             return
         run = b._runner(EVAL_BATCH, self.threads or cores())
         d = self.data()
-        pred = predict_all(lambda x: run(x)[0], d["x"], EVAL_BATCH)
-        # The variant's own answer to the card's self-test: what the agent checks this variant against at start-up
-        # (int8 on the synthetic self-test images differs from fp32 by up to ~0.23 while passing the gate).
-        st = read_card(self.model_path).self_test_inputs()
-        pad = np.zeros((EVAL_BATCH - len(st), *st.shape[1:]), st.dtype)
-        self_test = np.asarray(run(np.concatenate([st, pad]))[0])[: len(st)]
-        record = {**gate_record(pred, d["ref"], d["y"]), "images": d["how"], "fp32_reference": "Keras (TensorFlow)",
-                  "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "self_test_probs": np.round(self_test.astype(np.float64), 6).tolist()}
-        write_gate(self.folder, backend, precision, record)
+
+        def probs(x: np.ndarray) -> np.ndarray:
+            return np.asarray(run(x)[0])  # the runner returns (probs, features)
+
+        pred = predict_all(probs, d["x"], EVAL_BATCH)
+        self._write_gate(backend, precision, pred, self_test_output(probs, self.model_path))
 
     def run(self, progress: bool) -> list[str]:
         """Run every step not cached; return the labels of those that ran."""
@@ -371,16 +371,22 @@ def _zendnn_bf16_here() -> bool:
 def zendnn_bf16_worker(model: str, x_file: str, out_file: str, threads: str) -> int:
     """In a fresh process: ZenDNN bf16's top-1 classes on the gate images and its self-test output, to out_file."""
     from agent.backends.zendnn import ZenDNNBackend
-    from agent.card import read as read_card
 
     b = ZenDNNBackend(model, int(threads), "bf16", ungated=True)
     b.load()
     b.warmup((EVAL_BATCH,))
     pred = predict_all(b.infer, np.load(x_file), EVAL_BATCH)
-    st = read_card(Path(model)).self_test_inputs()
-    batch = np.concatenate([st, np.zeros((EVAL_BATCH - len(st), *st.shape[1:]), st.dtype)])
-    np.savez(out_file, pred=pred, self_test=np.asarray(b.infer(batch))[: len(st)])
+    np.savez(out_file, pred=pred, self_test=self_test_output(b.infer, Path(model)))
     return 0
+
+
+def self_test_output(run: Any, model_path: Path) -> np.ndarray:
+    """A variant's probabilities on the card's self-test images, through `run` at EVAL_BATCH (padded)."""
+    from agent.card import read as read_card
+
+    st = read_card(model_path).self_test_inputs()
+    batch = np.concatenate([st, np.zeros((EVAL_BATCH - len(st), *st.shape[1:]), st.dtype)])
+    return np.asarray(run(batch))[: len(st)]
 
 
 def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
