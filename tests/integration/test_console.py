@@ -517,7 +517,9 @@ class TestThresholdControl:
                                                                         "reset": True}, auth)
             assert status == 200 and body["outcome"] == "ok" and body["agent_id"] == "a1", body
             assert set(body["thresholds"]) >= {"pass_threshold", "min_confidence", "ood_threshold"}
-            assert console.summary(auth)["agents"]["a1"]["thresholds_changeable"] is True
+            # This console started just now: the agent's row comes with its next heartbeat, not at once.
+            row = wait_for(lambda: console.summary(auth)["agents"].get("a1"), 15, "a1's heartbeat in the console")
+            assert row["thresholds_changeable"] is True
         finally:
             console.stop()
 
