@@ -18,7 +18,7 @@ log = get_logger("agent.explain")
 # agent/lab/explain.py; the Grad-CAM++ and IG weightings stay here as pure functions the lab and tests share.
 
 IMAGE_SIZE = 200
-METHODS = ("cam", "gradcam", "gradcampp", "ig")
+METHODS = ("cam", "gradcam", "gradcampp", "ig", "cam-ig")
 IG_STEPS = 32
 IG_BASELINE = 127.5  # mid-gray: the image the model's normalisation maps to all zeros
 # Per-pixel integrated-gradient attributions are speckled; a light blur turns them into regions, so the
@@ -99,6 +99,20 @@ def ig_heatmaps(images: np.ndarray, mean_grads: np.ndarray, baseline: float = IG
     attr = attr.reshape(attr.shape[0], attr.shape[1], attr.shape[2])
     attr = np.stack([cv2.GaussianBlur(a, (0, 0), IG_SMOOTH_SIGMA) for a in attr])
     return normalize_maps(attr)
+
+
+def cam_ig_heatmaps(cam_maps: np.ndarray, ig_maps: np.ndarray) -> np.ndarray:
+    """CAM x integrated gradients, min-max normalised: [N,200,200] each in [0,1] -> [N,200,200].
+
+    The same idea as guided Grad-CAM (Selvaraju et al.): the coarse class map says which cell holds the evidence,
+    the pixel-level attribution says where inside it. A 7x7 CAM alone can only peak at about 49 points, so on
+    defects smaller than a cell (a blowhole) its maximum misses the mask even when the right cell lights up.
+    """
+    c = np.asarray(cam_maps, np.float32)
+    g = np.asarray(ig_maps, np.float32)
+    if c.shape != g.shape:
+        raise ValueError(f"CAM maps {c.shape} and IG maps {g.shape} differ in shape")
+    return normalize_maps(c * g)
 
 
 def heatmap_u8(heatmap: np.ndarray) -> np.ndarray:

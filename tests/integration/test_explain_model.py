@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.explain import cam
+from agent.explain import cam, normalize_maps
 from agent.lab import audit
 from agent.lab.data import Sample, load_arrays, scan
 from agent.lab.explain import Explainer, cam_weights, features_model
@@ -104,7 +104,7 @@ class TestExplainer:
         other = (pred + 1) % 6
         assert not np.array_equal(cam_explainer.explain(images[:4], other)[1], heat)
 
-    @pytest.mark.parametrize("method", ["gradcampp", "ig"])
+    @pytest.mark.parametrize("method", ["gradcampp", "ig", "cam-ig"])
     def test_finer_methods_give_valid_maps(self, model: Any, images: np.ndarray, method: str) -> None:
         """Grad-CAM++ and integrated gradients return valid, deterministic maps with the model's probabilities."""
         ex = Explainer(model, method, batch=32)
@@ -112,6 +112,15 @@ class TestExplainer:
         check_heatmaps(p, h, 2)
         assert np.array_equal(ex.explain(images[:2])[1], h)
         assert np.allclose(p, np.asarray(model(images[:2])), atol=1e-5)
+
+    def test_cam_ig_is_the_product_of_cam_and_ig(self, model: Any, images: np.ndarray) -> None:
+        """cam-ig's map is the normalised product of the CAM and the IG maps of the same class."""
+        _, c = Explainer(model, "cam").explain(images[:2])
+        _, g = Explainer(model, "ig").explain(images[:2])
+        ex = Explainer(model, "cam-ig")
+        feats = np.asarray(features_model(model)(images[:1])[1])
+        assert ex.grid is None and Explainer(model, "cam").grid == feats.shape[1]
+        assert np.abs(ex.explain(images[:2])[1] - normalize_maps(c * g)).max() <= 1e-5
 
     def test_gradcam_on_an_earlier_layer(self, model: Any, images: np.ndarray) -> None:
         """Grad-CAM can target another conv layer's output, e.g. the first stage's."""
@@ -147,11 +156,11 @@ class TestSyntheticBlob:
     def boxes(self, slack: int) -> list[tuple[int, int, int, int]]:
         return [(c + 1 - slack, r + 1 - slack, c + 20 + slack, r + 20 + slack) for r, c in self.CORNERS]
 
-    @pytest.mark.parametrize("method", ["cam", "gradcam", "ig"])
+    @pytest.mark.parametrize("method", ["cam", "gradcam", "ig", "cam-ig"])
     def test_pointing_game_finds_a_dark_blob(self, model: Any, method: str) -> None:
         """On mid-gray noise with one dark blob the heatmap maximum lies on the blob (CAM: within 10 px)."""
         # The last feature map is 13x13, so a CAM peak can sit up to about half a ~15 px cell off the blob.
-        slack = 0 if method == "ig" else 10
+        slack = 0 if method in ("ig", "cam-ig") else 10
         _, heat = Explainer(model, method).explain(self.images())
         for h, box in zip(heat, self.boxes(slack), strict=True):
             peak = np.unravel_index(h.argmax(), h.shape)

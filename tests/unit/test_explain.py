@@ -14,6 +14,7 @@ import pytest
 from agent.errors import DataError
 from agent.explain import (
     cam,
+    cam_ig_heatmaps,
     gradcam_weights,
     gradcampp_weights,
     heatmap_png,
@@ -31,11 +32,13 @@ from agent.lab.audit import (
     box_area_share,
     decision_changed,
     energy_in_boxes,
+    grid_peaks,
     interleave_by_class,
     mask_random,
     mask_top,
     neutral_fill,
     pointing_hit,
+    pointing_reachable,
     render_row,
     summarize,
     top_mask,
@@ -150,6 +153,23 @@ class TestIgHeatmaps:
         assert h[0, 100, 100] > 0.9 and h[0, 10, 10] == 0
 
 
+class TestCamIgHeatmaps:
+    def test_product_keeps_the_pixel_inside_the_hot_cell(self) -> None:
+        """Of two equally sharp IG peaks, the one inside the CAM's hot cell wins the maximum."""
+        c = np.zeros((1, 200, 200), np.float32)
+        c[0, 0:40, 0:40] = 1.0
+        g = np.zeros((1, 200, 200), np.float32)
+        g[0, 20, 25] = g[0, 150, 150] = 1.0
+        h = cam_ig_heatmaps(c, g)
+        assert h.max() == pytest.approx(1.0) and np.unravel_index(h.argmax(), h.shape[1:]) == (20, 25)
+        assert h[0, 150, 150] == 0
+
+    def test_rejects_mismatched_shapes(self) -> None:
+        """Maps of different shapes are a ValueError, not a broadcast."""
+        with pytest.raises(ValueError, match="differ"):
+            cam_ig_heatmaps(np.zeros((1, 200, 200)), np.zeros((2, 200, 200)))
+
+
 class TestOverlayAndPng:
     def test_overlay_is_bgr_uint8(self) -> None:
         """The overlay has the image's size, three channels, uint8."""
@@ -214,6 +234,30 @@ class TestPointingHit:
         """An all-zero heatmap points nowhere and an image without boxes cannot be hit."""
         assert not pointing_hit(np.zeros((200, 200)), [(1, 1, 200, 200)])
         assert not pointing_hit(perfect_heatmap(), [])
+
+
+class TestPointingCeiling:
+    def test_a_7x7_map_peaks_at_cell_centres(self) -> None:
+        """A 7x7 map can peak at about 49 places of a 200x200 heatmap, the cell centres among them."""
+        peaks = grid_peaks(7)
+        assert peaks.shape == (200, 200) and 49 <= peaks.sum() < 2000
+        step = 200 / 7
+        centre = round(3.5 * step - 0.5)  # the middle cell's centre in pixel coordinates
+        assert peaks[centre - 1 : centre + 2, centre - 1 : centre + 2].any()
+        assert not peaks[round(3 * step) + 2, centre]  # between two centres nothing can peak
+
+    def test_a_small_region_between_centres_is_out_of_reach(self) -> None:
+        """A 3x3 defect between two cell centres is unreachable at 7x7 but reachable at 50x50, and with tolerance."""
+        region = np.zeros((200, 200), bool)
+        r = round(3 * 200 / 7)  # the border between rows 2 and 3 of the grid
+        region[r - 1 : r + 2, 99:102] = True
+        assert not pointing_reachable(region, 7)
+        assert pointing_reachable(region, 50)
+        assert pointing_reachable(region, 7, tolerance=15)
+
+    def test_empty_region_is_never_reached(self) -> None:
+        """No defect pixels means no hit, at any grid."""
+        assert not pointing_reachable(np.zeros((200, 200), bool), 50)
 
 
 class TestEnergyInBoxes:
@@ -331,6 +375,15 @@ class TestSummarize:
         }
         assert s["per_class"]["crazing"]["n"] == 1 and s["per_class"]["inclusion"]["accuracy"] == 0.0
         assert s["errors"] == [{"file": "x_1.jpg", "true": "inclusion", "pred": "patches", "confidence": 0.9}]
+        assert s["pointing_ceiling"] is None  # no grid given: a pixel-level method has no ceiling below 100%
+
+    def test_pointing_ceiling_is_the_reachable_share(self) -> None:
+        """With a grid, the ceiling is the share of localised images some map at that grid could hit."""
+        rs = [ImageResult(i, f"x_{i}.jpg", 0, 0, 0.9, (BOX,), hit=False, reachable=i < 3) for i in range(4)]
+        for r in rs:
+            r.impact = r.flipped = {"top5": False, "top10": False, "top20": False}
+        s = summarize(rs, 0, True)
+        assert s["pointing_ceiling"] == 0.75 and s["per_class"]["crazing"]["pointing_ceiling"] == 0.75
 
 
 class TestRenderRow:
