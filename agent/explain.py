@@ -8,6 +8,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from agent.geometry import InputSpec
 from agent.logging import get_logger
 from protocol import Explanation, Verdict
 
@@ -17,7 +18,8 @@ log = get_logger("agent.explain")
 # last feature map with its own runtime and calls `cam`. The gradient methods, which need TensorFlow, live in
 # agent/lab/explain.py; the Grad-CAM++ and IG weightings stay here as pure functions the lab and tests share.
 
-IMAGE_SIZE = 200
+# The side of the heatmaps: the default model input (agent/geometry.py is its one home).
+IMAGE_SIZE = InputSpec().size
 METHODS = ("cam", "gradcam", "gradcampp", "ig", "cam-ig")
 IG_STEPS = 32
 IG_BASELINE = 127.5  # mid-gray: the image the model's normalisation maps to all zeros

@@ -16,7 +16,6 @@ import numpy as np
 from agent.errors import DataError
 from agent.geometry import InputSpec, mask_to_input, to_gray, to_input
 
-IMAGE_SIZE = 200
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".bmp", ".png", ".tif", ".tiff"}
 # A .png beside a photo with the same stem is that photo's defect mask (Magnetic-tile's convention), not a sample.
 MASK_SUFFIX = ".png"
