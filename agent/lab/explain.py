@@ -10,7 +10,6 @@ from agent.errors import ModelError
 from agent.explain import (
     IG_BASELINE,
     IG_STEPS,
-    IMAGE_SIZE,
     METHODS,
     cam,
     cam_ig_heatmaps,
@@ -86,7 +85,10 @@ class Explainer:
         # One sub-model and one traced function per Explainer; a fixed signature avoids a retrace for the
         # last, smaller batch.
         self._sub = keras.Model(_inputs(model), [probs, logits, feats], name=f"{model.name}_explain")
-        img_spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)
+        # The model's own input side (200 for the shipped models; `tdn train --input-size` makes others), so the
+        # heatmaps line up with the input they explain.
+        self.size = int(_inputs(model).shape[1])
+        img_spec = tf.TensorSpec([None, self.size, self.size, 1], tf.float32)
         idx_spec = tf.TensorSpec([None], tf.int32)
         sub = self._sub
 
@@ -122,7 +124,7 @@ class Explainer:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities [N,6] of raw float32 images [N,200,200,1], batched."""
-        x = _check_images(images)
+        x = _check_images(images, self.size)
         out = [self._forward(x[i : i + self.batch])[0].numpy() for i in range(0, len(x), self.batch)]
         return np.concatenate(out) if out else np.zeros((0, self.kernel.shape[1]), np.float32)
 
@@ -130,7 +132,7 @@ class Explainer:
         self, images: np.ndarray, class_idx: np.ndarray | list[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(probs [N,6], heatmaps [N,200,200] in [0,1]) for the given classes, or the predicted ones."""
-        x = _check_images(images)
+        x = _check_images(images, self.size)
         n = len(x)
         if class_idx is None:
             idx = np.full(n, -1, np.int32)
@@ -147,25 +149,25 @@ class Explainer:
             probs.append(p)
             heat.append(h)
         if not probs:
-            return np.zeros((0, self.kernel.shape[1]), np.float32), np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+            return np.zeros((0, self.kernel.shape[1]), np.float32), np.zeros((0, self.size, self.size), np.float32)
         return np.concatenate(probs), np.concatenate(heat)
 
     def _explain_batch(self, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.method == "cam":
             p, f = (t.numpy() for t in self._forward(x))
             used = np.where(idx < 0, p.argmax(1), idx)
-            return p, cam(f, self.kernel, used)
+            return p, cam(f, self.kernel, used, self.size)
         if self.method == "ig":
             return self._ig_batch(x, idx)
         if self.method == "cam-ig":
             p, ig = self._ig_batch(x, idx)
             f = self._forward(x)[1].numpy()
             used = np.where(idx < 0, p.argmax(1), idx)
-            return p, cam_ig_heatmaps(cam(f, self.kernel, used), ig)
+            return p, cam_ig_heatmaps(cam(f, self.kernel, used, self.size), ig)
         p_t, _, f_t, g_t = self._feature_grads(x, idx)
         p, f, g = p_t.numpy(), f_t.numpy(), g_t.numpy()
         w = gradcam_weights(g) if self.method == "gradcam" else gradcampp_weights(f, g)
-        return p, to_heatmaps(weighted_maps(f, w))
+        return p, to_heatmaps(weighted_maps(f, w), self.size)
 
     def _ig_batch(self, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self._forward(x)[0].numpy()
@@ -186,10 +188,10 @@ class Explainer:
         return p, ig_heatmaps(x, mean_grads)
 
 
-def _check_images(images: np.ndarray) -> np.ndarray:
+def _check_images(images: np.ndarray, size: int) -> np.ndarray:
     x = np.asarray(images, np.float32)
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
-        raise ValueError(f"expected images [N,{IMAGE_SIZE},{IMAGE_SIZE},1], got {x.shape}")
+    if x.ndim != 4 or x.shape[1:] != (size, size, 1):
+        raise ValueError(f"expected images [N,{size},{size},1], got {x.shape}")
     return x

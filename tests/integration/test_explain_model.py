@@ -122,6 +122,20 @@ class TestExplainer:
         assert ex.grid is None and Explainer(model, "cam").grid == feats.shape[1]
         assert np.abs(ex.explain(images[:2])[1] - normalize_maps(c * g)).max() <= 1e-5
 
+    @pytest.mark.parametrize("method", ["cam", "gradcam", "ig", "cam-ig"])
+    def test_a_model_of_another_input_size_is_explained_at_its_size(self, method: str) -> None:
+        """A model trained with `tdn train --input-size 96` gets 96x96 heatmaps, not a shape error."""
+        from agent.lab.model.arch import ArchSpec, Stage, build
+
+        net = build(ArchSpec(stem_width=8, stages=(Stage(8, stride=2),)), batchnorm=False, size=96)
+        x = np.random.default_rng(0).uniform(0, 255, (3, 96, 96, 1)).astype(np.float32)
+        ex = Explainer(net, method)
+        p, h = ex.explain(x)
+        assert ex.size == 96 and p.shape == (3, 6) and h.shape == (3, 96, 96)
+        assert np.isfinite(h).all() and h.min() >= 0.0 and h.max() <= 1.0
+        with pytest.raises(ValueError, match=r"\[N,96,96,1\]"):
+            ex.explain(np.zeros((1, 200, 200, 1), np.float32))
+
     def test_gradcam_on_an_earlier_layer(self, model: Any, images: np.ndarray) -> None:
         """Grad-CAM can target another conv layer's output, e.g. the first stage's."""
         ex = Explainer(model, "gradcam", layer="s1b1_out")
