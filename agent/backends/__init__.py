@@ -306,7 +306,7 @@ def _probe_rate(v: Variant, model_path: Path, threads: int, artifacts_dir: str |
         b.warmup((PROBE_BATCH,))
     except BackendError:
         return None
-    x = np.zeros((PROBE_BATCH, 200, 200, 1), np.float32)
+    x = np.zeros((PROBE_BATCH, *b.input_shape), np.float32)  # the card's input side, not always 200
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < PROBE_SECONDS:
         b.infer(x)

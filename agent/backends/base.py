@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SHAPE = (200, 200, 1)
+from agent.geometry import InputSpec
+
+# Until load() reads the card: the default model input (agent/geometry.py is its one home).
+IMAGE_SHAPE = (InputSpec().size, InputSpec().size, 1)
 
 
 def preprocess(images: list[Any], padded: int) -> np.ndarray:

@@ -91,7 +91,7 @@ def measure(backend: str, precision: str, threads: int, knobs: dict[str, Any], b
     rng = np.random.default_rng(0)
     out: dict[int, dict[str, float]] = {}
     for n in batch_sizes:
-        x = rng.uniform(0, 255, (n, 200, 200, 1)).astype(np.float32)
+        x = rng.uniform(0, 255, (n, *b.input_shape)).astype(np.float32)
         for _ in range(5):
             b.infer(x)
         lat: list[float] = []

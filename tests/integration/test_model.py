@@ -80,3 +80,47 @@ class TestSmokeTraining:
         assert new["training"]["images"] == 48 and new["validation"]["n"] == 12
         assert 0.0 <= out["validation"]["accuracy"] <= 1.0
         assert np.asarray(new["validation"]["confusion_matrix"]).sum() == 12
+
+
+class TestOtherInputSize:
+    """A model trained at another input side (`tdn train --input-size`) is served and explained at that side."""
+
+    @pytest.mark.slow
+    def test_auto_probes_and_serves_a_96_px_model(self, neu_det: Path, tmp_path: Path) -> None:
+        """One epoch at 96x96, exported to LiteRT fp32: auto's probe, the backend and the lab explainer all use 96."""
+        import os
+        import subprocess
+        import sys
+
+        from agent.backends import create, installed, probe
+        from agent.geometry import InputSpec
+        from agent.lab.explain import Explainer
+        from agent.lab.model.arch import Stage
+        from agent.lab.model.train import TrainConfig, train_and_ship
+
+        if not installed("litert"):
+            pytest.fail("the litert extra is part of the test install")
+        samples = [s for c in range(6) for s in [x for x in scan(neu_det) if x.label == c][:6]]
+        spec = ArchSpec(stem_width=8, stages=(Stage(8), Stage(16)))
+        cfg = TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.34)
+        card = train_and_ship(samples, spec, cfg, tmp_path, data_root="subset", input_spec=InputSpec(size=96))
+        assert card["input"]["size"] == 96 and card["input"]["shape"][1:] == [96, 96, 1]
+        model = tmp_path / "tinydefectnet.keras"
+        arts = tmp_path / "artifacts"
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.lab.export", "--model", str(model), "--data", str(neu_det),
+             "--artifacts-dir", str(arts), "--backends", "litert", "--precisions", "fp32", "--quiet"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            cwd=Path(__file__).resolve().parents[2])
+        assert out.returncode == 0, out.stderr[-2000:]
+        choice = probe(model, 1, arts)  # this raised a shape error: the probe batch was 200x200
+        assert choice is not None and choice.backend == "litert"
+        b = create("litert", model, 1, artifacts_dir=arts)
+        b.load()
+        b.warmup((1, 4))
+        x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 1)).astype(np.float32)
+        assert b.input_shape == (96, 96, 1) and b.infer(x).shape == (4, 6)
+        import keras
+
+        _, heat = Explainer(keras.saving.load_model(model, compile=False)).explain(x)
+        assert heat.shape == (4, 96, 96)
