@@ -71,10 +71,18 @@ def pointing_hit_region(heatmap: np.ndarray, region: np.ndarray, tolerance: int 
     if not region.any() or not (h > 0).any():
         return False
     r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+    point = np.zeros(region.shape, bool)
+    point[r, c] = True
+    return near_region(region, point, tolerance)
+
+
+def near_region(region: np.ndarray, points: np.ndarray, tolerance: int = 0) -> bool:
+    """Is any True pixel of `points` inside region, or within `tolerance` pixels (Euclidean) of it?"""
     if tolerance <= 0:
-        return bool(region[r, c])
-    rr, cc = np.nonzero(region)
-    return bool(((rr - r) ** 2 + (cc - c) ** 2).min() <= tolerance**2)
+        return bool((region & points).any())
+    # Exact Euclidean distance of every pixel to the region's nearest pixel.
+    dist = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return bool((dist[points] <= tolerance).any())
 
 
 @lru_cache(maxsize=8)
@@ -101,10 +109,7 @@ def pointing_reachable(region: np.ndarray, grid: int, tolerance: int = 0) -> boo
     peaks = grid_peaks(grid, region.shape[0])
     if region.shape != peaks.shape:
         raise ValueError(f"region {region.shape} is not {peaks.shape}")
-    if tolerance <= 0:
-        return bool((region & peaks).any())
-    dist = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return bool((dist[peaks] <= tolerance).any())
+    return near_region(region, peaks, tolerance)
 
 
 def energy_in_region(heatmap: np.ndarray, region: np.ndarray) -> float:
@@ -231,18 +236,16 @@ def measure_batch(
     tags: list[tuple[int, str]] = []
     for j, s in enumerate(samples):
         r = ImageResult(first_index + j, s.path.name, s.label, int(preds[j]), float(probs[j, preds[j]]), s.boxes)
-        region = regions[j] if regions is not None else None
+        region, tol = (regions[j], tolerance) if regions is not None else (None, 0)
+        if regions is None and s.boxes:
+            # VOC boxes are a region too; their pointing game has always been "the maximum inside a box".
+            region = box_mask(s.boxes, heat[j].shape)
         if use_boxes and region is not None:
-            r.hit = pointing_hit_region(heat[j], region, tolerance)
+            r.hit = pointing_hit_region(heat[j], region, tol)
             r.energy = energy_in_region(heat[j], region)
             r.share = float(region.mean())
-        elif use_boxes and s.boxes and regions is None:
-            r.hit = pointing_hit(heat[j], s.boxes)
-            r.energy = energy_in_boxes(heat[j], s.boxes)
-            r.share = box_area_share(s.boxes, heat[j].shape)
-            region = box_mask(s.boxes, heat[j].shape)
-        if r.hit is not None and explainer.grid is not None and region is not None:
-            r.reachable = pointing_reachable(region, explainer.grid, tolerance)
+            if explainer.grid is not None:
+                r.reachable = pointing_reachable(region, explainer.grid, tol)
         f = neutral_fill(images[j], fill)
         for frac in FRACS:
             variants.append(mask_top(images[j], heat[j], frac, f))

@@ -153,25 +153,20 @@ class Explainer:
         return np.concatenate(probs), np.concatenate(heat)
 
     def _explain_batch(self, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.method == "cam":
-            p, f = (t.numpy() for t in self._forward(x))
-            used = np.where(idx < 0, p.argmax(1), idx)
-            return p, cam(f, self.kernel, used, self.size)
-        if self.method == "ig":
-            return self._ig_batch(x, idx)
-        if self.method == "cam-ig":
-            p, ig = self._ig_batch(x, idx)
-            f = self._forward(x)[1].numpy()
-            used = np.where(idx < 0, p.argmax(1), idx)
-            return p, cam_ig_heatmaps(cam(f, self.kernel, used, self.size), ig)
-        p_t, _, f_t, g_t = self._feature_grads(x, idx)
-        p, f, g = p_t.numpy(), f_t.numpy(), g_t.numpy()
-        w = gradcam_weights(g) if self.method == "gradcam" else gradcampp_weights(f, g)
-        return p, to_heatmaps(weighted_maps(f, w), self.size)
-
-    def _ig_batch(self, x: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        p = self._forward(x)[0].numpy()
+        if self.method in ("gradcam", "gradcampp"):
+            p_t, _, f_t, g_t = self._feature_grads(x, idx)
+            p, f, g = p_t.numpy(), f_t.numpy(), g_t.numpy()
+            w = gradcam_weights(g) if self.method == "gradcam" else gradcampp_weights(f, g)
+            return p, to_heatmaps(weighted_maps(f, w), self.size)
+        # cam, ig and cam-ig share one forward pass: the probabilities, the class explained and the feature map.
+        p, f = (t.numpy() for t in self._forward(x))
         used = np.where(idx < 0, p.argmax(1), idx).astype(np.int32)
+        if self.method == "cam":
+            return p, cam(f, self.kernel, used, self.size)
+        ig = self._ig_maps(x, used)
+        return p, ig if self.method == "ig" else cam_ig_heatmaps(cam(f, self.kernel, used, self.size), ig)
+
+    def _ig_maps(self, x: np.ndarray, used: np.ndarray) -> np.ndarray:
         # Midpoint Riemann sum over the straight path baseline -> image; all (image, step) pairs are
         # flattened so each pass carries `batch` interpolants whatever the image count.
         alphas = (np.arange(IG_STEPS, dtype=np.float32) + 0.5) / IG_STEPS
@@ -185,7 +180,7 @@ class Explainer:
             interp = IG_BASELINE + a * (x[rows] - IG_BASELINE)
             g = self._input_grads(interp.astype(np.float32), used[rows]).numpy()
             np.add.at(mean_grads, rows, g / IG_STEPS)
-        return p, ig_heatmaps(x, mean_grads)
+        return ig_heatmaps(x, mean_grads)
 
 
 def _check_images(images: np.ndarray, size: int) -> np.ndarray:
