@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -47,6 +48,8 @@ PROBE_SECONDS = 0.3
 TIE_MARGIN = 0.10
 # ... broken in this order: full precision first (no accuracy question), then the lighter runtime.
 PREFERENCE = ("litert:fp32", "openvino:fp32", "openvino:bf16", "litert:int8", "openvino:int8")
+# The probe's result, beside the artifacts it measured, so every later start picks the same variant.
+PROBE_CACHE = "auto-probe.json"
 
 
 def parse(name: str) -> tuple[str, str | None]:
@@ -233,6 +236,14 @@ def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None =
     within TIE_MARGIN of the fastest count as a tie, broken by PREFERENCE, so close variants do not alternate
     from one start to the next on a noisy machine.
     """
+    from agent.backends.store import model_dir
+    from agent.config import default_artifacts_dir
+
+    folder = model_dir(Path(artifacts_dir) if artifacts_dir else default_artifacts_dir(), model_path)
+    key = _probe_key(folder, threads)
+    cached = _cached_probe(folder / PROBE_CACHE, key)
+    if cached is not None:
+        return cached
     rates: dict[Variant, float] = {}
     for name in LEAN:
         if not installed(name):
@@ -245,7 +256,41 @@ def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None =
     if not rates:
         return None
     v, why = pick(rates)
+    # A read-only artifacts folder keeps no cache: the next start probes again.
+    with contextlib.suppress(OSError):
+        (folder / PROBE_CACHE).write_text(json.dumps(
+            {"key": key, "variant": v.label, "why": why, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "rates": {r.label: round(x, 1) for r, x in rates.items()}}, indent=2) + "\n")
     return Choice(v.backend, v.precision, threads, reason=f"probe: {why}")
+
+
+def _probe_key(folder: Path, threads: int) -> dict[str, Any]:
+    """What a cached probe is valid for: this host, thread count and set of exported files (name, size, mtime)."""
+    from agent.hostinfo import cores, cpu_model
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != PROBE_CACHE) if folder.is_dir() else []
+    return {"cpu_model": cpu_model(), "cores": cores(), "threads": threads,
+            "files": [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def _cached_probe(path: Path, key: dict[str, Any]) -> Choice | None:
+    """The choice of an earlier probe with the same key: a restart serves what the first start chose.
+
+    Probes of variants within a few percent of each other rank them differently from one start to the next on a
+    noisy host (openvino:fp32 on one start, litert:fp32 on the next); remembering the first measurement makes
+    the choice the same on every start until the artifacts, the host or the threads change.
+    """
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] != key:
+            return None
+        backend, precision = parse(str(data["variant"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or unreadable: probe and rewrite it
+    if backend not in LEAN or precision not in SUPPORTED[backend] or not installed(backend):
+        return None
+    return Choice(backend, precision or "fp32", key["threads"],
+                  reason=f"probe of {data.get('measured', '?')}, kept in {path.name}: {data.get('why', '')}")
 
 
 def pick(rates: dict[Variant, float], margin: float = TIE_MARGIN) -> tuple[Variant, str]:

@@ -65,7 +65,17 @@ def _agent_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_agent)
 
 
+def _single_thread_blas() -> None:
+    # OpenBLAS's idle threads spin on sched_yield for ~0.1 s after each call, and the agent makes a small matmul
+    # (OOD score, CAM) every batch, so they never sleep: perf showed a third of the agent's CPU in sched_yield at
+    # 650 frames/s. The backend runs its own thread pool; numpy's matrices here are a few hundred wide. Read when
+    # numpy loads, so this runs before anything imports it.
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
+    _single_thread_blas()
     from agent import config
     from agent.logging import configure, get_logger
 

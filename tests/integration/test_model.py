@@ -92,7 +92,7 @@ class TestOtherInputSize:
         import subprocess
         import sys
 
-        from agent.backends import create, installed, probe
+        from agent.backends import PROBE_CACHE, create, installed, probe
         from agent.geometry import InputSpec
         from agent.lab.explain import Explainer
         from agent.lab.model.arch import Stage
@@ -115,6 +115,9 @@ class TestOtherInputSize:
         assert out.returncode == 0, out.stderr[-2000:]
         choice = probe(model, 1, arts)  # this raised a shape error: the probe batch was 200x200
         assert choice is not None and choice.backend == "litert"
+        again = probe(model, 1, arts)  # the next start: the same variant, from the first start's measurement
+        assert again is not None and (again.backend, again.precision) == (choice.backend, choice.precision)
+        assert PROBE_CACHE in again.reason and PROBE_CACHE not in choice.reason
         b = create("litert", model, 1, artifacts_dir=arts)
         b.load()
         b.warmup((1, 4))

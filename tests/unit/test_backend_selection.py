@@ -172,3 +172,42 @@ class TestAutoPick:
         """A variant more than the margin faster is chosen even if it is less preferred."""
         fast, slow = Variant("openvino", "int8"), Variant("litert", "fp32")
         assert pick({fast: 2000.0, slow: 1000.0})[0] == fast
+
+
+class TestProbeCache:
+    """A start reuses the first start's probe until the exported files, the host or the threads change."""
+
+    @staticmethod
+    def write(folder: Path, key: dict[str, Any], variant: str = "litert:fp32") -> Path:
+        from agent.backends import PROBE_CACHE
+
+        path = folder / PROBE_CACHE
+        path.write_text(json.dumps({"key": key, "variant": variant, "why": "litert:fp32 (1 img/s)",
+                                    "measured": "2026-12-02T00:00:00+0000"}))
+        return path
+
+    def test_same_key_gives_the_cached_choice(self, tmp_path: Path) -> None:
+        """The cached variant comes back, with a reason that names the cache file."""
+        from agent.backends import PROBE_CACHE, _cached_probe, _probe_key, installed
+
+        if not installed("litert"):
+            pytest.fail("the litert extra is part of the test install")
+        (tmp_path / "litert-fp32.tflite").write_bytes(b"x")
+        key = _probe_key(tmp_path, 1)
+        choice = _cached_probe(self.write(tmp_path, key), _probe_key(tmp_path, 1))
+        assert choice is not None and (choice.backend, choice.precision, choice.threads) == ("litert", "fp32", 1)
+        assert PROBE_CACHE in choice.reason
+
+    def test_a_new_file_threads_or_bad_cache_probe_again(self, tmp_path: Path) -> None:
+        """A newly exported file, another thread count, an unknown variant or a corrupt file is no answer."""
+        from agent.backends import _cached_probe, _probe_key
+
+        (tmp_path / "litert-fp32.tflite").write_bytes(b"x")
+        path = self.write(tmp_path, _probe_key(tmp_path, 0))
+        assert _cached_probe(path, _probe_key(tmp_path, 2)) is None
+        (tmp_path / "openvino-int8.xml").write_bytes(b"y")
+        assert _cached_probe(path, _probe_key(tmp_path, 0)) is None
+        path = self.write(tmp_path, _probe_key(tmp_path, 0), variant="tensorflow:fp32")
+        assert _cached_probe(path, _probe_key(tmp_path, 0)) is None
+        path.write_text("{not json")
+        assert _cached_probe(path, _probe_key(tmp_path, 0)) is None

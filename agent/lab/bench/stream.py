@@ -25,7 +25,7 @@ from agent.lab.bench.common import markdown_table, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from agent.config import DEFAULT_MODEL
+    from agent.config import DEFAULT_MODEL, AgentSettings
     from agent.lab import default_data
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -33,10 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto",
                    help="the agent's backend (default: the agent's own default, auto; the capacity probe then runs "
                         "the variant the agent chose)")
-    p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
-    p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
-    p.add_argument("--delay-us", type=int, default=2000, help="the agent's max queue delay")
-    p.add_argument("--deadline-ms", type=float, default=250.0, help="the agent's shed deadline")
+    # The agent's own defaults, so the bench measures what `tdn agent` with no flags serves.
+    agent_default = {k: f.default for k, f in AgentSettings.model_fields.items()}
+    p.add_argument("--batch", type=int, default=agent_default["max_batch_size"], help="the agent's max batch size")
+    p.add_argument("--threads", type=int, default=agent_default["threads"],
+                   help="the backend's threads (0: all cores)")
+    p.add_argument("--delay-us", type=int, default=agent_default["max_queue_delay_us"],
+                   help="the agent's max queue delay")
+    p.add_argument("--deadline-ms", type=float, default=agent_default["shed_deadline_ms"],
+                   help="the agent's shed deadline")
     p.add_argument("--loads", default="25,50,100,150", help="offered load, percent of capacity")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each load step")
     p.add_argument("--cameras", type=int, default=2)
@@ -144,6 +149,31 @@ def _console_pairs(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _tree(pid: int) -> list[Any]:
+    """A process and its children (the camera simulator may fork one process per camera)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu_seconds(procs: list[Any]) -> float:
+    """User + system CPU seconds of live processes (one that has exited counts 0)."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def _pinner(cpus: str) -> Any:
     """A preexec_fn pinning a child process to the comma-separated CPUs, or None for no pinning."""
     if not cpus:
@@ -207,11 +237,17 @@ def run(args: argparse.Namespace) -> int:
                        "--start-seq", str(len(results) * 10_000_000)]
             if args.data:
                 cam_cmd += ["--source", args.data, "--shuffle"]
-            proc.cpu_percent(None)
             t0 = time.monotonic()
             cams = subprocess.Popen(cam_cmd, env=env, preexec_fn=_pinner(args.sim_cpus))
-            time.sleep(args.seconds)
-            cpu = proc.cpu_percent(None)
+            # CPU shares over the second half of the step, when the cameras have decoded their folder and send.
+            time.sleep(args.seconds / 2)
+            procs = {"agent": [proc], "cameras": _tree(cams.pid), "bridge": _tree(bridge.pid)}
+            before = {k: _cpu_seconds(v) for k, v in procs.items()}
+            t_half = time.monotonic()
+            time.sleep(args.seconds / 2)
+            spent = time.monotonic() - t_half
+            cpu_share = {k: round(100 * (_cpu_seconds(v) - before[k]) / spent, 1) for k, v in procs.items()}
+            cpu = cpu_share["agent"]
             rss = proc.memory_info().rss / 2**20
             cams.send_signal(signal.SIGINT)
             cams.wait(30)
@@ -240,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
                 "send_seconds": round(elapsed, 2), "sent": cm.get("sent"), "camera_timeouts": cm.get("timed_out"),
                 "verdicts": v,
                 "unaccounted": cm.get("sent", 0) - v, "gaps": br.get("gaps"), "duplicates": br.get("duplicates"),
-                "agent_cpu_pct": round(cpu, 1), "agent_rss_mib": round(rss, 1),
+                "agent_cpu_pct": round(cpu, 1), "cameras_cpu_pct": cpu_share["cameras"],
+                "bridge_cpu_pct": cpu_share["bridge"], "agent_rss_mib": round(rss, 1),
                 "console": console_info,
             })
             r = results[-1]
@@ -255,18 +292,20 @@ def run(args: argparse.Namespace) -> int:
                "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
     md = markdown_table(
         ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
-         "unaccounted", "agent CPU %"],
+         "unaccounted", "CPU % agent / cameras / bridge"],
         [[f"{r['load_pct']:g}%" + (" +console" if r["console"] else ""), r["capacity_img_per_s"],
           r["offered_img_per_s"], r["sent_img_per_s"],
           r["verdicts_per_s"], f"{100 * r['verdicts_per_s'] / r['capacity_img_per_s']:.0f}%", r["p50_ms"],
-          r["p99_ms"], r["shed_share"], r["unaccounted"], r["agent_cpu_pct"]] for r in results],
+          r["p99_ms"], r["shed_share"], r["unaccounted"],
+          f"{r['agent_cpu_pct']:g} / {r['cameras_cpu_pct']:g} / {r['bridge_cpu_pct']:g}"] for r in results],
     )
     pins = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("sim_cpus", args.sim_cpus),
                                                                 ("agent_cpus", args.agent_cpus)) if v)
     md = (f"capacity probes {', '.join(f'{c:,.0f}' for c in caps)} img/s ({backend}, batch {args.batch}, "
           f"threads {args.threads or 'all'}), before the first step and after each; a step's capacity is the mean "
           f"of the two around it\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
-          f"--threads {args.threads} --seconds {args.seconds:g} --loads {args.loads}{pins}")
+          f"--threads {args.threads} --delay-us {args.delay_us} --seconds {args.seconds:g} --loads {args.loads}{pins}"
+          f"\n\nCPU % is of one core ({os.cpu_count()} here), over the second half of each step")
     if args.console:
         md += "\n\n" + _console_pairs(results)
     print(md)
