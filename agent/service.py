@@ -38,6 +38,8 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # libzmq applies ZMQ_MAXMSGSIZE to a part as it arrives: under CURVE, 33 bytes longer than the payload (+ 1 dropped
 # a 16 MiB payload). 64 covers either.
 MAX_PART_BYTES = MAX_PAYLOAD_BYTES + 64
+# Kernel receive buffer of each camera connection (Linux doubles it): under two 200x200 gray8 frames.
+RCVBUF_BYTES = 32 * 1024
 BIG_PAYLOAD = 256 * 1024
 
 
@@ -246,10 +248,12 @@ class Agent:
         self.pull = self.ctx.socket(zmq.PULL)
         # libzmq drops a connection whose message part exceeds MAXMSGSIZE, silently; set above the largest
         # SPEC-valid part (a 16 MiB payload), so every valid frame is read, and answered or refused with a count.
-        # Kernel TCP buffers (RCVBUF) are a hidden queue of hundreds of frames on loopback; keeping them small
-        # makes the camera feel backpressure before its frames grow stale in transit.
+        # Every camera connection has its own queues (its SNDHWM, both kernel buffers, this RCVHWM), so frames in
+        # flight grow with the camera count, outside the agent's queue cap and shed deadline. A small kernel
+        # buffer and RCVHWM keep each connection's share to a few frames (README "The line under load": 32
+        # cameras at 150% load, p99 501 ms with 256 KiB and RCVHWM 8, 136 ms with these and a small camera queue).
         for opt, value in ((zmq.RCVHWM, self.s.rcvhwm), (zmq.MAXMSGSIZE, MAX_PART_BYTES), (zmq.LINGER, 0),
-                           (zmq.RCVBUF, 256 * 1024)):
+                           (zmq.RCVBUF, RCVBUF_BYTES)):
             self.pull.setsockopt(opt, value)
         # No ZMTP heartbeats on this socket: under backpressure libzmq stops reading it, heartbeat replies
         # included, and the timeout then dropped live cameras with their queued frames (seen at 2x overload).

@@ -48,6 +48,10 @@ class Shot:
     origin: str
 
 
+# Frames queued per agent: ZeroMQ's queue, then the kernel send buffer (Linux doubles it). Each connection's queue
+# adds to the frames in flight, so 32 cameras with 10 and 256 KiB had 1,300 frames (over 0.5 s) waiting (README).
+SNDHWM = 2
+SNDBUF_BYTES = 32 * 1024
 FLUSH_AT_CLOSE_MS = 5000  # at most this long for the queued frames to leave when a camera stops
 
 # --- image sources ---
@@ -177,7 +181,7 @@ class Camera:
         count: int | None = None,
         encoding: Encoding = Encoding.GRAY8,
         send_timeout_ms: int = 1000,
-        sndhwm: int = 10,
+        sndhwm: int = SNDHWM,
         start_seq: int = 0,
         stop: threading.Event | None = None,
         context: zmq.Context[Any] | None = None,
@@ -241,7 +245,7 @@ class Camera:
         # Queue only to agents actually connected: frames must not wait for a dead or absent agent.
         sock.setsockopt(zmq.IMMEDIATE, 1)
         # A small kernel send buffer keeps frames from aging in transit when the agent pushes back.
-        sock.setsockopt(zmq.SNDBUF, 256 * 1024)
+        sock.setsockopt(zmq.SNDBUF, SNDBUF_BYTES)
         # With several agents, give up one whose host vanished within about a second (heartbeats, TCP user
         # timeout), so its share of the frames goes to the others instead of into a connection nobody reads.
         # With one agent there is nowhere to switch to, and the same timeouts would give up an agent that is only
@@ -314,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for shuffling and synthetic surfaces")
     parser.add_argument("--encoding", choices=[e.value for e in Encoding], default=Encoding.GRAY8.value)
     parser.add_argument("--send-timeout-ms", type=int, default=1000, help="drop a frame not taken within this")
-    parser.add_argument("--sndhwm", type=int, default=10, help="frames ZeroMQ may queue per agent")
+    parser.add_argument("--sndhwm", type=int, default=SNDHWM, help="frames ZeroMQ may queue per agent")
     parser.add_argument("--start-seq", type=int, default=0, help="first seq (use a higher one after a restart)")
     parser.add_argument("--report", type=Path, default=None, help="write a JSON report here at exit")
     parser.add_argument("--quiet", action="store_true", help="no summary line on stdout")

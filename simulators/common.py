@@ -49,11 +49,11 @@ def close_socket(sock: zmq.Socket[Any], linger_ms: int = 0) -> None:
 # --- link supervision: how fast a peer on a dead or unplugged line PC is given up (README "Failover") ---
 # Nobody closes a TCP connection to a host that lost power or its cable: without these options a camera's PUSH
 # keeps dealing that agent its share of the frames until its queue is full (SNDHWM plus the kernel send buffer,
-# about 22 gray8 200x200 frames: over 4 s at 5 frames/s), and TCP gives up only after about 15 minutes. With them
-# the connection is dropped 1-1.25 s after the last answered PING. The price: an agent frozen for over 1 s (its
-# process, or the whole PC) is given up too, and the frames queued to it fail safe as gaps. A crashed agent's
-# kernel closes its connections itself, once the process is gone (freeing a large process takes 0.1-0.9 s;
-# frames sent meanwhile die with it).
+# about 4 gray8 200x200 frames with camera.py's defaults, more with a larger --sndhwm), and TCP gives up only
+# after about 15 minutes. With them the connection is dropped 1-1.25 s after the last answered PING. The price: an
+# agent frozen for over 1 s (its process, or the whole PC) is given up too, and the frames queued to it fail safe
+# as gaps. A crashed agent's kernel closes its connections itself, once the process is gone (freeing a large
+# process takes 0.1-0.9 s; frames sent meanwhile die with it).
 HEARTBEAT_IVL_MS = 250  # ZMQ_HEARTBEAT_IVL: a ZMTP PING every 250 ms (any ZMTP 3.1 peer answers; no agent change)
 HEARTBEAT_TIMEOUT_MS = 1000  # ZMQ_HEARTBEAT_TIMEOUT: nothing heard 1 s after a PING: drop the connection
 # ZMQ_HEARTBEAT_TTL is not set: it would make an agent that stops reading (its backpressure, while its queue is

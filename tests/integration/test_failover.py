@@ -24,32 +24,36 @@ import pytest
 import zmq
 
 from agent import testing
+from agent.config import AgentSettings
 from agent.security import make_keypair
+from agent.service import RCVBUF_BYTES
 from agent.testing import AgentProcess, wait_for
 from protocol import HEARTBEAT_PREFIX, VERDICT_PREFIX, Heartbeat, ProtocolError, Verdict, decode
+from simulators.camera import SNDBUF_BYTES
 from simulators.common import CurveKeys, curve_client_keys, make_curve_client
 
 pytestmark = pytest.mark.integration
 
 # 5 frames/s to each agent while both are up: slow enough that filling the queue to a dead agent (SNDHWM and kernel
-# buffers, about 22 frames) would take over 4 s, so a switch within 2 s is the heartbeats' doing. The camera runs
+# buffers, about 14 frames) would take over 2.5 s, so a switch within 2 s is the heartbeats' doing. The camera runs
 # until the test stops it.
 FPS = 10.0
 FAULT_AFTER_SEQ = 20  # frames (2 s) before the first fault; A answers 10 before each fault
 FRAME_BYTES = 200 * 200 + 200  # a synthetic gray8 frame and its header
 FRAMES_PORT, PUBLISH_PORT = 5555, 5556
-# What the camera can have queued to one agent: its SNDHWM (10) plus the kernel buffers of the connection, the
-# camera's SNDBUF and the agent's RCVBUF (256 KiB each in camera.py / agent/service.py; Linux doubles both).
+# What the camera can have queued to one agent: its SNDHWM, set here above the camera's default (2) so that the
+# queue outlasts the heartbeat timeout, plus the kernel buffers of the connection, the camera's SNDBUF and the
+# agent's RCVBUF (Linux doubles both).
 CAMERA_SNDHWM = 10
-KERNEL_BUFFER_BYTES = 2 * (256 + 256) * 1024
+KERNEL_BUFFER_BYTES = 2 * (SNDBUF_BYTES + RCVBUF_BYTES)
 # The agents: the shipped model on plain TensorFlow (no backend probe) with batches of up to 4, which load in about
 # half the time of the defaults on 2 cores; the failover does not depend on the backend.
 # One intra-op thread each: two agents share 2 cores.
 AGENT_SETTINGS = {"backend": "tensorflow", "max_batch_size": 4, "threads": 1, "metrics_port": 0,
                   "explain_interval_s": 0}
-# Frames the dead agent itself held die with it too: its RCVHWM pipe (8), its batch queue (what arrives within the
+# Frames the dead agent itself held die with it too: its RCVHWM pipe, its batch queue (what arrives within the
 # 250 ms shed deadline) and two batches of up to 4 in flight.
-AGENT_HELD = 8 + math.ceil(0.25 * FPS / 2) + 2 * 4
+AGENT_HELD = AgentSettings.model_fields["rcvhwm"].default + math.ceil(0.25 * FPS / 2) + 2 * 4
 LOST_BOUND = CAMERA_SNDHWM + math.ceil(KERNEL_BUFFER_BYTES / FRAME_BYTES) + AGENT_HELD
 SWITCH_TARGET_S = 2.0
 
@@ -395,7 +399,8 @@ def run_failover(hosts: list[Host], tmp: Path, keys: Keys | None, kinds: tuple[s
         wait_for(lambda: len(bridge.events("agent_seen")) >= 2, 15, "the bridge hearing both agents")
         camera = subprocess.Popen(
             [sys.executable, "-m", "simulators.camera", "--endpoint", a.frames, "--endpoint", b.frames,
-             "--camera-id", "cam1", "--fps", str(FPS), "--quiet", "--report", str(tmp / "camera.json"),
+             "--camera-id", "cam1", "--sndhwm", str(CAMERA_SNDHWM), "--fps", str(FPS), "--quiet",
+             "--report", str(tmp / "camera.json"),
              *camera_curve], text=True, stderr=subprocess.PIPE)
         wait_for(lambda: a_streaming(0, FAULT_AFTER_SEQ // 2) and highest() >= FAULT_AFTER_SEQ, 20,
                  f"verdicts from both agents up to seq {FAULT_AFTER_SEQ}")
