@@ -237,9 +237,8 @@ def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None =
     from one start to the next on a noisy machine.
     """
     from agent.backends.store import model_dir
-    from agent.config import default_artifacts_dir
 
-    folder = model_dir(Path(artifacts_dir) if artifacts_dir else default_artifacts_dir(), model_path)
+    folder = model_dir(artifacts_dir, model_path)
     key = _probe_key(folder, threads)
     cached = _cached_probe(folder / PROBE_CACHE, key)
     if cached is not None:
@@ -314,14 +313,14 @@ def export_fp32(model_path: Path, artifacts_dir: str | Path | None) -> list[str]
     import subprocess
     import sys
 
-    from agent.config import default_artifacts_dir
+    from agent.backends.store import artifacts_root
     from agent.logging import get_logger
 
     names = [n for n in LEAN if installed(n)]
     if not names:
         return []
     log = get_logger("backends")
-    folder = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
+    folder = artifacts_root(artifacts_dir)
     log.info("exporting lean artifacts (first start)", backends=names, artifacts_dir=str(folder))
     t0 = time.monotonic()
     # --data "": fp32 needs no data, and a TDN_DATA of another dataset (NEU-DET beside a Magnetic-tile model)

@@ -14,8 +14,7 @@ import numpy as np
 
 from agent.backends.base import Backend
 from agent.backends.gate import passed_gate, read_gate
-from agent.backends.store import KERNEL_FILE, manifest_ok, model_dir
-from agent.config import default_artifacts_dir
+from agent.backends.store import KERNEL_FILE, artifacts_root, manifest_ok, model_dir
 from agent.errors import BackendError
 from agent.hostinfo import cores
 
@@ -35,7 +34,7 @@ class ArtifactBackend(Backend):
                                f"choose auto or one of: {', '.join(self.precisions)}")
         self.requested = precision
         self.precision = precision
-        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
+        self.artifacts_dir = artifacts_root(artifacts_dir)
         self.folder = Path()
         self.selected_by = ""
         self._kernel: np.ndarray | None = None

@@ -13,9 +13,16 @@ KERNEL_FILE = "cam_kernel.npy"
 MANIFEST = "manifest.json"
 
 
-def model_dir(artifacts_dir: Path, model_path: Path) -> Path:
+def artifacts_root(artifacts_dir: str | Path | None) -> Path:
+    """The artifacts root: the one given, else the agent's default (`TDN_ARTIFACTS_DIR` or its state dir)."""
+    from agent.config import default_artifacts_dir
+
+    return Path(artifacts_dir) if artifacts_dir else default_artifacts_dir()
+
+
+def model_dir(artifacts_dir: str | Path | None, model_path: str | Path) -> Path:
     """The folder of one model's artifacts: a new model (new hash) never reuses another's."""
-    return Path(artifacts_dir) / f"tinydefectnet-{file_sha256(Path(model_path))[:16]}"
+    return artifacts_root(artifacts_dir) / f"tinydefectnet-{file_sha256(Path(model_path))[:16]}"
 
 
 def write_manifest(folder: Path, model_path: Path, versions: dict[str, str]) -> None:

@@ -79,10 +79,8 @@ class ZenDNNBackend(TensorFlowBackend):
         """bf16 serves only after `tdn export` measured it on the held-out split against fp32 and it passed."""
         from agent.backends.gate import passed_gate, read_gate
         from agent.backends.store import manifest_ok, model_dir
-        from agent.config import default_artifacts_dir
 
-        folder = model_dir(Path(self.artifacts_dir) if self.artifacts_dir else default_artifacts_dir(),
-                           Path(self.model_path))
+        folder = model_dir(self.artifacts_dir, self.model_path)
         rec = read_gate(folder, self.name, "bf16") if manifest_ok(folder) else None
         return passed_gate(rec, self.name, "bf16", f"zendnn bf16 has no accuracy gate record in {folder}; build it "
                            f"with `tdn export --model {self.model_path} --data NEU-DET` on this machine")

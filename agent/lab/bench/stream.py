@@ -4,7 +4,7 @@ Capacity is the raw backend throughput at the agent's batch size, measured in th
 and after every step, so each step is compared with the mean of the two probes around it (on a shared host the
 backend's speed drifts by 10-20% within minutes). For each load the agent (one process for the whole run),
 camera processes and a PLC bridge run for --seconds; the bridge reports verdicts/s, capture-to-verdict latency
-and statuses, and psutil the agent's CPU.
+and statuses, and psutil the CPU of the agent, the cameras and the bridge.
 """
 
 from __future__ import annotations
