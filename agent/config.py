@@ -71,6 +71,11 @@ class AgentSettings(BaseSettings):
         description="exported artifacts and the tuning profile ($STATE_DIRECTORY under systemd, else ~/.cache/tdn)",
     )
     artifacts_dir: Path | None = Field(None, description="artifacts of `tdn export` (default: <state_dir>/artifacts)")
+    export_data: Path | None = Field(
+        None, description="labelled images of the model's classes that calibrate and gate bf16/int8 when `auto` "
+        "exports on the first start (default: the folder the model card says it was trained from, if it is there; "
+        "without one, fp32 only)"
+    )
     profile_path: Path | None = Field(
         None, description="profile of `tdn tune`, used when backend is auto (default: <state_dir>/profile.json)"
     )
@@ -237,6 +242,8 @@ class AgentSettings(BaseSettings):
             raise ValueError("frames_endpoint and publish_endpoint must differ")
         if not self.model_path.is_file():
             raise ValueError(f"model_path: {self.model_path} does not exist")
+        if self.export_data is not None and not self.export_data.is_dir():
+            raise ValueError(f"export_data: {self.export_data} is not a folder")
         if self.artifacts_dir is None:
             self.artifacts_dir = self.state_dir / "artifacts"
         if self.profile_path is None:

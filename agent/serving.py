@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = get_logger("agent.serving")
 # A file in the state directory naming the next model to serve; without it, SIGHUP reloads model_path.
 NEXT_MODEL_FILE = "next-model"
+# The gate keeps the card's self-test as it was; the same card matches it up to float32 rounding.
+CARD_EXACT = 1e-5
 
 
 def overrides(settings: AgentSettings) -> dict[str, Any]:
@@ -72,8 +74,14 @@ def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> Serv
     if probs.ndim != 2 or probs.shape[1] != len(card.classes):
         raise ModelError(f"model {model_path} outputs {probs.shape}, its card lists {len(card.classes)} classes")
     # A gated reduced precision is held to its own output at export, fp32 (and an ungated runtime) to the card's.
-    recorded = (backend.gate or {}).get("self_test_probs")
+    gate = backend.gate or {}
+    recorded = gate.get("self_test_probs")
     problem = card.check_self_test(probs, expected=recorded, source="its gate's record" if recorded else "the card")
+    if problem is None and gate.get("card_self_test") is not None:
+        # Artifacts are keyed by the weights alone: a card edited since the export (same .keras file) must still
+        # match the card that variant's record was measured against.
+        problem = card.check_self_test(np.asarray(gate.get("card_self_test"), np.float32), tolerance=CARD_EXACT)
+        problem = problem and f"{problem}; the card is not the one {backend.name}:{backend.precision} was exported with"
     if problem is not None:
         raise ModelError(f"model {model_path} fails its self-test: {problem}")
     return ServingModel(card.variant_id(backend.name, backend.precision), card.classes, rule.pass_classes, rule,
@@ -190,13 +198,15 @@ class Loader:
             gc.enable()
 
     def _load_next(self) -> None:
-        from agent.backends import create
+        from agent.backends import create, reload_precision
 
         path = self.next_path()
         current = self.require_model()
         log.info("model reload", path=str(path), serving=current.model_id)
         try:
-            backend = create(current.runner.name, path, self.s.threads, precision=current.runner.precision,
+            precision = reload_precision(current.runner.name, current.runner.precision, path, self.s.artifacts_dir,
+                                         self.s.export_data)
+            backend = create(current.runner.name, path, self.s.threads, precision=precision,
                              artifacts_dir=self.s.artifacts_dir, profile_path=self.s.profile_path)
             model = prepare(backend, self.s, path)
             if model.input != current.input:

@@ -57,6 +57,15 @@ def shipped_model() -> Path:
     return model
 
 
+@pytest.fixture(scope="session")
+def shared_artifacts() -> Path:
+    """The artifacts folder of the default state dir, for agents whose own state dir is private: the first start
+    exports and gates the lean variants once (~25 s), not once per test."""
+    from agent.config import default_artifacts_dir
+
+    return default_artifacts_dir()
+
+
 # A test that has not finished in this long is stuck: fail it with a traceback instead of stalling CI (pyzmq's
 # suite does the same). Mark a longer test with @pytest.mark.hang_guard(seconds).
 HANG_GUARD_S = 300

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import BackendError, ConfigError
+from agent.errors import BackendError, ConfigError, TdnError
 
 if TYPE_CHECKING:
     from agent.backends.base import Backend
@@ -50,6 +50,13 @@ TIE_MARGIN = 0.10
 PREFERENCE = ("litert:fp32", "openvino:fp32", "openvino:bf16", "litert:int8", "openvino:int8")
 # The probe's result, beside the artifacts it measured, so every later start picks the same variant.
 PROBE_CACHE = "auto-probe.json"
+# Written once the first start's gated export has run, passed or failed, so later starts do not repeat it.
+FIRST_EXPORT = "first-start-export.json"
+# A line starting with this, from `python -m agent.lab.export --progress-lines`, is one finished step as JSON.
+PROGRESS_MARK = "tdn-export-step "
+# The gated export takes ~25 s on 2 cores; a hung child must not keep the agent from starting on what it has.
+EXPORT_TIMEOUT_S = 900
+EXPORT_STEP_S = 120  # how much longer systemd is asked to wait for the start after each export step
 
 
 def parse(name: str) -> tuple[str, str | None]:
@@ -81,7 +88,7 @@ class Choice:
 
 def create(name: str, model_path: str | Path, threads: int = 0, *, precision: str = "auto",
            artifacts_dir: str | Path | None = None, profile_path: str | Path | None = None,
-           knobs: dict[str, Any] | None = None) -> Backend:
+           knobs: dict[str, Any] | None = None, export_data: Path | None = None) -> Backend:
     """The backend called `name` ("auto" picks; "litert:int8" also names a precision), not yet loaded."""
     backend, named = parse(name)
     if named is not None:
@@ -94,7 +101,7 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
             from agent.config import default_profile_path
 
             profile_path = default_profile_path()
-        choice = choose_auto(Path(model_path), threads, artifacts_dir, profile_path)
+        choice = choose_auto(Path(model_path), threads, artifacts_dir, profile_path, export_data)
         backend, reason = choice.backend, choice.reason
         if precision == "auto":
             precision = choice.precision
@@ -123,7 +130,7 @@ def from_settings(settings: AgentSettings) -> Backend:
 
     return create(settings.backend, settings.model_path, settings.threads, precision=settings.precision,
                   artifacts_dir=settings.artifacts_dir, profile_path=settings.profile_path,
-                  knobs={k: getattr(settings, k) for k in KNOBS})
+                  knobs={k: getattr(settings, k) for k in KNOBS}, export_data=settings.export_data)
 
 
 # --- variants: backend x precision, for benchmarks and tuning ---
@@ -163,7 +170,7 @@ def variants(spec: str = "all", include_native: bool = False) -> list[Variant]:
             if p not in SUPPORTED[backend]:
                 raise BackendError(f"backend {backend} has no precision {p}; it runs: {', '.join(SUPPORTED[backend])}")
             out.append(Variant(backend, p))
-    return out
+    return list(dict.fromkeys(out))  # "zendnn,zendnn:bf16" names bf16 twice: measure it once
 
 
 # --- auto: the tuned profile, else a short probe ---
@@ -203,14 +210,13 @@ def profile_choice(profile: dict[str, Any], model_sha256: str, cpu_model: str, c
 
 
 def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir: str | Path | None = None,
-                profile_path: str | Path | None = None) -> Choice:
+                profile_path: str | Path | None = None, export_data: Path | None = None) -> Choice:
     """The tuned profile's choice if it fits this model and host; else the fastest exported lean variant by a
-    probe of a few seconds; else ZenDNN on AMD (where it pays) or native TensorFlow."""
+    probe of a few seconds, after exporting them on the first start (`export_data`: the labelled folder that gates
+    bf16/int8, else the card's training data); else ZenDNN on AMD (where it pays) or native TensorFlow."""
     from agent.card import file_sha256
     from agent.hostinfo import cores, cpu_model, cpu_vendor
-    from agent.logging import get_logger
-
-    log = get_logger("backends")
+    log = _log()
     profile = load_profile(profile_path)
     if profile is not None and model_path is not None:
         profile["path"] = str(profile_path)
@@ -220,7 +226,9 @@ def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir:
         log.warning("tuning profile ignored", profile=str(profile_path), reason=why)
     if model_path is not None:
         probed = probe(model_path, threads, artifacts_dir)
-        if probed is None and export_fp32(model_path, artifacts_dir):
+        data, why = gate_data(model_path, export_data)
+        due = probed is None or (data is not None and gated_export_due(model_path, artifacts_dir))
+        if due and export_first_start(model_path, artifacts_dir, data, why):
             probed = probe(model_path, threads, artifacts_dir)
         if probed is not None:
             return probed
@@ -303,38 +311,149 @@ def pick(rates: dict[Variant, float], margin: float = TIE_MARGIN) -> tuple[Varia
                     f"fastest, ties go to {' > '.join(PREFERENCE)}; measured {summary})")
 
 
-def export_fp32(model_path: Path, artifacts_dir: str | Path | None) -> list[str]:
-    """Build the fp32 artifacts of every installed lean backend in a child process (no data needed); their names.
+def gate_data(model_path: Path, setting: Path | None) -> tuple[Path | None, str]:
+    """The labelled folder that calibrates and gates the first start's bf16/int8 export, and where it came from.
 
-    A fresh install has none, and would otherwise serve on native TensorFlow; the child keeps TensorFlow out of
-    the agent's own process.
+    The setting (TDN_EXPORT_DATA) if given; else the folder the model card says the model was trained from
+    (`training.data`), as `tdn train` wrote it: relative to the directory training ran in, which is tried as the
+    current directory and as the project's root (where the shipped models were trained).
     """
-    import os
-    import subprocess
-    import sys
+    if setting is not None:
+        return setting, "TDN_EXPORT_DATA"
+    from agent.card import read_dict
 
-    from agent.backends.store import artifacts_root
-    from agent.logging import get_logger
+    try:
+        named = read_dict(model_path).get("training", {}).get("data")
+    except (TdnError, OSError, ValueError):
+        return None, "the model card could not be read"
+    if not named:
+        return None, "the model card names no training data"
+    path = Path(str(named))
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, Path(__file__).resolve().parents[2] / path]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder.resolve(), "the model card's training.data"
+    return None, f"the model card's training data ({named}) is not here"
+
+
+def export_first_start(model_path: Path, artifacts_dir: str | Path | None, data: Path | None, why: str) -> list[str]:
+    """Build the lean artifacts in a child process: fp32 always, bf16/int8 when `data` can calibrate and gate them.
+
+    A fresh install has no artifacts, and would otherwise serve on native TensorFlow or on fp32 only. The child keeps
+    TensorFlow out of the agent's own process and reports each step, which is logged. A gated export that fails
+    (for example, a folder of other classes) falls back to fp32 only. Returns the backends exported.
+    """
+    from agent.backends.store import artifacts_root, model_dir
 
     names = [n for n in LEAN if installed(n)]
     if not names:
         return []
-    log = get_logger("backends")
     folder = artifacts_root(artifacts_dir)
-    log.info("exporting lean artifacts (first start)", backends=names, artifacts_dir=str(folder))
+    log = _log()
+    if data is None:
+        log.warning("bf16/int8 not exported: no labelled data to gate them (set TDN_EXPORT_DATA, or run "
+                    "`tdn export --data DIR`)", reason=why)
+        return names if _run_export(model_path, folder, names, None, why) else []
+    gated = _run_export(model_path, folder, names, data, why)
+    done = gated or _run_export(model_path, folder, names, None, why)
+    # Marked after the fallback: a failed export leaves no manifest, and the next export starts the folder afresh.
+    _mark_exported(model_dir(artifacts_dir, model_path), data, ok=gated)
+    return names if done else []
+
+
+def _run_export(model_path: Path, folder: Path, names: list[str], data: Path | None, why: str) -> bool:
+    import os
+    import subprocess
+    import sys
+    import threading
+    from collections import deque
+
+    from agent.sdnotify import Notifier
+
+    precisions = "fp32,bf16,int8" if data is not None else "fp32"
+    log = _log()
+    log.info("exporting lean artifacts (first start)", backends=names, precisions=precisions,
+             data=str(data) if data else None, data_from=why if data else None, artifacts_dir=str(folder))
     t0 = time.monotonic()
-    # --data "": fp32 needs no data, and a TDN_DATA of another dataset (NEU-DET beside a Magnetic-tile model)
-    # would otherwise fail the class check of the gate and leave the agent on the slow path.
+    # --data "" for fp32: it needs none, and a TDN_DATA of another dataset (NEU-DET beside a Magnetic-tile model)
+    # would otherwise fail the class check of the gate.
     cmd = [sys.executable, "-m", "agent.lab.export", "--model", str(model_path), "--artifacts-dir", str(folder),
-           "--backends", ",".join(names), "--precisions", "fp32", "--data", "", "--quiet"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                         timeout=900)
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        log.error("export failed; serving without lean artifacts", error=tail)
-        return []
-    log.info("exported lean artifacts", backends=names, seconds=round(time.monotonic() - t0, 1))
-    return names
+           "--backends", ",".join(names), "--precisions", precisions, "--data", str(data or ""), "--quiet",
+           "--progress-lines"]
+    # Under systemd, each step buys the start another EXPORT_STEP_S: the unit's TimeoutStartSec is sized for a
+    # model load, not for an export on a slow line PC.
+    notifier = Notifier()
+    notifier.notify(f"EXTEND_TIMEOUT_USEC={EXPORT_STEP_S * 1_000_000}", "STATUS=exporting lean artifacts")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    killer = threading.Timer(EXPORT_TIMEOUT_S, proc.kill)
+    killer.start()
+    tail: deque[str] = deque(maxlen=5)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(PROGRESS_MARK):
+                with contextlib.suppress(ValueError, TypeError):
+                    step = json.loads(line[len(PROGRESS_MARK):])
+                    log.info("export step", step=step.get("step"), of=step.get("of"), label=step.get("label"))
+                    notifier.notify(f"EXTEND_TIMEOUT_USEC={EXPORT_STEP_S * 1_000_000}",
+                                    f"STATUS=exporting lean artifacts: step {step.get('step')} of {step.get('of')}")
+            elif line.strip():
+                tail.append(line.strip())
+        code = proc.wait()
+    finally:
+        killer.cancel()
+    if code != 0:
+        log.error("export failed", precisions=precisions, code=code, error=(list(tail) or ["no output"])[-1][-300:])
+        return False
+    log.info("exported lean artifacts", backends=names, precisions=precisions, seconds=round(time.monotonic() - t0, 1))
+    return True
+
+
+def _mark_exported(folder: Path, data: Path, ok: bool) -> None:
+    # A record that the gated export ran for these artifacts, so a start after it (passed or not) does not run it
+    # again: the gate writes no record for a precision this CPU cannot run natively.
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / FIRST_EXPORT).write_text(json.dumps(
+            {"data": str(data), "ok": ok, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+
+
+def gated_export_due(model_path: Path, artifacts_dir: str | Path | None) -> bool:
+    """Whether the reduced precisions were never exported and gated for this model here (by `tdn export --data`
+    or a first start with data)."""
+    from agent.backends.store import model_dir
+
+    folder = model_dir(artifacts_dir, model_path)
+    return not (folder / FIRST_EXPORT).exists() and not any(folder.glob("*.gate.json"))
+
+
+def reload_precision(name: str, precision: str, model_path: Path, artifacts_dir: str | Path | None,
+                     export_data: Path | None) -> str:
+    """The precision a hot swap serves the next model at, on the serving backend: the serving precision when it is
+    exported and gated for that model (exporting it first, as a first start would, when its data is here); else
+    fp32, which a lean backend builds without data. A new model is never refused only for lacking its int8 file."""
+    if name not in LEAN or precision == "fp32":
+        return precision
+    from agent.backends.artifacts import ArtifactBackend
+
+    b = create(name, model_path, precision=precision, artifacts_dir=artifacts_dir)
+    assert isinstance(b, ArtifactBackend)
+    if not b.exported(precision) and gated_export_due(model_path, artifacts_dir):
+        data, why = gate_data(model_path, export_data)
+        if data is not None:
+            export_first_start(model_path, artifacts_dir, data, why)
+    if b.exported(precision):
+        return precision
+    _log().warning("next model served at fp32", model=str(model_path), serving=f"{name}:{precision}",
+                   reason=f"{name}:{precision} is not exported and gated for it (`tdn export --data DIR`)")
+    return "fp32"
+
+
+def _log() -> Any:
+    from agent.logging import get_logger
+
+    return get_logger("backends")
 
 
 def _probe_rate(v: Variant, model_path: Path, threads: int, artifacts_dir: str | Path | None) -> float | None:

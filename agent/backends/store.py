@@ -8,7 +8,9 @@ from pathlib import Path
 
 from agent.card import file_sha256
 
-FORMAT = 2  # bump when an artifact's layout or export recipe changes, so old caches are rebuilt (2: gate self-tests)
+# Bump when an artifact's layout or export recipe changes, so old caches are rebuilt (2: gate self-tests; 3: the
+# gate records the card's self-test it was measured against).
+FORMAT = 3
 KERNEL_FILE = "cam_kernel.npy"
 MANIFEST = "manifest.json"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="threads while measuring (0: all cores)")
     p.add_argument("--force", action="store_true", help="rebuild even what the cache already holds")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print one line per finished step (what the agent logs when it exports on its first start)")
 
 
 @dataclass
@@ -171,7 +174,8 @@ class Exporter:
         d = self.data()
         record = {**gate_record(pred, d["ref"], d["y"]), "images": d["how"], "fp32_reference": "Keras (TensorFlow)",
                   "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "self_test_probs": np.round(np.asarray(self_test, np.float64), 6).tolist()}
+                  "self_test_probs": np.round(np.asarray(self_test, np.float64), 6).tolist(),
+                  "card_self_test": self.card.get("self_test", {}).get("expected_probs")}
         write_gate(self.folder, backend, precision, record)
 
     def _native(self, backend: str, precision: str) -> bool:
@@ -249,8 +253,8 @@ class Exporter:
         pred = predict_all(probs, d["x"], EVAL_BATCH)
         self._write_gate(backend, precision, pred, self_test_output(probs, self.model_path))
 
-    def run(self, progress: bool) -> list[str]:
-        """Run every step not cached; return the labels of those that ran."""
+    def run(self, progress: bool, lines: bool = False) -> list[str]:
+        """Run every step not cached; return the labels of those that ran (with `lines`, print one line each)."""
         from agent.backends.store import manifest_ok, write_manifest
 
         if self.args.force or not manifest_ok(self.folder):
@@ -266,10 +270,14 @@ class Exporter:
         from tqdm import tqdm
 
         bar = tqdm(todo, desc="export", unit="step", disable=not progress, leave=False)
-        for step in bar:
+        for i, step in enumerate(bar, 1):
             bar.set_description(step.label)
             step.fn()
             ran.append(step.label)
+            if lines:
+                from agent.backends import PROGRESS_MARK
+
+                print(PROGRESS_MARK + json.dumps({"step": i, "of": len(todo), "label": step.label}), flush=True)
         write_manifest(self.folder, self.model_path, _versions())
         return ran
 
@@ -332,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         raise BackendError(f"runtime of {', '.join(missing)} not installed (pip install '.[{','.join(missing)}]')")
     t0 = time.monotonic()
     exporter = Exporter(args)
-    ran = exporter.run(progress=not args.quiet and sys.stderr.isatty())
+    ran = exporter.run(progress=not args.quiet and sys.stderr.isatty(), lines=args.progress_lines)
     if not args.quiet:
         print(exporter.table())
         for note in exporter.notes:

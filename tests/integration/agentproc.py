@@ -58,7 +58,8 @@ class Launcher:
             agent.readyz_seen.add(code)
             return code == 200
 
-        wait_for(ready, ready_timeout, "agent /readyz 200", 0.1)
+        # Polled often: a lean variant loads and warms in a few hundred ms, and the 503 before it is asserted on.
+        wait_for(ready, ready_timeout, "agent /readyz 200", 0.02)
         wait_ready(agent, ready_timeout)
         return agent
 

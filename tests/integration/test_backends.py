@@ -222,6 +222,29 @@ class TestLeanBackends:
         assert served >= 2  # fp32 and at least one reduced precision on this CPU
 
     @pytest.mark.parametrize("name", LEAN)
+    def test_an_edited_card_fails_the_reduced_precision_self_test(self, name: str, model: Path, artifacts: Path,
+                                                                   tmp_path: Path) -> None:
+        """The same weights (the same artifacts) under a card whose self-test was edited are refused at int8 too,
+        though int8 is held to its own recorded output: the record names the card it was measured against."""
+        import shutil
+
+        from agent.config import AgentSettings
+        from agent.errors import ModelError
+        from agent.serving import prepare
+
+        if not (read_gate(model_dir(artifacts, model), name, "int8") or {}).get("passed"):
+            pytest.skip(f"{name} int8 did not pass its gate on this CPU")  # measured by the artifacts fixture
+        edited = tmp_path / "edited.keras"
+        shutil.copyfile(model, edited)
+        card = json.loads(model.with_suffix(".json").read_text())
+        probs = card["self_test"]["expected_probs"]
+        card["self_test"]["expected_probs"] = [[1.0] + [0.0] * (len(probs[0]) - 1)] * len(probs)
+        edited.with_suffix(".json").write_text(json.dumps(card))
+        b = create(name, edited, precision="int8", artifacts_dir=artifacts)
+        with pytest.raises(ModelError, match=f"not the one {name}:int8 was exported with"):
+            prepare(b, AgentSettings(max_batch_size=4), edited)
+
+    @pytest.mark.parametrize("name", LEAN)
     def test_serving_never_imports_tensorflow(self, name: str, model: Path, artifacts: Path) -> None:
         """load, warmup, infer and features of a lean backend leave TensorFlow unimported."""
         out = python(f"""

@@ -137,14 +137,16 @@ class Line:
 
 
 @pytest.fixture(scope="module")
-def line(tmp_path_factory: pytest.TempPathFactory, neu_det: Path, shipped_model: Path) -> Iterator[Line]:
+def line(tmp_path_factory: pytest.TempPathFactory, neu_det: Path, shipped_model: Path,
+         shared_artifacts: Path) -> Iterator[Line]:
     """The line for the whole module: one agent (snapshots every 0.3 s), 2 cameras at 20 fps, one console."""
     tmp = tmp_path_factory.mktemp("console")
     launcher = Launcher(tmp)
     token = make_token(tmp / "control.token")
     # Its own state dir: run-time thresholds are kept there and must not leak into other agents' default one.
     agent = launcher.start(explain_interval_s=0.3, agent_id="a1", state_dir=tmp / "agent-state",
-                           control_endpoint="tcp://127.0.0.1:*", control_token_file=token)
+                           artifacts_dir=shared_artifacts, control_endpoint="tcp://127.0.0.1:*",
+                           control_token_file=token)
     assert agent.control, "the agent logged no control endpoint"
     # Every verdict below 0.97 confidence is queued for review: this agent publishes no review decision yet.
     console = start_console(tmp, [agent.publish], "--review-below", "0.97", "--review-cap", "500",

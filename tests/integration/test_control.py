@@ -68,11 +68,11 @@ def heartbeat(zctx: zmq.Context[Any], agent: Any, until: Any) -> Heartbeat:
 
 
 @pytest.fixture
-def controlled(start_agent: Any, tmp_path: Path) -> tuple[Any, Path, Path]:
+def controlled(start_agent: Any, tmp_path: Path, shared_artifacts: Path) -> tuple[Any, Path, Path]:
     token = make_token(tmp_path / "control.token")
     state = tmp_path / "state"
     agent = start_agent(control_endpoint="tcp://127.0.0.1:*", control_token_file=str(token), state_dir=str(state),
-                        explain_interval_s=0)
+                        artifacts_dir=str(shared_artifacts), explain_interval_s=0)
     assert agent.control.startswith("tcp://127.0.0.1:")
     return agent, token, state
 
@@ -138,12 +138,13 @@ class TestThresholdCommand:
         assert agent.alive()
 
     @pytest.mark.hang_guard(300)
-    def test_thresholds_survive_a_restart(self, start_agent: Any, tmp_path: Path, zctx: Any) -> None:
+    def test_thresholds_survive_a_restart(self, start_agent: Any, tmp_path: Path, zctx: Any,
+                                          shared_artifacts: Path) -> None:
         """A threshold set before a restart is in force after it, and the heartbeat shows it."""
         token = make_token(tmp_path / "t.token")
         state = tmp_path / "st"
         settings = {"control_endpoint": "tcp://127.0.0.1:*", "control_token_file": str(token),
-                    "state_dir": str(state), "explain_interval_s": 0}
+                    "state_dir": str(state), "artifacts_dir": str(shared_artifacts), "explain_interval_s": 0}
         first = start_agent(**settings)
         assert thresholds(first, token, "--set", "min_confidence=0.25").returncode == 0
         assert first.stop() == 0

@@ -47,10 +47,10 @@ def send_steadily(push: zmq.Socket[Any], n: int, fps: float, stop: threading.Eve
 
 
 @pytest.fixture
-def swapping(start_agent: Any, zctx: zmq.Context[Any], tmp_path: Path) -> Any:
+def swapping(start_agent: Any, zctx: zmq.Context[Any], tmp_path: Path, shared_artifacts: Path) -> Any:
     state = tmp_path / "state"
     state.mkdir()
-    agent = start_agent(state_dir=state, explain_interval_s=0, shed_deadline_ms=5000)
+    agent = start_agent(state_dir=state, artifacts_dir=shared_artifacts, explain_interval_s=0, shed_deadline_ms=5000)
     sub = subscriber(zctx, agent.publish)
     wait_subscribed(sub)
     push = zctx.socket(zmq.PUSH)

@@ -31,10 +31,10 @@ def card() -> dict[str, Any]:
 def mt_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model's fp32 artifacts for every installed lean runtime, built by the agent's own first-start export,
     with TDN_DATA (NEU-DET in CI) set: its class list is not the model's, and must not stop the export."""
-    from agent.backends import export_fp32
+    from agent.backends import export_first_start
 
     root = tmp_path_factory.mktemp("mt-artifacts")
-    assert export_fp32(MT_MODEL, root) == LEAN
+    assert export_first_start(MT_MODEL, root, None, "no data in this test") == LEAN
     return root
 
 

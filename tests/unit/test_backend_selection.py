@@ -143,6 +143,7 @@ class TestNames:
         labels = [v.label for v in variants("openvino,litert:int8")]
         assert labels == [f"openvino:{p}" for p in SUPPORTED["openvino"]] + ["litert:int8"]
         assert variants("none") == []
+        assert [v.label for v in variants("zendnn,zendnn:bf16")] == ["zendnn:fp32", "zendnn:bf16"]  # once each
         with pytest.raises(BackendError, match="unknown backend"):
             variants("nope")
         with pytest.raises(BackendError, match="no precision"):
@@ -211,3 +212,59 @@ class TestProbeCache:
         assert _cached_probe(path, _probe_key(tmp_path, 0)) is None
         path.write_text("{not json")
         assert _cached_probe(path, _probe_key(tmp_path, 0)) is None
+
+
+class TestFirstStartData:
+    """Which labelled folder gates the first start's bf16/int8 export, and whether that export is still due."""
+
+    @staticmethod
+    def model(tmp_path: Path, data: str | None) -> Path:
+        from tests.conftest import MODEL
+
+        card = json.loads(MODEL.with_suffix(".json").read_text())
+        card["training"] = {**card.get("training", {}), "data": data}
+        (tmp_path / "m.json").write_text(json.dumps(card))
+        (tmp_path / "m.keras").write_bytes(MODEL.read_bytes())
+        return tmp_path / "m.keras"
+
+    def test_the_setting_wins(self, tmp_path: Path) -> None:
+        """TDN_EXPORT_DATA is used as given, whatever the card says."""
+        from agent.backends import gate_data
+
+        assert gate_data(self.model(tmp_path, "elsewhere"), tmp_path) == (tmp_path, "TDN_EXPORT_DATA")
+
+    def test_the_cards_folder_relative_to_the_current_directory(self, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """A relative training.data is found from the directory the agent runs in, and resolved."""
+        from agent.backends import gate_data
+
+        (tmp_path / "data" / "a").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / "data")
+        assert gate_data(self.model(tmp_path, "../data"), None) == ((tmp_path / "data").resolve(),
+                                                                     "the model card's training.data")
+
+    @pytest.mark.parametrize(("data", "needle"), [(None, "names no training data"),
+                                                  ("/no/such/folder", "(/no/such/folder) is not here")])
+    def test_no_folder_says_why(self, tmp_path: Path, data: str | None, needle: str) -> None:
+        """A card without training.data, or naming a folder that is not on this machine, gives None and the reason."""
+        from agent.backends import gate_data
+
+        folder, why = gate_data(self.model(tmp_path, data), None)
+        assert folder is None and needle in why
+
+    def test_due_until_a_gate_or_the_marker_exists(self, tmp_path: Path) -> None:
+        """Fresh artifacts are due; a gate record (tdn export --data) or the first start's marker ends that."""
+        from agent.backends import FIRST_EXPORT, gated_export_due
+        from agent.backends.store import model_dir
+
+        model = self.model(tmp_path, None)
+        folder = model_dir(tmp_path / "art", model)
+        assert gated_export_due(model, tmp_path / "art")
+        folder.mkdir(parents=True)
+        (folder / "litert-fp32.tflite").write_bytes(b"x")
+        assert gated_export_due(model, tmp_path / "art")
+        (folder / "litert-int8.gate.json").write_text("{}")
+        assert not gated_export_due(model, tmp_path / "art")
+        (folder / "litert-int8.gate.json").unlink()
+        (folder / FIRST_EXPORT).write_text("{}")
+        assert not gated_export_due(model, tmp_path / "art")
