@@ -128,7 +128,7 @@ class ArtifactBackend(Backend):
         rec = read_gate(self.folder, self.name, precision) if self._fresh else None
         self.gate = passed_gate(rec if self.artifact(precision).is_file() else None, self.name, precision,
                                 f"{self.name} {precision} artifact not found in {self.folder}; build it with "
-                                f"`tdn export --model {self.model_path}` (it calibrates and gates on NEU-DET)")
+                                f"`tdn export --model {self.model_path} --data DIR` (DIR: the model's labelled images)")
 
     def _export_fp32(self) -> None:
         # fp32 needs no data: convert it now, in a child process, so this one never imports TensorFlow.

@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     agent_log = out / "agent.log"
     agent_log.unlink(missing_ok=True)
     print(f"starting the agent (log: {agent_log}) ...", flush=True)
+    if args.backend == "auto" and not _exported(model):
+        print("  first start: exporting the lean artifacts (int8/bf16 gated when the model's images are here); "
+              "about half a minute on 2 cores, each step in the agent's log", flush=True)
     t0 = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -144,6 +147,13 @@ def _stop_line(procs: list[subprocess.Popen[bytes]]) -> None:
     if agent.poll() is None:
         agent.send_signal(signal.SIGTERM)
         _wait(agent, 20)
+
+
+def _exported(model: Path) -> bool:
+    from agent.backends.store import manifest_ok, model_dir
+    from agent.config import default_artifacts_dir
+
+    return manifest_ok(model_dir(default_artifacts_dir(), model))
 
 
 def _wait(p: subprocess.Popen[bytes], timeout: float) -> None:

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the .keras model (its card beside it)")
     p.add_argument("--data", default=default_data(),
-                   help="NEU-DET folder: int8 calibration (training split) and the gate (held-out split)")
+                   help="the model's labelled images (NEU-DET, NEU-CLS or a class-per-folder tree): int8 calibration "
+                   "(training split) and the gate (held-out split); default $TDN_DATA, else ../shared/neu-det")
     p.add_argument("--artifacts-dir", type=Path, default=default_artifacts_dir(),
                    help="artifacts root (default: $TDN_ARTIFACTS_DIR, else <state dir>/artifacts)")
     p.add_argument("--backends", default=",".join(LEAN), help="comma list of litert, openvino")
@@ -114,7 +115,8 @@ class Exporter:
         want = set(self.precisions)
         gated = bool(self.args.data)
         if not gated and want - {"fp32"}:
-            self.notes.append("bf16/int8 skipped: they need NEU-DET (--data or TDN_DATA) to calibrate and to gate")
+            self.notes.append("bf16/int8 skipped: they need the model's labelled images (--data DIR) to calibrate "
+                              "and gate")
         if "litert" in self.backends:
             out.append(Step("litert fp32", f / "litert-fp32.tflite", self.litert_fp32))
             if "int8" in want and gated:
