@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,8 @@ LEAN = tuple(name for name, e in REGISTRY.items() if e.lean)
 # Every spelling --backend accepts: auto, a backend, or backend:precision.
 SPELLINGS = ("auto", *NAMES, *(f"{n}:{p}" for n, e in REGISTRY.items() for p in e.precisions))
 PROBE_BATCH = 8
-PROBE_SECONDS = 0.3
+PROBE_SECONDS = 0.45  # per variant, over PROBE_ROUNDS interleaved rounds
+PROBE_ROUNDS = 3
 # Probed rates this close to the fastest are a tie (the probe's noise on a shared 2-core machine is ~10%) ...
 TIE_MARGIN = 0.10
 # ... broken in this order: full precision first (no accuracy question), then the lighter runtime.
@@ -238,7 +240,8 @@ def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir:
 
 
 def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None = None) -> Choice | None:
-    """Time every lean variant already exported (and passing the gate) for a fraction of a second each.
+    """Time every lean variant already exported (and passing the gate) for a fraction of a second each, in
+    interleaved rounds.
 
     Native TensorFlow is not probed: importing it alone takes seconds; `tdn tune` compares everything. Rates
     within TIE_MARGIN of the fastest count as a tie, broken by PREFERENCE, so close variants do not alternate
@@ -251,17 +254,17 @@ def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None =
     cached = _cached_probe(folder / PROBE_CACHE, key)
     if cached is not None:
         return cached
-    rates: dict[Variant, float] = {}
-    for name in LEAN:
-        if not installed(name):
-            continue
-        for precision in SUPPORTED[name]:
-            v = Variant(name, precision)
-            rate = _probe_rate(v, model_path, threads, artifacts_dir)
-            if rate is not None:
-                rates[v] = rate
-    if not rates:
+    loaded = {v: b for v in (Variant(n, p) for n in LEAN if installed(n) for p in SUPPORTED[n])
+              if (b := _probe_load(v, model_path, threads, artifacts_dir)) is not None}
+    if not loaded:
         return None
+    # Round-robin, median of the rounds: a drift of the shared host (~20% within seconds here) falls on every
+    # variant alike instead of on whichever was timed during it.
+    rounds: dict[Variant, list[float]] = {v: [] for v in loaded}
+    for _ in range(PROBE_ROUNDS):
+        for v, b in loaded.items():
+            rounds[v].append(_probe_time(b))
+    rates = {v: statistics.median(r) for v, r in rounds.items()}
     v, why = pick(rates)
     # A read-only artifacts folder keeps no cache: the next start probes again.
     with contextlib.suppress(OSError):
@@ -456,9 +459,7 @@ def _log() -> Any:
     return get_logger("backends")
 
 
-def _probe_rate(v: Variant, model_path: Path, threads: int, artifacts_dir: str | Path | None) -> float | None:
-    import numpy as np
-
+def _probe_load(v: Variant, model_path: Path, threads: int, artifacts_dir: str | Path | None) -> Backend | None:
     from agent.backends.artifacts import ArtifactBackend
 
     try:
@@ -469,9 +470,16 @@ def _probe_rate(v: Variant, model_path: Path, threads: int, artifacts_dir: str |
         b.warmup((PROBE_BATCH,))
     except BackendError:
         return None
+    return b
+
+
+def _probe_time(b: Backend) -> float:
+    """Images per second of one probe round at PROBE_BATCH."""
+    import numpy as np
+
     x = np.zeros((PROBE_BATCH, *b.input_shape), np.float32)  # the card's input side, not always 200
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < PROBE_SECONDS:
+    while time.perf_counter() - t0 < PROBE_SECONDS / PROBE_ROUNDS:
         b.infer(x)
         n += 1
     return n * PROBE_BATCH / (time.perf_counter() - t0)
