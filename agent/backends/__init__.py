@@ -127,8 +127,13 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
 
 
 def from_settings(settings: AgentSettings) -> Backend:
-    """The backend the agent's settings ask for."""
+    """The backend the agent's settings ask for; a lean one at a reduced precision (or auto) is exported and gated
+    first when it never was, as `auto` is on a first start."""
     from agent.backends.zendnn import KNOBS
+
+    name, named = parse(settings.backend)
+    if name in LEAN and (named or settings.precision) != "fp32":
+        export_if_due(settings.model_path, settings.artifacts_dir, settings.export_data)
 
     return create(settings.backend, settings.model_path, settings.threads, precision=settings.precision,
                   artifacts_dir=settings.artifacts_dir, profile_path=settings.profile_path,
@@ -431,6 +436,14 @@ def gated_export_due(model_path: Path, artifacts_dir: str | Path | None) -> bool
     return not (folder / FIRST_EXPORT).exists() and not any(folder.glob("*.gate.json"))
 
 
+def export_if_due(model_path: Path, artifacts_dir: str | Path | None, export_data: Path | None) -> None:
+    """Run the first start's gated export when it never ran for this model here and the model's data is here."""
+    if gated_export_due(model_path, artifacts_dir):
+        data, why = gate_data(model_path, export_data)
+        if data is not None:
+            export_first_start(model_path, artifacts_dir, data, why)
+
+
 def reload_precision(name: str, precision: str, model_path: Path, artifacts_dir: str | Path | None,
                      export_data: Path | None) -> str:
     """The precision a hot swap serves the next model at, on the serving backend: the serving precision when it is
@@ -442,10 +455,8 @@ def reload_precision(name: str, precision: str, model_path: Path, artifacts_dir:
 
     b = create(name, model_path, precision=precision, artifacts_dir=artifacts_dir)
     assert isinstance(b, ArtifactBackend)
-    if not b.exported(precision) and gated_export_due(model_path, artifacts_dir):
-        data, why = gate_data(model_path, export_data)
-        if data is not None:
-            export_first_start(model_path, artifacts_dir, data, why)
+    if not b.exported(precision):
+        export_if_due(model_path, artifacts_dir, export_data)
     if b.exported(precision):
         return precision
     _log().warning("next model served at fp32", model=str(model_path), serving=f"{name}:{precision}",

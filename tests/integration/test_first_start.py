@@ -130,6 +130,13 @@ class TestFirstStartExport:
         agent.stop()
         assert exports(start_agent(**settings)) == []
 
+    @pytest.mark.hang_guard(420)
+    def test_a_named_reduced_precision_is_exported_too(self, start_agent: Any, subset: Path, tmp_path: Path) -> None:
+        """`--backend litert:int8` on a fresh state directory exports and gates it first, then serves it."""
+        agent = start_agent(state_dir=tmp_path / "state", export_data=subset, backend="litert:int8")
+        assert [e["precisions"] for e in exports(agent)] == ["fp32,bf16,int8"]
+        assert agent.event("ready")["model_id"].endswith("/litert-int8")  # type: ignore[index]
+
     def test_a_missing_folder_is_one_line(self, start_agent: Any, tmp_path: Path) -> None:
         """TDN_EXPORT_DATA naming no folder stops the start with exit code 1 and a message naming it."""
         import subprocess
