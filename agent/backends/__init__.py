@@ -233,9 +233,8 @@ def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir:
         log.warning("tuning profile ignored", profile=str(profile_path), reason=why)
     if model_path is not None:
         probed = probe(model_path, threads, artifacts_dir)
-        data, why = gate_data(model_path, export_data)
-        due = probed is None or (data is not None and gated_export_due(model_path, artifacts_dir))
-        if due and export_first_start(model_path, artifacts_dir, data, why):
+        # With nothing exported yet, fp32 is built even without data; with data, bf16/int8 are gated too.
+        if export_if_due(model_path, artifacts_dir, export_data, nothing_yet=probed is None):
             probed = probe(model_path, threads, artifacts_dir)
         if probed is not None:
             return probed
@@ -436,12 +435,16 @@ def gated_export_due(model_path: Path, artifacts_dir: str | Path | None) -> bool
     return not (folder / FIRST_EXPORT).exists() and not any(folder.glob("*.gate.json"))
 
 
-def export_if_due(model_path: Path, artifacts_dir: str | Path | None, export_data: Path | None) -> None:
-    """Run the first start's gated export when it never ran for this model here and the model's data is here."""
-    if gated_export_due(model_path, artifacts_dir):
-        data, why = gate_data(model_path, export_data)
-        if data is not None:
-            export_first_start(model_path, artifacts_dir, data, why)
+def export_if_due(model_path: Path, artifacts_dir: str | Path | None, export_data: Path | None,
+                  nothing_yet: bool = False) -> bool:
+    """Run the first start's export when it is due: the gated one when it never ran for this model here and the
+    model's data is here; with `nothing_yet` (no artifacts at all), fp32 without data too. Whether it exported."""
+    if not (nothing_yet or gated_export_due(model_path, artifacts_dir)):
+        return False
+    data, why = gate_data(model_path, export_data)
+    if data is None and not nothing_yet:
+        return False
+    return bool(export_first_start(model_path, artifacts_dir, data, why))
 
 
 def reload_precision(name: str, precision: str, model_path: Path, artifacts_dir: str | Path | None,
