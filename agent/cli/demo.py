@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     agent_log = out / "agent.log"
     agent_log.unlink(missing_ok=True)
     print(f"starting the agent (log: {agent_log}) ...", flush=True)
-    if args.backend == "auto" and not _exported(model):
+    # --backend unset means the agent's own default: TDN_BACKEND, else auto.
+    if (args.backend or os.environ.get("TDN_BACKEND") or "auto") == "auto" and not _exported(model):
         print("  first start: exporting the lean artifacts (int8/bf16 gated when the model's images are here); "
               "about half a minute on 2 cores, each step in the agent's log", flush=True)
     t0 = time.monotonic()
