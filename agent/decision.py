@@ -48,6 +48,11 @@ class Mahalanobis:
         return np.maximum(d2.min(1), 0.0) / np.float32(self.features)
 
 
+def pass_mask_of(classes: Sequence[str], pass_classes: Sequence[str]) -> np.ndarray:
+    """bool [C]: which of the classes are pass classes."""
+    return np.array([c in pass_classes for c in classes], bool)
+
+
 @dataclass(frozen=True)
 class DecisionRule:
     """Pass only a pass class above pass_threshold; divert a defect class at >= min_confidence; else review.
@@ -76,7 +81,7 @@ class DecisionRule:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
-        object.__setattr__(self, "pass_mask", np.array([c in self.pass_classes for c in self.classes], bool))
+        object.__setattr__(self, "pass_mask", pass_mask_of(self.classes, self.pass_classes))
 
     @property
     def needs_pooled(self) -> bool:

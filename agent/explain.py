@@ -157,14 +157,31 @@ def heatmap_png(heatmap: np.ndarray) -> bytes:
     return png(heatmap_u8(heatmap))
 
 
+def frame_cam(backend: Any, image: np.ndarray, class_idx: int) -> np.ndarray:
+    """The CAM of one frame's model input in [0,1], the input's own shape: [size,size], or a tiling model's whole
+    plane with each tile's map put back where the tile came from (agent.geometry.stitch).
+
+    Raw class maps are stitched before the min-max, so a tile without evidence stays dark beside one with it.
+    """
+    from agent.backends.base import preprocess
+    from agent.geometry import stitch, tiles
+
+    size = int(backend.input_shape[0])
+    kernel = np.asarray(backend.cam_weights(), np.float32)
+    raw = []
+    for t in tiles(image, size):
+        _, feats = backend.features(preprocess([t], 1))  # batch 1: the size every backend warmed
+        m = weighted_maps(feats, kernel.T[[class_idx]])[0]
+        raw.append(np.maximum(cv2.resize(np.maximum(m, 0.0), (size, size), interpolation=cv2.INTER_LINEAR), 0.0))
+    plane = raw[0] if image.shape[:2] == (size, size) else stitch(np.stack(raw), image.shape[:2])
+    return normalize_maps(plane[None])[0]
+
+
 def snapshot(backend: Any, item: Any, v: Verdict) -> Explanation:
     """The CAM explanation of one ok verdict: heatmap and overlay PNGs, computed with the backend that decided."""
-    from agent.backends.base import preprocess
-
     image = item.image
-    _, feats = backend.features(preprocess([image], 1))
     cls = int(v.class_index or 0)
-    heat = cam(feats, backend.cam_weights(), np.array([cls]), image.shape[0])[0]
+    heat = frame_cam(backend, image, cls)
     return Explanation(
         camera_id=v.camera_id, seq=v.seq, class_name=v.class_name or "", class_index=cls,
         confidence=float(v.confidence or 0.0), method="cam", capture_ns=v.capture_ns or 0,

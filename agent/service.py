@@ -300,7 +300,7 @@ class Agent:
 
     def _infer_loop(self) -> None:
         buffers = BatchBuffers()  # the inference thread's own
-        self._worker(self._jobs, lambda job: run_job(job, buffers), self._results)
+        self._worker(self._jobs, lambda job: run_job(job, buffers, self.s.batch_sizes), self._results)
 
     def _worker(self, inbox: queue.Queue[Any], work: Callable[[Any], Any], outbox: queue.Queue[Any]) -> None:
         """Take tasks until the None sentinel; hand each result back and wake the I/O loop."""

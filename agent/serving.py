@@ -254,19 +254,61 @@ class Loader:
             self._thread.join(timeout=1.0)
 
 
-def run_job(job: Job, buffers: BatchBuffers) -> Inferred:
-    """One batch through its model's runner, on the inference thread; a runtime failure comes back as the error."""
-    batch = buffers.fill([p.image for p in job.items], job.padded_size)
+def run_job(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...] = ()) -> Inferred:
+    """One batch through its model's runner, on the inference thread; a runtime failure comes back as the error.
+
+    A tiling model's frames carry several inputs each: they run as rows of warmed batch sizes (`sizes`), and each
+    frame gets the row of the tile that decides it (agent.geometry.combine).
+    """
+    spec = job.model.input
+    tiled = spec is not None and spec.method == "tile"
     probs = pooled = error = None
     t0 = time.perf_counter()
     try:
-        if job.model.needs_pooled:
-            probs, pooled = job.model.runner.infer_pooled(batch)
+        if tiled:
+            probs, pooled = _run_tiles(job, buffers, sizes or (job.padded_size,))
         else:
-            probs = job.model.runner.infer(batch)
+            batch = buffers.fill([p.image for p in job.items], job.padded_size)
+            if job.model.needs_pooled:
+                probs, pooled = job.model.runner.infer_pooled(batch)
+            else:
+                probs = job.model.runner.infer(batch)
     except Exception as exc:  # any runtime failure must still end in verdicts
         error = f"{type(exc).__name__}: {exc}"
     return Inferred(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0)
+
+
+def _run_tiles(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every tile of the job's frames through the runner in chunks of warmed sizes; one combined row per frame."""
+    from agent.batcher import pad_to_compiled
+    from agent.geometry import frame_picks, tiles
+
+    m = job.model
+    size = m.input.size
+    rows: list[np.ndarray] = []
+    counts: list[int] = []
+    for item in job.items:
+        assert item.image is not None  # a job holds accepted frames only
+        t = tiles(item.image, size)
+        rows.extend(t)
+        counts.append(len(t))
+    largest = max(sizes)
+    ps: list[np.ndarray] = []
+    fs: list[np.ndarray] = []
+    for start in range(0, len(rows), largest):
+        chunk = rows[start:start + largest]
+        batch = buffers.fill(chunk, pad_to_compiled(len(chunk), sizes))
+        if m.needs_pooled:
+            p, f = m.runner.infer_pooled(batch)
+            fs.append(np.asarray(f)[: len(chunk)])
+        else:
+            p = m.runner.infer(batch)
+        ps.append(np.asarray(p)[: len(chunk)])
+    all_p = np.concatenate(ps)
+    all_f = np.concatenate(fs) if fs else None
+    pass_mask = getattr(m.rule, "pass_mask", np.zeros(len(m.classes), bool))
+    pick = frame_picks(all_p, np.repeat(np.arange(len(counts)), counts), len(counts), pass_mask)
+    return all_p[pick], None if all_f is None else all_f[pick]
 
 
 def heartbeat(settings: AgentSettings, epoch: int, hb_seq: int, uptime_s: float, state: AgentState,

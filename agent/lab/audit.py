@@ -17,9 +17,10 @@ import cv2
 import numpy as np
 
 from agent.config import DEFAULT_MODEL
+from agent.decision import pass_mask_of
 from agent.errors import ConfigError, DataError, ModelError
 from agent.explain import IMAGE_SIZE, METHODS, heatmap_u8, overlay, png, to_heatmaps
-from agent.geometry import InputSpec
+from agent.geometry import InputSpec, frame_picks, tile_origins, to_input
 from agent.lab.data import (
     NEU_CLASSES,
     Box,
@@ -31,6 +32,7 @@ from agent.lab.data import (
     held_out,
     load_arrays,
     load_dataset,
+    read_gray,
 )
 from agent.lab.explain import Explainer
 from agent.logging import get_logger
@@ -589,8 +591,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--layer needs --method gradcam or gradcampp ({args.method} has a fixed input)")
 
 
-def _select(args: argparse.Namespace) -> tuple[list[Sample], tuple[str, ...], InputSpec]:
-    """The audited samples, the card's classes and its input geometry."""
+def _select(args: argparse.Namespace) -> tuple[list[Sample], tuple[str, ...], InputSpec, np.ndarray]:
+    """The audited samples, the card's classes, its input geometry and which classes pass."""
     ds = _scan(args.data, args.no_boxes)
     card_path = args.model.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
@@ -601,15 +603,35 @@ def _select(args: argparse.Namespace) -> tuple[list[Sample], tuple[str, ...], In
     samples = select_split(list(ds.samples), args.model, args.split)
     if args.limit is not None:
         samples = sorted(interleave_by_class(samples)[: args.limit], key=lambda s: s.path)
-    return samples, classes, spec
+    return samples, classes, spec, pass_mask_of(classes, card.get("pass_classes", ()))
+
+
+def deciding_tiles(explainer: Explainer, chunk: Sequence[Sample], spec: InputSpec, pass_mask: np.ndarray,
+                   use_boxes: bool) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """A tiling model's audit inputs: per image, the tile that decides it in the agent (agent.geometry.frame_picks),
+    and the part of its defect region inside that tile (empty when the defect lies in other tiles: a miss)."""
+    planes = [to_input(read_gray(s.path), spec) for s in chunk]
+    origins = [tile_origins(p.shape, spec.size) for p in planes]
+    rows = np.stack([p[oy:oy + spec.size, ox:ox + spec.size] for p, o in zip(planes, origins, strict=True)
+                     for oy, ox in o])[..., None].astype(np.float32)
+    frame = np.repeat(np.arange(len(chunk)), [len(o) for o in origins])
+    picks = frame_picks(explainer.predict(rows), frame, len(chunk), pass_mask)
+    regions: list[np.ndarray | None] = []
+    for i, s in enumerate(chunk):
+        m = defect_mask(s, spec) if use_boxes else None
+        oy, ox = origins[i][picks[i] - int(np.searchsorted(frame, i))]
+        regions.append(None if m is None else m[oy:oy + spec.size, ox:ox + spec.size])
+    return rows[picks], regions
 
 
 Kept = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]  # index -> (gray, heatmap, region)
 
 
 def _measure_all(args: argparse.Namespace, explainer: Explainer, samples: list[Sample], spec: InputSpec,
-                 wanted: set[int]) -> tuple[list[ImageResult], Kept]:
-    """Every sample measured in batches; the pictures of the wanted ones and of the first errors kept."""
+                 wanted: set[int], pass_mask: np.ndarray) -> tuple[list[ImageResult], Kept]:
+    """Every sample measured in batches; the pictures of the wanted ones and of the first errors kept.
+
+    A tiling model is audited on each image's deciding tile: the row its verdict carries."""
     from tqdm import tqdm
 
     use_boxes = not args.no_boxes
@@ -619,9 +641,13 @@ def _measure_all(args: argparse.Namespace, explainer: Explainer, samples: list[S
     with tqdm(total=len(samples), desc=f"audit ({args.method})", unit="img", disable=None) as bar:
         for start in range(0, len(samples), args.batch):
             chunk = samples[start : start + args.batch]
-            images, _ = load_arrays(chunk, spec=spec)
-            # Boxes and masks are moved into input coordinates by the same geometry as the image.
-            regions = [defect_mask(s, spec) if use_boxes else None for s in chunk]
+            regions: list[np.ndarray | None]
+            if spec.method == "tile":
+                images, regions = deciding_tiles(explainer, chunk, spec, pass_mask, use_boxes)
+            else:
+                images, _ = load_arrays(chunk, spec=spec)
+                # Boxes and masks are moved into input coordinates by the same geometry as the image.
+                regions = [defect_mask(s, spec) if use_boxes else None for s in chunk]
             rs, heat = measure_batch(explainer, images, chunk, start, target=args.target, fill=args.fill,
                                      seeds=args.seeds, use_boxes=use_boxes, regions=regions,
                                      tolerance=args.tolerance)
@@ -668,7 +694,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     _check_args(args)
     use_boxes = not args.no_boxes
-    samples, classes, spec = _select(args)
+    samples, classes, spec, pass_mask = _select(args)
     model = load_model(args.model)
     explainer = Explainer(model, args.method, layer=args.layer, batch=args.batch)
     log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split)
@@ -677,7 +703,7 @@ def run(args: argparse.Namespace) -> int:
     for i, s in enumerate(samples):
         if len(shown.setdefault(s.label, [])) < args.per_class:
             shown[s.label].append(i)
-    results, keep = _measure_all(args, explainer, samples, spec, {i for v in shown.values() for i in v})
+    results, keep = _measure_all(args, explainer, samples, spec, {i for v in shown.values() for i in v}, pass_mask)
     summary = summarize(results, args.seeds, use_boxes, classes)
     summary["localisation"] = ("none" if not use_boxes else
                                "VOC boxes" if any(s.boxes for s in samples) else "pixel masks")

@@ -66,16 +66,19 @@ def fit_mahalanobis(pooled: np.ndarray, y: np.ndarray, n_classes: int, shrinkage
     return Mahalanobis(whiten.astype(np.float32), (means @ whiten).astype(np.float32))
 
 
-def choose_pass_threshold(q: np.ndarray, y: np.ndarray, pass_mask: np.ndarray, ood_flag: np.ndarray) -> float:
-    """The lowest pass threshold with no defect passed on validation: just above the best-scoring escape."""
+def choose_pass_threshold(q: np.ndarray, y: np.ndarray, pass_mask: np.ndarray, ood_flag: np.ndarray,
+                          escape_budget: int = 0) -> float:
+    """The lowest pass threshold passing at most `escape_budget` defects on validation: just above the
+    (budget + 1)-th best-scoring escape (budget 0: above the best one)."""
     if not pass_mask.any():
         return 0.5
     idx = q.argmax(1)
     pass_prob = q[:, pass_mask].sum(1)
     escapes = pass_mask[idx] & ~pass_mask[y] & ~ood_flag
     t = 0.5
-    if escapes.any():
-        t = max(t, float(np.nextafter(np.float32(pass_prob[escapes].max()), np.float32(2.0))))
+    if escapes.sum() > escape_budget:
+        worst = np.sort(pass_prob[escapes])[::-1][escape_budget]
+        t = max(t, float(np.nextafter(np.float32(worst), np.float32(2.0))))
     return min(t, 1.0)
 
 
@@ -128,7 +131,7 @@ def outcome(decisions: np.ndarray, idx: np.ndarray, y: np.ndarray, pass_mask: np
 
 def fit_rule(classes: Sequence[str], pass_classes: Sequence[str], probs: np.ndarray, y: np.ndarray,
              pooled: np.ndarray, ood: Mahalanobis | None, deg_probs: np.ndarray | None = None,
-             deg_y: np.ndarray | None = None, deg_pooled: np.ndarray | None = None
+             deg_y: np.ndarray | None = None, deg_pooled: np.ndarray | None = None, escape_budget: int = 0
              ) -> tuple[DecisionRule, dict[str, Any]]:
     """Fit temperature, OOD threshold, pass threshold and confidence floor on validation, in that order.
 
@@ -147,7 +150,7 @@ def fit_rule(classes: Sequence[str], pass_classes: Sequence[str], probs: np.ndar
         info["ood_threshold"] = thr
     q = rule.calibrate(probs)
     ood_flag = rule.ood_score(pooled, len(q)) > rule.ood_threshold if rule.needs_pooled else np.zeros(len(q), bool)
-    t_pass = choose_pass_threshold(q, y, rule.pass_mask, ood_flag)
+    t_pass = choose_pass_threshold(q, y, rule.pass_mask, ood_flag, escape_budget)
     rule = rule.with_overrides({"pass_threshold": t_pass})
     info["pass_threshold"] = t_pass
     # The confidence floor sees clean and degraded validation images together.

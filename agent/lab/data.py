@@ -215,7 +215,13 @@ def load_image(path: Path | str, spec: InputSpec = DEFAULT_SPEC) -> np.ndarray:
 
 def load_arrays(samples: Sequence[Sample], progress: bool = False,
                 spec: InputSpec = DEFAULT_SPEC) -> tuple[np.ndarray, np.ndarray]:
-    """Images as float32 [N,size,size,1] of raw 0..255 values, and int labels [N]."""
+    """Images as float32 [N,size,size,1] of raw 0..255 values, and int labels [N].
+
+    A tiling geometry gives one row per tile and each tile's own label (load_tiles), without a pass class.
+    """
+    if spec.method == "tile":
+        t = load_tiles(samples, spec, progress=progress)
+        return t.x, t.y
     it: Iterator[Sample] | Sequence[Sample] = samples
     if progress:
         from tqdm import tqdm
@@ -226,6 +232,78 @@ def load_arrays(samples: Sequence[Sample], progress: bool = False,
         x[i, :, :, 0] = load_image(s.path, spec)
     y = np.array([s.label for s in samples], np.int64)
     return x, y
+
+
+# A tile of a defective image keeps the image's class only when it holds this share of the image's defect
+# pixels (and at least TILE_MIN_PIXELS of them): a sliver of a defect at a tile's edge is not that class's
+# evidence, and the tile is labelled with the pass class instead.
+TILE_MASK_SHARE = 0.10
+TILE_MIN_PIXELS = 4
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A tiling geometry's rows: inputs, per-tile labels, attention masks, and the frame each tile came from."""
+
+    x: np.ndarray  # float32 [T,size,size,1]
+    y: np.ndarray  # int64 [T]
+    masks: np.ndarray  # uint8 [T,size,size,1]: the defect inside the tile, all ones when it holds none
+    frame: np.ndarray  # int64 [T]: index into the samples
+    frame_y: np.ndarray  # int64 [N]: the image labels
+
+
+def tile_label(label: int, tile_mask: np.ndarray | None, total: int, pass_label: int | None) -> int:
+    """A tile's class: the image's, unless the image is defective, its mask is known, and the tile holds too
+    little of it (TILE_MASK_SHARE, TILE_MIN_PIXELS): then the pass class."""
+    if pass_label is None or label == pass_label or tile_mask is None or total <= 0:
+        return label
+    inside = int(tile_mask.sum())
+    return label if inside >= max(TILE_MIN_PIXELS, TILE_MASK_SHARE * total) else pass_label
+
+
+def load_tiles(samples: Sequence[Sample], spec: InputSpec, pass_label: int | None = None,
+               progress: bool = False) -> Tiles:
+    """Every tile of every image by the card's tiling geometry, labelled by tile_label (masks give the share)."""
+    from agent.geometry import tile_origins
+
+    it: Iterator[Sample] | Sequence[Sample] = samples
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(samples, desc="loading tiles", unit="img", leave=False)
+    n = spec.size
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    ms: list[np.ndarray] = []
+    fr: list[int] = []
+    ones = np.ones((n, n), np.uint8)
+    for i, s in enumerate(it):
+        g = read_gray(s.path)
+        plane = to_input(g, spec)
+        m = defect_mask(s, spec, (g.shape[0], g.shape[1])) if s.localised else None
+        total = int(m.sum()) if m is not None else 0
+        for oy, ox in tile_origins(plane.shape, n):
+            tm = None if m is None else m[oy:oy + n, ox:ox + n]
+            lab = tile_label(s.label, tm, total, pass_label)
+            xs.append(plane[oy:oy + n, ox:ox + n])
+            ys.append(lab)
+            ms.append(ones if tm is None or lab == pass_label or not tm.any() else tm.astype(np.uint8))
+            fr.append(i)
+    x = np.stack(xs)[..., None].astype(np.float32) if xs else np.zeros((0, n, n, 1), np.float32)
+    mk = np.stack(ms)[..., None] if ms else np.zeros((0, n, n, 1), np.uint8)
+    return Tiles(x, np.array(ys, np.int64), mk, np.array(fr, np.int64),
+                 np.array([s.label for s in samples], np.int64))
+
+
+def load_frames(samples: Sequence[Sample], spec: InputSpec, progress: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Model inputs float32 [T,size,size,1], the images' labels [N], and for a tiling geometry each input's image
+    [T] (agent.geometry.frame_picks turns rows into frames); None when every image is one input (T = N)."""
+    if spec.method == "tile":
+        t = load_tiles(samples, spec, progress=progress)
+        return t.x, t.frame_y, t.frame
+    x, y = load_arrays(samples, progress=progress, spec=spec)
+    return x, y, None
 
 
 def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:

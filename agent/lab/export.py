@@ -88,7 +88,14 @@ class Exporter:
         """Calibration images (training split) and held-out images, labels and fp32 predictions."""
         if not self._arrays:
             from agent.geometry import InputSpec
-            from agent.lab.data import check_classes, held_out, load_arrays, load_dataset, stratified_subset
+            from agent.lab.data import (
+                check_classes,
+                held_out,
+                load_arrays,
+                load_dataset,
+                load_frames,
+                stratified_subset,
+            )
 
             ds = load_dataset(self.args.data)
             check_classes(self.card, ds)
@@ -96,15 +103,27 @@ class Exporter:
             spec = InputSpec.from_card(self.card.get("input", {}))
             train, val, how = held_out(self.card, list(ds.samples))
             xc, _ = load_arrays(stratified_subset(train, self.args.calibration, seed=1), spec=spec)
-            xv, yv = load_arrays(val, spec=spec)
+            xv, yv, frame = load_frames(val, spec)
             import tensorflow as tf
 
             model = self.keras_model()
             fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
                 tf.TensorSpec([EVAL_BATCH, spec.size, spec.size, 1], tf.float32))
-            ref = predict_all(lambda b: fn(b).numpy(), xv, EVAL_BATCH)
-            self._arrays = {"calib": xc, "x": xv, "y": yv, "ref": ref, "how": how}
+            self._arrays = {"calib": xc, "x": xv, "y": yv, "frame": frame, "how": how}
+            self._arrays["ref"] = self._top1(predict_probs(lambda b: fn(b).numpy(), xv, EVAL_BATCH))
         return self._arrays
+
+    def _top1(self, probs: np.ndarray) -> np.ndarray:
+        """Top-1 class per gate image from the rows [T,C]: a tiling model's image takes its deciding tile's row, as
+        in the agent, each runtime picking with its own probabilities."""
+        d = self._arrays
+        if d["frame"] is not None:
+            from agent.decision import pass_mask_of
+            from agent.geometry import frame_picks
+
+            pass_mask = pass_mask_of(self.card.get("classes", ()), self.card.get("pass_classes", ()))
+            probs = probs[frame_picks(probs, d["frame"], len(d["y"]), pass_mask)]
+        return np.argmax(probs, axis=1)
 
     # --- steps ---
 
@@ -165,7 +184,7 @@ class Exporter:
                 self.notes.append(f"zendnn bf16: not gated, its measurement failed: {tail[-200:]}")
                 return
             got = np.load(out_file)
-            self._write_gate("zendnn", "bf16", got["pred"], got["self_test"])
+            self._write_gate("zendnn", "bf16", self._top1(got["probs"]), got["self_test"])
 
     def _write_gate(self, backend: str, precision: str, pred: np.ndarray, self_test: np.ndarray) -> None:
         """The gate record of a variant's top-1 classes on the gate images, with its own self-test output: what the
@@ -252,7 +271,7 @@ class Exporter:
         def probs(x: np.ndarray) -> np.ndarray:
             return np.asarray(run(x)[0])  # the runner returns (probs, features)
 
-        pred = predict_all(probs, d["x"], EVAL_BATCH)
+        pred = self._top1(predict_probs(probs, d["x"], EVAL_BATCH))
         self._write_gate(backend, precision, pred, self_test_output(probs, self.model_path))
 
     def run(self, progress: bool, lines: bool = False) -> list[str]:
@@ -385,8 +404,8 @@ def zendnn_bf16_worker(model: str, x_file: str, out_file: str, threads: str) -> 
     b = ZenDNNBackend(model, int(threads), "bf16", ungated=True)
     b.load()
     b.warmup((EVAL_BATCH,))
-    pred = predict_all(b.infer, np.load(x_file), EVAL_BATCH)
-    np.savez(out_file, pred=pred, self_test=self_test_output(b.infer, Path(model)))
+    probs = predict_probs(b.infer, np.load(x_file), EVAL_BATCH)
+    np.savez(out_file, probs=probs, self_test=self_test_output(b.infer, Path(model)))
     return 0
 
 
@@ -399,16 +418,22 @@ def self_test_output(run: Any, model_path: Path) -> np.ndarray:
     return np.asarray(run(batch))[: len(st)]
 
 
-def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """Top-1 classes of x through `run` (a fixed-size [batch,...] -> probs callable); the last batch is padded."""
+def predict_probs(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """Probabilities of x through `run` (a fixed-size [batch,...] -> probs callable); the last batch is padded."""
     out = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
         n = len(xb)
         if n < batch:
             xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
-        out.append(np.argmax(np.asarray(run(xb))[:n], axis=1))
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+        out.append(np.asarray(run(xb))[:n])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def predict_all(run: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """Top-1 classes of x through `run` (predict_probs)."""
+    p = predict_probs(run, x, batch)
+    return np.argmax(p, axis=1) if len(p) else np.zeros(0, np.int64)
 
 
 if __name__ == "__main__":

@@ -60,11 +60,16 @@ def load(model_path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def measure(model: Any, card: dict[str, Any], x: np.ndarray, y: np.ndarray, kinds: list[str], severities: list[str],
-            seed: int, progress: bool = False) -> dict[str, Any]:
-    """Outcome (agent.lab.calibrate.outcome) of the clean images and of each kind x severity."""
+            seed: int, progress: bool = False, frame: np.ndarray | None = None) -> dict[str, Any]:
+    """Outcome (agent.lab.calibrate.outcome) of the clean images and of each kind x severity.
+
+    With `frame` (a tiling model: x holds tiles, frame says whose), each tile is degraded, and every image is
+    decided by its deciding tile, as the agent decides it (agent.geometry.frame_picks).
+    """
     from tqdm import tqdm
 
     from agent.decision import DecisionRule
+    from agent.geometry import frame_picks
     from agent.lab.calibrate import outcome
     from agent.lab.degrade import KINDS, apply_batch, named
     from agent.lab.model.train import probs_and_pooled
@@ -74,6 +79,9 @@ def measure(model: Any, card: dict[str, Any], x: np.ndarray, y: np.ndarray, kind
 
     def run(images: np.ndarray) -> dict[str, Any]:
         p, f = probs_and_pooled(model, images[..., None].astype(np.float32))
+        if frame is not None:
+            pick = frame_picks(p, frame, len(y), rule.pass_mask)
+            p, f = p[pick], f[pick]
         dec, idx, _, _ = rule.decide(p, f if rule.needs_pooled else None)
         return outcome(dec, idx, y, rule.pass_mask)
 
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from agent.errors import DataError
     from agent.geometry import InputSpec
-    from agent.lab.data import check_classes, held_out, load_arrays, load_dataset, stratified_subset
+    from agent.lab.data import check_classes, held_out, load_dataset, load_frames, stratified_subset
     from agent.lab.degrade import KINDS, SEVERITIES
 
     t0 = time.monotonic()
@@ -180,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
         how += f", a stratified subset of {len(samples)}"
     spec = InputSpec.from_card(card["input"])
     progress = not args.quiet and sys.stderr.isatty()
-    x, y = load_arrays(samples, progress=progress, spec=spec)
-    results = measure(model, card, x, y, kinds, severities, args.seed, progress)
+    x, y, frame = load_frames(samples, spec, progress=progress)
+    results = measure(model, card, x, y, kinds, severities, args.seed, progress, frame)
     summary = summarize(results, kinds, severities)
     out = {"model": str(args.model), "data": str(args.data), "images": how, "n": len(samples), "seed": args.seed,
            "summary": summary, "results": results, "seconds": round(time.monotonic() - t0, 1)}

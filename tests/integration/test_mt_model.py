@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,18 @@ import zmq
 
 from agent.backends import installed
 from agent.lab.bench.heldout import frame_for
-from protocol import Decision, Status, Verdict, encode_frame
+from protocol import (
+    EXPLAIN_PREFIX,
+    HEARTBEAT_PREFIX,
+    VERDICT_PREFIX,
+    Decision,
+    Encoding,
+    Explanation,
+    Frame,
+    Status,
+    Verdict,
+    encode_frame,
+)
 from tests.integration.conftest import collect, subscriber, wait_subscribed
 
 pytestmark = pytest.mark.integration
@@ -80,3 +92,59 @@ class TestShippedMagneticTile:
             assert v.status is Status.OK and v.class_name in card["classes"] and v.probs is not None
             assert len(v.probs) == 6 and v.decision in (Decision.PASS, Decision.DIVERT, Decision.REVIEW)
             assert v.model_id.endswith("/" + (backend.replace(":", "-") if ":" in backend else f"{backend}-fp32"))
+
+
+class TestTiledServing:
+    """A tiling model's frame is its tiles at native scale, decided by its least good-looking tile."""
+
+    def test_verdict_carries_the_deciding_tiles_probabilities(self, start_agent: Any, zctx: zmq.Context[Any],
+                                                               magnetic_tile: Path, card: dict[str, Any]) -> None:
+        """Frames of 1, 2 and 3 tiles (gray8): each verdict's probs are Keras's for the tile agent.geometry.combine
+        picks, computed here from the card's geometry alone; the published explanation covers the whole frame."""
+        import cv2
+        import keras
+
+        from agent.decision import pass_mask_of
+        from agent.geometry import InputSpec, combine, tiles, to_input
+
+        spec = InputSpec.from_card(card["input"])
+        assert spec.method == "tile"
+        files = sorted((magnetic_tile / "MT_Blowhole" / "Imgs").glob("*.jpg"))
+        images = [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files]
+        by_count: dict[int, np.ndarray] = {}
+        for img in images:
+            by_count.setdefault(len(tiles(to_input(img, spec), spec.size)), img)
+        chosen = [by_count[k] for k in sorted(by_count)]
+        assert len(chosen) >= 2  # frames of different tile counts
+        model = keras.models.load_model(MT_MODEL, compile=False)
+        mask = pass_mask_of(card["classes"], card["pass_classes"])
+        want = []
+        for img in chosen:
+            t = np.stack(tiles(to_input(img, spec), spec.size))[..., None].astype(np.float32)
+            p = model.predict(t, verbose=0)
+            want.append(p[combine(p, mask)])
+        agent = start_agent(model_path=MT_MODEL, backend="tensorflow", explain_interval_s=0.01)
+        sub = subscriber(zctx, agent.publish, VERDICT_PREFIX, HEARTBEAT_PREFIX, EXPLAIN_PREFIX)
+        push = zctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        try:
+            wait_subscribed(sub)
+            push.connect(agent.frames)
+            for i, img in enumerate(chosen):
+                h, w = img.shape
+                push.send_multipart(encode_frame(Frame(camera_id="tiles", seq=i, capture_ns=time.time_ns(), width=w,
+                                                       height=h, encoding=Encoding.GRAY8, payload=img.tobytes())))
+            msgs = collect(sub, lambda m: sum(isinstance(x, Verdict) for x in m) >= len(chosen)
+                           and any(isinstance(x, Explanation) for x in m), 120)
+        finally:
+            push.close(linger=0)
+            sub.close(linger=0)
+        verdicts = sorted((m for m in msgs if isinstance(m, Verdict)), key=lambda v: v.seq)
+        assert [v.seq for v in verdicts] == list(range(len(chosen)))
+        e = next(m for m in msgs if isinstance(m, Explanation))
+        heat = cv2.imdecode(np.frombuffer(e.heatmap_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert heat.shape == to_input(chosen[e.seq], spec).shape and heat.max() == 255
+        for v, row in zip(verdicts, want, strict=True):
+            assert v.status is Status.OK and v.probs is not None
+            np.testing.assert_allclose(np.asarray(v.probs), row, atol=1e-4)
+            assert v.class_index == int(np.argmax(row))

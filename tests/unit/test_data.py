@@ -198,6 +198,29 @@ class TestMagneticTile:
         img = data.load_image(blow.path, InputSpec())
         assert img.shape == (200, 200) and img.dtype == np.uint8
 
+    def test_tiles_are_labelled_by_the_mask(self) -> None:
+        """Tiling a defective image: tiles holding its defect keep its class, the others are the pass class;
+        load_frames gives one label per image and each tile's image, contiguous."""
+        ds = data.load_dataset(mt_data_dir())
+        free = ds.classes.index("MT_Free")
+        spec = InputSpec(200, "tile")
+        blow = [s for s in ds.samples if s.name == "MT_Blowhole"][:20]
+        t = data.load_tiles(blow, spec, pass_label=free)
+        assert t.x.shape[1:] == (200, 200, 1) and len(t.x) == len(t.y) == len(t.frame) > len(blow)
+        assert np.array_equal(t.frame, np.sort(t.frame)) and set(t.frame.tolist()) == set(range(len(blow)))
+        for i, s in enumerate(blow):
+            rows = np.flatnonzero(t.frame == i)
+            labels = set(t.y[rows].tolist())
+            assert s.label in labels and labels <= {s.label, free}
+            # an attention mask is the defect inside a defect tile, all ones in a pass tile
+            assert all(t.masks[r].all() for r in rows if t.y[r] == free)
+        assert (t.y == free).any()  # some tile of these 20 holds no blowhole
+        x, y, frame = data.load_frames(blow, spec)
+        assert frame is not None and np.array_equal(x, t.x) and np.array_equal(frame, t.frame)
+        assert y.tolist() == [s.label for s in blow]
+        x1, _, f1 = data.load_frames(blow[:3], InputSpec())
+        assert f1 is None and x1.shape == (3, 200, 200, 1)
+
     def test_held_out_matches_card(self) -> None:
         """held_out re-draws a card's split and checks its hash; a mismatch falls back and says so."""
         ds = data.load_dataset(mt_data_dir())

@@ -6,7 +6,19 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.geometry import InputSpec, mask_to_input, self_test_inputs, to_gray, to_input
+from agent.geometry import (
+    InputSpec,
+    combine,
+    frame_picks,
+    mask_to_input,
+    self_test_inputs,
+    stitch,
+    tile_offsets,
+    tile_origins,
+    tiles,
+    to_gray,
+    to_input,
+)
 
 SIZES = [(1, 1), (1, 7), (100, 400), (400, 100), (200, 200), (199, 201), (600, 600), (1000, 1000), (4096, 4096)]
 
@@ -69,12 +81,106 @@ class TestLetterbox:
         assert (out[:75] == 0).all() and (out[75:125] == 200).all() and (out[125:] == 0).all()
 
 
+TILE = InputSpec(200, "tile")
+
+
+class TestTile:
+    """Native-scale tiling: short side to the input size, aspect kept, overlapping tiles edge to edge."""
+
+    @pytest.mark.parametrize(("h", "w"), SIZES)
+    def test_every_size_matches_the_card_rule(self, h: int, w: int) -> None:
+        """The plane and its tiles are the card's rule written out by hand with cv2 and numpy."""
+        img = _frame(h, w)
+        s = min(200 / min(h, w), 8 * 200 / max(h, w))
+        nw, nh = max(200, round(w * s)), max(200, round(h * s))
+        want = img if (nh, nw) == (h, w) else cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        plane = to_input(img, TILE)
+        assert plane.dtype == np.uint8 and np.array_equal(plane, want)
+        assert min(plane.shape) == 200 and max(plane.shape) <= 8 * 200
+        ts = tiles(plane, 200)
+        assert all(t.shape == (200, 200) for t in ts)
+        k = -(-nh // 200) * -(-nw // 200)
+        assert len(ts) == k <= 8
+
+    def test_magnetic_tile_shapes(self) -> None:
+        """A 2:1 frame costs 2 inputs, 2.5:1 costs 3, a square one 1 (the card's stated cost)."""
+        assert len(tiles(to_input(_frame(200, 400), TILE), 200)) == 2
+        assert len(tiles(to_input(_frame(100, 250), TILE), 200)) == 3
+        assert len(tiles(to_input(_frame(600, 600), TILE), 200)) == 1
+
+    def test_extreme_aspect_is_capped(self) -> None:
+        """A 1x4096 frame is squeezed along its long side to max_tiles inputs, not 4096."""
+        plane = to_input(_frame(1, 4096), InputSpec(200, "tile", max_tiles=5))
+        assert plane.shape == (200, 1000) and len(tiles(plane, 200)) == 5
+
+    @pytest.mark.parametrize("length", [200, 201, 399, 400, 401, 999, 1600])
+    def test_offsets_cover_the_axis(self, length: int) -> None:
+        """ceil(L/200) tiles, first at 0, last flush with the end, every pixel covered, evenly spread."""
+        offs = tile_offsets(length, 200)
+        assert len(offs) == -(-length // 200) and offs[0] == 0 and offs[-1] == length - 200
+        covered = np.zeros(length, bool)
+        for o in offs:
+            covered[o:o + 200] = True
+        assert covered.all() and offs == sorted(offs)
+
+    def test_short_axis_is_refused(self) -> None:
+        """A plane shorter than a tile is a geometry bug, not a silent pad."""
+        with pytest.raises(ValueError):
+            tile_offsets(150, 200)
+
+    def test_stitch_puts_each_map_back(self) -> None:
+        """Tile maps go back to their origins; overlaps take the maximum."""
+        shape = (200, 500)
+        maps = np.zeros((3, 200, 200), np.float32)
+        for i in range(3):
+            maps[i] = i + 1
+        out = stitch(maps, shape)
+        (o0, o1, o2) = [ox for _, ox in tile_origins(shape, 200)]
+        assert (o0, o1, o2) == (0, 150, 300)
+        assert out[0, 0] == 1 and out[0, 160] == 2 and out[0, 499] == 3 and out[0, 320] == 3
+
+    def test_mask_follows_the_plane(self) -> None:
+        """A defect mask is moved onto the plane: a defect at the far end lands in the last tile."""
+        m = np.zeros((100, 400), np.uint8)
+        m[40:44, 390:396] = 255
+        plane_mask = mask_to_input(m, TILE)
+        assert plane_mask.shape == (200, 800)
+        ts = tiles(plane_mask, 200)
+        assert [bool(t.any()) for t in ts] == [False, False, False, True]
+
+
+class TestCombine:
+    """A tiled frame is decided by its least good-looking tile."""
+
+    def test_lowest_pass_probability_decides(self) -> None:
+        """With a pass class, the tile with the lowest pass probability decides; the first one on a tie."""
+        p = np.array([[0.1, 0.9], [0.6, 0.4], [0.6, 0.4]])
+        assert combine(p, np.array([False, True])) == 1
+
+    def test_no_pass_class_takes_the_most_confident(self) -> None:
+        """Without a pass class, the most confident tile decides."""
+        p = np.array([[0.5, 0.5], [0.1, 0.9], [0.8, 0.2]])
+        assert combine(p, np.zeros(2, bool)) == 1
+
+    def test_frame_picks_matches_combine_per_frame(self) -> None:
+        """frame_picks over many frames equals combine on each frame's own rows."""
+        rng = np.random.default_rng(3)
+        counts = [1, 3, 2, 1, 4]
+        p = rng.dirichlet(np.ones(4), sum(counts))
+        frame = np.repeat(np.arange(len(counts)), counts)
+        mask = np.array([False, False, True, False])
+        picks = frame_picks(p, frame, len(counts), mask)
+        starts = np.cumsum([0, *counts[:-1]])
+        assert picks.tolist() == [int(a) + combine(p[a:a + k], mask) for a, k in zip(starts, counts, strict=True)]
+
+
 class TestSpec:
     """InputSpec round-trips the card and refuses what it cannot reproduce."""
 
-    def test_card_round_trip(self) -> None:
+    @pytest.mark.parametrize("spec", [InputSpec(200, "letterbox", "INTER_LINEAR", "BORDER_REPLICATE", 0),
+                                      InputSpec(200, "tile", max_tiles=5)])
+    def test_card_round_trip(self, spec: InputSpec) -> None:
         """to_card + the existing keys -> from_card gives the same spec."""
-        spec = InputSpec(200, "letterbox", "INTER_LINEAR", "BORDER_REPLICATE", 0)
         card_input = {"shape": [None, 200, 200, 1], **spec.to_card()}
         assert InputSpec.from_card(card_input) == spec
 
@@ -82,7 +188,8 @@ class TestSpec:
         """A card with only shape means 200x200 resize with INTER_AREA."""
         assert InputSpec.from_card({"shape": [None, 200, 200, 1]}) == InputSpec()
 
-    @pytest.mark.parametrize("bad", [{"method": "tile"}, {"interpolation": "INTER_MAGIC"}, {"size": 0}])
+    @pytest.mark.parametrize("bad", [{"method": "crop"}, {"interpolation": "INTER_MAGIC"}, {"size": 0},
+                                     {"method": "tile", "max_tiles": 0}])
     def test_bad_spec(self, bad: dict) -> None:  # type: ignore[type-arg]
         with pytest.raises(ValueError):
             InputSpec(**bad)

@@ -61,3 +61,17 @@ def test_robustness_runs_on_a_subset(tmp_path: Path, neu_det: Path, shipped_mode
     assert cell["n"] == 12 and cell["pass"] == 0 and cell["divert"] + cell["review"] == 12
     assert 0.0 <= out["summary"]["mean_degraded_accuracy"] <= 1.0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_robustness_decides_a_tiled_model_per_image(tmp_path: Path, magnetic_tile: Path) -> None:
+    """The shipped Magnetic-tile model tiles: every cell counts images (not tiles), each decided by its tile."""
+    model = Path(__file__).resolve().parents[2] / "agent" / "models" / "magnetic-tile.keras"
+    p = argparse.ArgumentParser()
+    robustness.add_arguments(p)
+    js = tmp_path / "r.json"
+    args = p.parse_args(["--model", str(model), "--data", str(magnetic_tile), "--limit", "12", "--kinds", "jpeg",
+                         "--severities", "mild", "--json", str(js), "--plot", str(tmp_path / "r.png"), "--quiet"])
+    assert robustness.run(args) == 0
+    out = json.loads(js.read_text())
+    for cell in (out["results"]["clean"], out["results"]["jpeg"]["mild"]):
+        assert cell["n"] == 12 == cell["pass"] + cell["divert"] + cell["review"]

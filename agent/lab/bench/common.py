@@ -40,13 +40,14 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
-def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray]:
-    """The model card's validation split of `data` (agent.lab.data.held_out), through the card's input geometry."""
+def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The model card's validation split of `data` (agent.lab.data.held_out), through the card's input geometry:
+    inputs, labels, and each input's image for a tiling model (agent.lab.data.load_frames)."""
     from agent.geometry import InputSpec
-    from agent.lab.data import check_classes, load_arrays, load_dataset
+    from agent.lab.data import check_classes, load_dataset, load_frames
     from agent.lab.data import held_out as split
 
     ds = load_dataset(data)
     check_classes(card, ds)
     _, val, _ = split(card, list(ds.samples))
-    return load_arrays(val, progress=True, spec=InputSpec.from_card(card.get("input", {})))
+    return load_frames(val, InputSpec.from_card(card.get("input", {})), progress=True)

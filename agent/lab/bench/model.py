@@ -149,8 +149,8 @@ def standalone(label: str, model: str, batch: int, reps: int, seconds: float, da
     if data:
         from agent.lab.bench.common import held_out
 
-        x, y = held_out(read_dict(Path(model)), data)
-        row.accuracy = accuracy_of(row, x, y, batch)
+        card = read_dict(Path(model))
+        row.accuracy = accuracy_of(row, card, *held_out(card, data), batch)
     _time_rows([row], batch, reps, seconds)
     print(json.dumps({"name": row.name, "backend": v.backend, "precision": v.precision, "img_per_s": median(row.tput),
                       "latency_ms_batch1": median(row.lat1), "accuracy": row.accuracy, "note": b.identity().get(
@@ -177,15 +177,24 @@ def _time_rows(rows: list[Row], batch: int, reps: int, seconds: float) -> None:
     bar.close()
 
 
-def accuracy_of(row: Row, x: np.ndarray, y: np.ndarray, batch: int) -> float:
-    correct = 0
+def accuracy_of(row: Row, card: dict[str, Any], x: np.ndarray, y: np.ndarray, frame: np.ndarray | None,
+                batch: int) -> float:
+    """Top-1 accuracy over the images y labels; a tiling model's tiles (frame: each one's image) decide their image
+    as in the agent (agent.geometry.frame_picks)."""
+    from agent.decision import pass_mask_of
+    from agent.geometry import frame_picks
+
+    probs = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
         n = len(xb)
         if n < batch:
             xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
-        correct += int((np.argmax(row.forward(xb)[:n], 1) == y[i:i + n]).sum())
-    return correct / len(x)
+        probs.append(np.asarray(row.forward(xb))[:n])
+    p = np.concatenate(probs)
+    if frame is not None:
+        p = p[frame_picks(p, frame, len(y), pass_mask_of(card.get("classes", ()), card.get("pass_classes", ())))]
+    return float((p.argmax(1) == y).mean())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,17 +205,17 @@ def run(args: argparse.Namespace) -> int:
     from agent.lab.bench.common import held_out
 
     card = read_dict(args.model)
-    x_val = y_val = None
+    val = None
     acc = card.get("validation", {}).get("accuracy")
     if args.data:
-        x_val, y_val = held_out(card, args.data)
+        val = held_out(card, args.data)
     from agent.backends import variants
 
     vs = variants(args.backends)
     rows = tf_rows(args.model, card, acc) + extra_rows([v for v in vs if v.backend != "zendnn"], args.model, card)
-    if x_val is not None and y_val is not None:
+    if val is not None:
         for r in rows[1:]:
-            r.accuracy = accuracy_of(r, x_val, y_val, args.batch)
+            r.accuracy = accuracy_of(r, card, *val, args.batch)
     _time_rows(rows, args.batch, args.reps, args.seconds)
     base = median(rows[0].tput)
     out_rows = []
@@ -232,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
           f"{o['flops'] / 1e6:,.0f}M" if o["flops"] else None, f"{o['ratio_vs_resnet50_native']:.1f}x"]
          for o in out_rows],
     )
-    acc_note = (f"accuracy: held-out split of {args.data} ({len(y_val)} images never trained on)"
-                if y_val is not None else "accuracy: from the model card")
+    acc_note = (f"accuracy: held-out split of {args.data} ({len(val[1])} images never trained on)"
+                if val is not None else "accuracy: from the model card")
     md = f"{md}\n\n{acc_note}; ResNet-50 accuracy is the paper's (not trained here).\n" \
          f"command: tdn bench model --batch {args.batch} --reps {args.reps}"
     print(md)

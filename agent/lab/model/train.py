@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.decision import pass_mask_of
 from agent.geometry import InputSpec, self_test_inputs
 from agent.lab.data import Dataset, Sample, box_mask, defect_mask, file_list_hash, load_arrays, stratified_split
 from agent.lab.model.arch import NORMALIZATION, ArchSpec, build, count_macs, fold_batchnorm
@@ -51,6 +52,8 @@ class TrainConfig:
     # is kept only when the class list is the same.
     init: str | None = None
     init_head: bool = False
+    # The pass threshold lets at most this many validation defects pass (0: the lowest threshold with none).
+    escape_budget: int = 0
 
 
 def set_seed(seed: int) -> None:
@@ -326,6 +329,33 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 64) -> tuple
     return float((pred == y).mean()), cm, pred
 
 
+def evaluate_frames(model: Any, t: Any, pass_mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """evaluate() per frame for a tiling model: each frame's tiles combined as the agent combines them."""
+    p, f = probs_and_pooled(model, t.x)
+    p, _ = per_frame(p, f, t.frame, len(t.frame_y), pass_mask)
+    pred = p.argmax(1)
+    k = p.shape[1]
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (t.frame_y, pred), 1)
+    return float((pred == t.frame_y).mean()), cm, pred
+
+
+def _tiles_block(tr: Any, va: Any, train_s: Sequence[Sample], val_s: Sequence[Sample], classes: Sequence[str],
+                 pass_label: int | None) -> dict[str, Any]:
+    from agent.lab.data import TILE_MASK_SHARE, TILE_MIN_PIXELS
+
+    return {
+        "train_tiles": len(tr.y), "val_tiles": len(va.y),
+        "per_frame": round(len(tr.y) / max(1, len(train_s)), 3),
+        "train_tile_counts": {c: int((tr.y == i).sum()) for i, c in enumerate(classes)},
+        "label_rule": (f"a tile of a defective image keeps the image's class when it holds >= {TILE_MASK_SHARE:.0%} "
+                       f"of the image's mask pixels (and >= {TILE_MIN_PIXELS}); otherwise it is "
+                       f"{classes[pass_label]!r} with an all-ones attention mask"
+                       if pass_label is not None else "every tile keeps its image's class (no pass class)"),
+        "early_stopping": "on the validation tiles' accuracy (tile labels); every card figure is per frame",
+    }
+
+
 _FORWARD: dict[int, Any] = {}
 
 
@@ -379,8 +409,14 @@ def cross_check(model: Any, rule: Any, folders: Sequence[str], spec: InputSpec, 
     for folder in folders:
         ds = load_dataset(folder)
         sub = stratified_subset(ds.samples, n, seed=0)
-        x, _ = load_arrays(sub, spec=spec)
-        p, f = probs_and_pooled(model, x)
+        if spec.method == "tile":
+            from agent.lab.data import load_tiles
+
+            t = load_tiles(sub, spec)
+            p, f = per_frame(*probs_and_pooled(model, t.x), t.frame, len(sub), rule.pass_mask)
+        else:
+            x, _ = load_arrays(sub, spec=spec)
+            p, f = probs_and_pooled(model, x)
         dec, _, _, score = rule.decide(p, f if rule.needs_pooled else None)
         counts = {name: int((dec == i).sum()) for i, name in enumerate(DECISIONS)}
         out[_display_path(folder)] = {"n": len(sub), **counts, "review_share": counts["review"] / max(1, len(sub)),
@@ -420,7 +456,7 @@ def _cross_fit(ds: Dataset, cfg: TrainConfig, maha: Any, clean: tuple[np.ndarray
         dsel = np.concatenate([np.asarray(test_i) + j * n_val for j in range(len(dp) // n_val)])
         fsel = np.concatenate([np.asarray(fit_i) + j * n_val for j in range(len(dp) // n_val)])
         r_h, _ = fit_rule(ds.classes, cfg.pass_classes, p_va[fit_i], val_y[fit_i], f_va[fit_i], maha,
-                          dp[fsel], dy[fsel], df[fsel])
+                          dp[fsel], dy[fsel], df[fsel], cfg.escape_budget)
         cross[name] = {"clean": _outcomes(r_h, p_va[test_i], f_va[test_i], val_y[test_i]),
                        "degraded": _outcomes(r_h, dp[dsel], df[dsel], dy[dsel])}
     return cross
@@ -441,13 +477,14 @@ def _calibration_block(rule: Any, temperature: float, p_va: np.ndarray, val_y: n
     }
 
 
-def _how_chosen(has_pass: bool) -> dict[str, str]:
+def _how_chosen(has_pass: bool, budget: int = 0) -> dict[str, str]:
     from agent.lab.calibrate import REVIEW_GOAL
 
     return {
-        "pass_threshold": ("the lowest threshold with 0 defect escapes (a defective validation image decided "
-                           "pass) on the clean validation split, i.e. the lowest false-reject rate at 0 escapes; "
-                           "floor 0.5") if has_pass else "no pass class: every ok verdict is divert or review",
+        "pass_threshold": (f"the lowest threshold with at most {budget} defect escapes (a defective validation image "
+                           f"decided pass) on the clean validation split, i.e. the lowest false-reject rate at "
+                           f"<= {budget} escapes (--escape-budget; the cross-fit applies the same budget to each "
+                           "half); floor 0.5") if has_pass else "no pass class: every ok verdict is divert or review",
         "min_confidence": (f"the lowest floor sending >= {REVIEW_GOAL:.0%} of validation errors (clean images "
                            "and every degradation at every severity, agent.lab.degrade) to review, counting "
                            "errors already reviewed by the OOD and pass rules; floor 0.5"),
@@ -473,26 +510,45 @@ def _ood_block(rule: Any, maha: Any, n_train: int) -> dict[str, Any]:
     }
 
 
+def per_frame(p: np.ndarray, f: np.ndarray, frame: np.ndarray, n: int, pass_mask: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Tile rows (probs [T,C], pooled [T,F], frame index [T]) to one row per frame, by agent.geometry.combine."""
+    from agent.geometry import frame_picks
+
+    pick = frame_picks(p, frame, n, pass_mask)
+    return p[pick], f[pick]
+
+
 def fit_decisions(model: Any, ds: Dataset, cfg: TrainConfig, train_x: np.ndarray, train_y: np.ndarray,
-                  val_x: np.ndarray, val_y: np.ndarray) -> tuple[Any, dict[str, Any]]:
-    """Calibration, OOD model, thresholds (with a 2-fold cross-fit estimate) and outcomes under degradation."""
+                  val_x: np.ndarray, val_y: np.ndarray, frames: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Calibration, OOD model, thresholds (with a 2-fold cross-fit estimate) and outcomes under degradation.
+
+    With `frames` (a tiling model's validation Tiles) val_x/val_y are tiles, and every figure is per frame: each
+    frame's tiles combined as the agent combines them, then decided.
+    """
     from agent.lab.calibrate import fit_mahalanobis, fit_rule
 
     _, f_tr = probs_and_pooled(model, train_x)
     p_va, f_va = probs_and_pooled(model, val_x)
     maha = fit_mahalanobis(f_tr, train_y, len(ds.classes))
     deg = degraded_outputs(model, val_x, cfg.seed)
+    if frames is not None:
+        pm = pass_mask_of(ds.classes, cfg.pass_classes)
+        n = len(frames.frame_y)
+        p_va, f_va = per_frame(p_va, f_va, frames.frame, n, pm)
+        deg = {kd: {sv: per_frame(*deg[kd][sv], frames.frame, n, pm) for sv in deg[kd]} for kd in deg}
+        val_y = frames.frame_y
     dp = np.concatenate([deg[kd][s][0] for kd in deg for s in deg[kd]])
     df = np.concatenate([deg[kd][s][1] for kd in deg for s in deg[kd]])
     dy = np.concatenate([val_y for kd in deg for _ in deg[kd]])
-    rule, info = fit_rule(ds.classes, cfg.pass_classes, p_va, val_y, f_va, maha, dp, dy, df)
+    rule, info = fit_rule(ds.classes, cfg.pass_classes, p_va, val_y, f_va, maha, dp, dy, df, cfg.escape_budget)
     decision = {
         "pass_threshold": rule.pass_threshold,
         "min_confidence": rule.min_confidence,
         "rule": ("OOD score > ood.threshold -> review; else argmax a pass class: pass if the calibrated "
                  "probability of the pass classes >= pass_threshold, else review; else argmax a defect class: "
                  "divert if its calibrated probability >= min_confidence, else review"),
-        "how_chosen": _how_chosen(bool(cfg.pass_classes)),
+        "how_chosen": _how_chosen(bool(cfg.pass_classes), cfg.escape_budget),
         "validation": _outcomes(rule, p_va, f_va, val_y),
         "validation_degraded": _outcomes(rule, dp, df, dy),
         "per_degradation": {kd: {s: _outcomes(rule, *deg[kd][s], val_y) for s in deg[kd]} for kd in deg},
@@ -541,7 +597,7 @@ def add_arguments(p: Any, models_dir: Path) -> None:
     p.add_argument("--degrade-p", type=float, default=0.25,
                    help="probability of each photometric degradation per training image (default 0.25)")
     p.add_argument("--input-size", type=int, default=200, help="model input side")
-    p.add_argument("--input-method", default="resize", choices=("resize", "letterbox"),
+    p.add_argument("--input-method", default="resize", choices=("resize", "letterbox", "tile"),
                    help="how frames of other sizes become the input (see agent/geometry.py)")
     p.add_argument("--interpolation", default="INTER_AREA", help="OpenCV interpolation flag name")
     p.add_argument("--ood-check", action="append", metavar="DIR",
@@ -550,6 +606,9 @@ def add_arguments(p: Any, models_dir: Path) -> None:
     p.add_argument("--init", help="fine-tune from this trained model (same --arch); its head is kept when the "
                                   "class lists match")
     p.add_argument("--warmup-epochs", type=int, default=3)
+    p.add_argument("--escape-budget", type=int, default=0, metavar="N",
+                   help="the pass threshold may let N validation defects pass, for a lower false-reject rate "
+                        "(default 0: the lowest threshold with none)")
 
 
 def _same_classes(model: str, classes: Sequence[str]) -> bool:
@@ -580,7 +639,7 @@ def train_command(args: Any) -> int:
                       seed=args.seed, val_fraction=args.val_fraction, attention_weight=args.attention_weight,
                       balance=args.balance, degrade=not args.no_degrade, degrade_p=args.degrade_p,
                       pass_classes=tuple(args.pass_class or ()),
-                      warmup_epochs=args.warmup_epochs, init=args.init,
+                      warmup_epochs=args.warmup_epochs, init=args.init, escape_budget=args.escape_budget,
                       init_head=bool(args.init) and _same_classes(args.init, ds.classes))
     if cfg.attention_weight > 0 and not any(s.localised for s in ds.samples):
         raise TdnError(f"--attention-weight needs defect boxes (ANNOTATIONS/) or masks (<stem>.png beside "
@@ -652,6 +711,9 @@ def _training_block(train_s: Sequence[Sample], cfg: TrainConfig, data_root: str,
     }
 
 
+INPUT_FUNCTION = "agent.geometry.to_input(frame, InputSpec.from_card(card['input']))"
+
+
 def _model_block(folded: Any, model: Any, spec: ArchSpec, ispec: InputSpec, acc: float, k: int) -> dict[str, Any]:
     """The card's input, output, architecture and cost entries."""
     from agent.lab.model.flops import netscore
@@ -660,7 +722,8 @@ def _model_block(folded: Any, model: Any, spec: ArchSpec, ispec: InputSpec, acc:
     return {
         "input": {"shape": [None, ispec.size, ispec.size, 1], "dtype": "float32", "range": "raw pixel values 0..255",
                   "normalization": NORMALIZATION[spec.normalize], **ispec.to_card(),
-                  "function": "agent.geometry.to_input(frame, InputSpec.from_card(card['input']))"},
+                  "function": INPUT_FUNCTION if ispec.method != "tile" else
+                  f"agent.geometry.tiles({INPUT_FUNCTION}, {ispec.size}), combined by agent.geometry.combine"},
         "output": {"shape": [None, k], "meaning": "softmax probabilities in class order"},
         "architecture": spec.to_dict(),
         "params": int(folded.count_params()),
@@ -717,14 +780,31 @@ def train_and_ship(
     k = len(ds.classes)
     train_s, val_s = stratified_split(samples, cfg.val_fraction, cfg.seed)
     log.info("split", train=len(train_s), val=len(val_s), seed=cfg.seed, classes=k)
-    xtr, ytr = load_arrays(train_s, progress=True, spec=ispec)
-    xva, yva = load_arrays(val_s, progress=True, spec=ispec)
-    masks = box_masks(train_s, ispec) if cfg.attention_weight > 0 else None
+    frames = tiles_block = None
+    if ispec.method == "tile":
+        from agent.lab.data import load_tiles
+
+        # Tiles train (each labelled by how much of its image's defect it holds) and stop early on tile accuracy;
+        # every figure on the card is per frame, the tiles combined as the agent combines them.
+        pass_label = ds.classes.index(cfg.pass_classes[0]) if cfg.pass_classes else None
+        tr = load_tiles(train_s, ispec, pass_label, progress=True)
+        frames = load_tiles(val_s, ispec, pass_label, progress=True)
+        xtr, ytr, masks = tr.x, tr.y, (tr.masks if cfg.attention_weight > 0 else None)
+        xva, yva = frames.x, frames.y
+        tiles_block = _tiles_block(tr, frames, train_s, val_s, ds.classes, pass_label)
+    else:
+        xtr, ytr = load_arrays(train_s, progress=True, spec=ispec)
+        xva, yva = load_arrays(val_s, progress=True, spec=ispec)
+        masks = box_masks(train_s, ispec) if cfg.attention_weight > 0 else None
     model, hist = fit(spec, (xtr, ytr), (xva, yva), cfg, masks=masks, n_classes=k)
     # A fine-tuned model (--init) is trained in its inference form already: there is no BN to fold.
     folded = model if cfg.init else fold_batchnorm(model, spec)
-    acc, cm, pred = evaluate(folded, xva, yva)
-    rule, blocks = fit_decisions(folded, ds, cfg, xtr, ytr, xva, yva)
+    if frames is not None:
+        acc, cm, pred = evaluate_frames(folded, frames, pass_mask_of(ds.classes, cfg.pass_classes))
+        yva = frames.frame_y
+    else:
+        acc, cm, pred = evaluate(folded, xva, yva)
+    rule, blocks = fit_decisions(folded, ds, cfg, xtr, ytr, xva, frames.y if frames else yva, frames)
     if ood_check:
         blocks["ood"]["cross_dataset"] = cross_check(folded, rule, ood_check, ispec)
     train_seconds = time.monotonic() - t0
@@ -746,7 +826,8 @@ def train_and_ship(
         "self_test": _self_test_block(folded, rule, ispec),
         "validation": _validation_block(acc, cm, pred, val_s, yva, classes, cfg, data_root),
         "data": {"layout": ds.layout, "counts": ds.counts(), "images": len(samples)},
-        "training": _training_block(train_s, cfg, data_root, hist, train_seconds),
+        "training": {**_training_block(train_s, cfg, data_root, hist, train_seconds),
+                     **({"tiles": tiles_block} if tiles_block else {})},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "python": platform.python_version()},
         "batchnorm": "folded into conv weights for inference",
     }
