@@ -63,6 +63,17 @@ def model_and_data(name: str, data: str | None) -> tuple[Path, str | None]:
     return path, data
 
 
+def _backend(given: str | None) -> str:
+    """The backend the demo's agent starts with: --backend, else the agent's own settings (TDN_BACKEND, .env,
+    else auto); a bad setting reads as auto here, and the agent names it when it refuses to start."""
+    from agent.config import load
+
+    try:
+        return load(backend=given).backend
+    except TdnError:
+        return given or "auto"
+
+
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -74,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
     agent_log = out / "agent.log"
     agent_log.unlink(missing_ok=True)
     print(f"starting the agent (log: {agent_log}) ...", flush=True)
-    # --backend unset means the agent's own default: TDN_BACKEND, else auto.
-    if (args.backend or os.environ.get("TDN_BACKEND") or "auto") == "auto" and not _exported(model):
+    if _backend(args.backend) == "auto" and not _exported(model):
         print("  first start: exporting the lean artifacts (int8/bf16 gated when the model's images are here); "
               "about half a minute on 2 cores, each step in the agent's log", flush=True)
     t0 = time.monotonic()
