@@ -37,5 +37,5 @@ class TestDemoBackend:
     def test_a_bad_setting_reads_as_auto(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """A setting the agent will refuse does not stop the hint; the agent names it."""
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("TDN_BATCH_SIZES", "not-a-list")
+        monkeypatch.setenv("TDN_EXPLAIN_INTERVAL_S", "-1")
         assert _backend(None) == "auto"
