@@ -131,9 +131,10 @@ class ArtifactBackend(Backend):
                                 f"`tdn export --model {self.model_path} --data DIR` (DIR: the model's labelled images)")
 
     def _export_fp32(self) -> None:
-        # fp32 needs no data: convert it now, in a child process, so this one never imports TensorFlow.
+        # fp32 needs no data: convert it now, in a child process, so this one never imports TensorFlow. `--data ""`
+        # keeps the export from gating on its default dataset, which may be another model's (NEU-DET for a tile model).
         cmd = [sys.executable, "-m", "agent.lab.export", "--model", str(self.model_path), "--artifacts-dir",
-               str(self.artifacts_dir), "--backends", self.name, "--precisions", "fp32", "--quiet"]
+               str(self.artifacts_dir), "--backends", self.name, "--precisions", "fp32", "--data", "", "--quiet"]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if out.returncode != 0 or not self.artifact("fp32").is_file():

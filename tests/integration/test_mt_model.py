@@ -94,6 +94,22 @@ class TestShippedMagneticTile:
             assert v.model_id.endswith("/" + (backend.replace(":", "-") if ":" in backend else f"{backend}-fp32"))
 
 
+class TestLazyExport:
+    """A lean backend opened without artifacts builds its fp32 artifact itself, whatever TDN_DATA holds."""
+
+    @pytest.mark.parametrize("backend", LEAN)
+    def test_fp32_ignores_another_models_data(self, backend: str, tmp_path: Path, neu_det: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        """TDN_DATA is NEU-DET, the model tiles Magnetic-tile: the fp32 conversion needs no data and must not
+        gate on it (it used to fail on the class check, so `tdn bench model` skipped the variant)."""
+        from agent.backends import create
+
+        monkeypatch.setenv("TDN_DATA", str(neu_det))
+        b = create(backend, MT_MODEL, 1, precision="fp32", artifacts_dir=tmp_path)
+        b.load()
+        assert b.artifact("fp32").is_file()
+
+
 class TestTiledServing:
     """A tiling model's frame is its tiles at native scale, decided by its least good-looking tile."""
 
