@@ -202,6 +202,35 @@ class TestAuditRun:
         assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
         assert len(list(out.glob("samples_*.png"))) == 6
 
+    def test_a_tiling_model_is_audited_on_its_deciding_tiles(self, tmp_path: Path, magnetic_tile: Path) -> None:
+        """The tile model: one result per image (not per tile), each on a 200x200 deciding tile, pointing against
+        the part of the mask inside it; its decision is the agent's (accuracy equals the frame-level one)."""
+        from agent.decision import pass_mask_of
+        from agent.geometry import InputSpec, combine, tiles, to_input
+        from agent.lab.data import read_gray
+
+        mt = MODEL.parent / "magnetic-tile.keras"
+        card = json.loads(mt.with_suffix(".json").read_text())
+        parser = argparse.ArgumentParser()
+        audit.add_arguments(parser)
+        js = tmp_path / "audit.json"
+        args = parser.parse_args(["--data", str(magnetic_tile), "--model", str(mt), "--split", "val", "--limit", "12",
+                                  "--per-class", "1", "--out", str(tmp_path / "audit"), "--json", str(js)])
+        assert audit.run(args) == 0
+        report = json.loads(js.read_text())
+        assert report["n"] == 12 and report["n_with_boxes"] == 10 and report["localisation"] == "pixel masks"
+        # the same frames decided by hand from the card: the audit's accuracy is theirs
+        samples = sorted(audit.interleave_by_class(audit.select_split(
+            list(audit.load_dataset(magnetic_tile).samples), mt, "val"))[:12], key=lambda s: s.path)
+        spec, mask = InputSpec.from_card(card["input"]), pass_mask_of(card["classes"], card["pass_classes"])
+        model = audit.load_model(mt)
+        right = 0
+        for s in samples:
+            p = model.predict(np.stack(tiles(to_input(read_gray(s.path), spec), 200))[..., None].astype(np.float32),
+                              verbose=0)
+            right += int(p[combine(p, mask)].argmax() == s.label)
+        assert report["accuracy"] == pytest.approx(right / 12)
+
     def test_split_val_is_the_model_cards_hold_out(self) -> None:
         """--split val selects exactly the images the model card says were held out."""
         card = json.loads(MODEL.with_suffix(".json").read_text())
