@@ -183,15 +183,9 @@ def accuracy_of(row: Row, card: dict[str, Any], x: np.ndarray, y: np.ndarray, fr
     as in the agent (agent.geometry.frame_picks)."""
     from agent.decision import pass_mask_of
     from agent.geometry import frame_picks
+    from agent.lab.export import predict_probs
 
-    probs = []
-    for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
-        n = len(xb)
-        if n < batch:
-            xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), xb.dtype)])
-        probs.append(np.asarray(row.forward(xb))[:n])
-    p = np.concatenate(probs)
+    p = predict_probs(row.forward, x, batch)
     if frame is not None:
         p = p[frame_picks(p, frame, len(y), pass_mask_of(card.get("classes", ()), card.get("pass_classes", ())))]
     return float((p.argmax(1) == y).mean())
