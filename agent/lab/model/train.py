@@ -403,20 +403,16 @@ def degraded_outputs(model: Any, x: np.ndarray, seed: int) -> dict[str, dict[str
 def cross_check(model: Any, rule: Any, folders: Sequence[str], spec: InputSpec, n: int = 300) -> dict[str, Any]:
     """What the rule decides for images of other datasets (steel for a tile model and vice versa)."""
     from agent.decision import DECISIONS
-    from agent.lab.data import load_dataset, stratified_subset
+    from agent.lab.data import load_dataset, load_frames, stratified_subset
 
     out: dict[str, Any] = {}
     for folder in folders:
         ds = load_dataset(folder)
         sub = stratified_subset(ds.samples, n, seed=0)
-        if spec.method == "tile":
-            from agent.lab.data import load_tiles
-
-            t = load_tiles(sub, spec)
-            p, f = per_frame(*probs_and_pooled(model, t.x), t.frame, len(sub), rule.pass_mask)
-        else:
-            x, _ = load_arrays(sub, spec=spec)
-            p, f = probs_and_pooled(model, x)
+        x, _, frame = load_frames(sub, spec)
+        p, f = probs_and_pooled(model, x)
+        if frame is not None:
+            p, f = per_frame(p, f, frame, len(sub), rule.pass_mask)
         dec, _, _, score = rule.decide(p, f if rule.needs_pooled else None)
         counts = {name: int((dec == i).sum()) for i, name in enumerate(DECISIONS)}
         out[_display_path(folder)] = {"n": len(sub), **counts, "review_share": counts["review"] / max(1, len(sub)),
