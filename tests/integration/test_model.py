@@ -127,3 +127,36 @@ class TestOtherInputSize:
 
         _, heat = Explainer(keras.saving.load_model(model, compile=False)).explain(x)
         assert heat.shape == (4, 96, 96)
+
+
+class TestTiledTraining:
+    """`tdn train --input-method tile`: tiles labelled by the masks, every card figure per frame."""
+
+    @pytest.mark.slow
+    def test_one_epoch_on_magnetic_tile_writes_a_per_frame_card(self, magnetic_tile: Path, neu_det: Path,
+                                                                 tmp_path: Path) -> None:
+        """A tiny tiled run: the card states the tile rule, counts images (not tiles) everywhere, applies the escape
+        budget, and decides the other dataset's images per frame too."""
+        from agent.geometry import InputSpec
+        from agent.lab.data import Dataset, load_dataset
+        from agent.lab.model.train import TrainConfig, train_and_ship
+
+        ds = load_dataset(magnetic_tile)
+        kept = tuple(s for c in range(len(ds.classes)) for s in [x for x in ds.samples if x.label == c][:8])
+        sub = Dataset(ds.root, ds.layout, ds.classes, tuple(sorted(kept, key=lambda s: s.path)))
+        cfg = TrainConfig(epochs=1, warmup_epochs=0, val_fraction=0.25, attention_weight=0.25,
+                          pass_classes=("MT_Free",), escape_budget=1)
+        shipped = Path(__file__).resolve().parents[2] / "agent" / "models" / "magnetic-tile.json"
+        arch = ArchSpec.from_dict(json.loads(shipped.read_text())["architecture"])
+        card = train_and_ship(sub, arch, cfg, tmp_path, data_root="subset", name="mt",
+                              input_spec=InputSpec(200, "tile"), ood_check=(str(neu_det),))
+        assert card["input"]["method"] == "tile" and "combine" in card["input"]
+        assert "tiles(" in card["input"]["function"]
+        n_val = card["validation"]["n"]
+        assert n_val == 12 == card["decision"]["validation"]["n"]  # 2 per class, frames not tiles
+        assert sum(map(sum, card["validation"]["confusion_matrix"])) == n_val
+        tiles = card["training"]["tiles"]
+        assert tiles["val_tiles"] > n_val and tiles["per_frame"] > 1
+        assert "at most 1 defect escapes" in card["decision"]["how_chosen"]["pass_threshold"]
+        cross = next(iter(card["ood"]["cross_dataset"].values()))
+        assert cross["pass"] + cross["divert"] + cross["review"] == cross["n"]
