@@ -610,7 +610,8 @@ def deciding_tiles(explainer: Explainer, chunk: Sequence[Sample], spec: InputSpe
                    use_boxes: bool) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """A tiling model's audit inputs: per image, the tile that decides it in the agent (agent.geometry.frame_picks),
     and the part of its defect region inside that tile (empty when the defect lies in other tiles: a miss)."""
-    planes = [to_input(read_gray(s.path), spec) for s in chunk]
+    grays = [read_gray(s.path) for s in chunk]
+    planes = [to_input(g, spec) for g in grays]
     origins = [tile_origins(p.shape, spec.size) for p in planes]
     rows = np.stack([p[oy:oy + spec.size, ox:ox + spec.size] for p, o in zip(planes, origins, strict=True)
                      for oy, ox in o])[..., None].astype(np.float32)
@@ -618,7 +619,7 @@ def deciding_tiles(explainer: Explainer, chunk: Sequence[Sample], spec: InputSpe
     picks = frame_picks(explainer.predict(rows), frame, len(chunk), pass_mask)
     regions: list[np.ndarray | None] = []
     for i, s in enumerate(chunk):
-        m = defect_mask(s, spec) if use_boxes else None
+        m = defect_mask(s, spec, (grays[i].shape[0], grays[i].shape[1])) if use_boxes else None
         oy, ox = origins[i][picks[i] - int(np.searchsorted(frame, i))]
         regions.append(None if m is None else m[oy:oy + spec.size, ox:ox + spec.size])
     return rows[picks], regions

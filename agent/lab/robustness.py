@@ -64,15 +64,14 @@ def measure(model: Any, card: dict[str, Any], x: np.ndarray, y: np.ndarray, kind
     """Outcome (agent.lab.calibrate.outcome) of the clean images and of each kind x severity.
 
     With `frame` (a tiling model: x holds tiles, frame says whose), each tile is degraded, and every image is
-    decided by its deciding tile, as the agent decides it (agent.geometry.frame_picks).
+    decided by its deciding tile, as the agent decides it (agent.lab.model.train.per_frame).
     """
     from tqdm import tqdm
 
     from agent.decision import DecisionRule
-    from agent.geometry import frame_picks
     from agent.lab.calibrate import outcome
     from agent.lab.degrade import KINDS, apply_batch, named
-    from agent.lab.model.train import probs_and_pooled
+    from agent.lab.model.train import per_frame, probs_and_pooled
 
     rule = DecisionRule.from_card(card)
     xu = np.clip(np.round(x[..., 0]), 0, 255).astype(np.uint8)
@@ -80,8 +79,7 @@ def measure(model: Any, card: dict[str, Any], x: np.ndarray, y: np.ndarray, kind
     def run(images: np.ndarray) -> dict[str, Any]:
         p, f = probs_and_pooled(model, images[..., None].astype(np.float32))
         if frame is not None:
-            pick = frame_picks(p, frame, len(y), rule.pass_mask)
-            p, f = p[pick], f[pick]
+            p, f = per_frame(p, f, frame, len(y), rule.pass_mask)
         dec, idx, _, _ = rule.decide(p, f if rule.needs_pooled else None)
         return outcome(dec, idx, y, rule.pass_mask)
 

@@ -519,8 +519,8 @@ def fit_decisions(model: Any, ds: Dataset, cfg: TrainConfig, train_x: np.ndarray
                   val_x: np.ndarray, val_y: np.ndarray, frames: Any = None) -> tuple[Any, dict[str, Any]]:
     """Calibration, OOD model, thresholds (with a 2-fold cross-fit estimate) and outcomes under degradation.
 
-    With `frames` (a tiling model's validation Tiles) val_x/val_y are tiles, and every figure is per frame: each
-    frame's tiles combined as the agent combines them, then decided.
+    With `frames` (a tiling model's validation Tiles) val_x holds its tiles, the labels are frames.frame_y, and
+    every figure is per frame: each frame's tiles combined as the agent combines them, then decided.
     """
     from agent.lab.calibrate import fit_mahalanobis, fit_rule
 
@@ -800,7 +800,7 @@ def train_and_ship(
         yva = frames.frame_y
     else:
         acc, cm, pred = evaluate(folded, xva, yva)
-    rule, blocks = fit_decisions(folded, ds, cfg, xtr, ytr, xva, frames.y if frames else yva, frames)
+    rule, blocks = fit_decisions(folded, ds, cfg, xtr, ytr, xva, yva, frames)
     if ood_check:
         blocks["ood"]["cross_dataset"] = cross_check(folded, rule, ood_check, ispec)
     train_seconds = time.monotonic() - t0
