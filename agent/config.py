@@ -65,7 +65,15 @@ class AgentSettings(BaseSettings):
         "auto", description="auto (fastest variant passing the accuracy gate), fp32, bf16 (openvino), int8 (litert, "
         "openvino; built by `tdn export`)"
     )
-    threads: int = Field(0, ge=0, le=256, description="intra-op threads of the backend (0: all cores)")
+    threads: int = Field(
+        0, ge=0, le=256, description="runtime threads of each inference worker (0: auto; tensorflow/zendnn: all "
+        "cores, litert/openvino: cores / workers)"
+    )
+    workers: int = Field(
+        0, ge=0, le=64, description="inference workers, each running its own batches on its own runtime instance "
+        "(0: auto; litert/openvino: cores / threads, i.e. one single-threaded worker per core by default; "
+        "tensorflow/zendnn: 1)"
+    )
     state_dir: Path = Field(
         default_factory=default_state_dir,
         description="exported artifacts and the tuning profile ($STATE_DIRECTORY under systemd, else ~/.cache/tdn)",

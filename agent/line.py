@@ -99,6 +99,7 @@ class Inferred:
     error: str | None
     inferred_ns: int  # wall clock, as published
     infer_s: float  # backend time alone, without the hand-over
+    lane: int = 0  # the inference worker that ran it
 
 
 class OutputError(ValueError):
@@ -124,8 +125,11 @@ class Line:
 
     def __init__(self, policy: BatchPolicy, model: ServingModel, *, agent_id: str, epoch: int,
                  monotonic_ns: Clock = time.monotonic_ns, wall_ns: Clock = time.time_ns,
-                 sink: Sink | None = None, seq_window: int = SEQ_WINDOW, log: RateLimited | None = None) -> None:
+                 sink: Sink | None = None, seq_window: int = SEQ_WINDOW, log: RateLimited | None = None,
+                 lanes: int = 1) -> None:
         self.model = model
+        # Inference workers: while one is free, a partial batch may start; once all are busy, only a full one.
+        self.lanes = lanes
         self.agent_id = agent_id
         self.epoch = epoch
         self._mono = monotonic_ns
@@ -244,11 +248,12 @@ class Line:
 
     def next_deadline_ns(self) -> int | None:
         """Monotonic time by which poll() should run next, None when nothing waits."""
-        return self.batcher.next_deadline_ns(busy=bool(self._jobs))
+        return self.batcher.next_deadline_ns(busy=len(self._jobs) >= self.lanes)
 
     def poll(self, *, flush: bool = False) -> tuple[Job | None, list[Verdict]]:
         """A batch to infer if one is due (any waiting batch with flush=True), and the verdicts of stale frames."""
-        batch = next(iter(self.batcher.flush()), None) if flush else self.batcher.poll(busy=bool(self._jobs))
+        busy = len(self._jobs) >= self.lanes
+        batch = next(iter(self.batcher.flush()), None) if flush else self.batcher.poll(busy=busy)
         if batch is None:
             return None, []
         shed = self._finish(batch.shed, Status.SHED, Reason.DEADLINE)

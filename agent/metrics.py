@@ -101,6 +101,8 @@ class Metrics:
                                         LATENCY_BUCKETS, r)
         self.inference = Histogram("tdn_inference_seconds", "Backend time per batch", buckets=INFERENCE_BUCKETS,
                                    registry=r)
+        self.worker_batches = Counter("tdn_worker_batches", "Batches run by each inference worker", ["worker"],
+                                      registry=r)
         self.latency = BulkHistogram("tdn_capture_to_verdict_seconds", "Capture time to verdict publish time",
                                      LATENCY_BUCKETS, r)
         self.backend = Info("tdn_backend", "Inference backend, model and agent identity", registry=r)
@@ -112,6 +114,7 @@ class Metrics:
         # Label children resolved once: a .labels() lookup per frame would cost a lock and a dict build.
         self._verdict: dict[tuple[str, str, str | None], Any] = {}
         self._rejected: dict[str, Any] = {}
+        self._workers: dict[int, Any] = {}
         self._counters: dict[str, Any] = {"received": self.received, "shed": self.shed, "model_swaps": self.swaps,
                                           "model_refused": self.refused}
 
@@ -151,6 +154,14 @@ class Metrics:
         self.batch_size.observe(len(job.items))
         waits = np.fromiter((now_mono_ns - p.received_ns for p in job.items), np.float64, len(job.items))
         self.queue_wait.observe(np.maximum(waits, 0.0) / 1e9)
+
+    def inferred(self, lane: int, infer_s: float) -> None:
+        """Observe a batch back from inference worker `lane`: its backend time, and the worker's count."""
+        self.inference.observe(infer_s)
+        child = self._workers.get(lane)
+        if child is None:
+            child = self._workers[lane] = self.worker_batches.labels(str(lane))
+        child.inc()
 
     def identity(self, backend: Mapping[str, str], model_id: str, agent_id: str, epoch: int) -> None:
         """Set the info metric once the backend is loaded."""

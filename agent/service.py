@@ -29,9 +29,9 @@ from protocol import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, AgentState, Explanatio
 from protocol.codec import encode_explanation, encode_heartbeat, encode_verdict
 
 log = get_logger("agent.service")
-# Batches handed to the inference thread at once: one running and one queued behind it (the batcher makes that
-# one a full batch), so under load the backend starts the next batch the moment the last one ends.
-PIPELINE_DEPTH = 2
+# Batches handed to inference beyond one per worker: queued behind the running ones (the batcher makes it a full
+# batch), so under load a worker starts the next batch the moment its last one ends.
+QUEUED_BATCHES = 1
 # Python hands the GIL to a waiting thread only every switch interval (5 ms by default). The inference thread
 # needs it briefly around every batch, and a 5 ms wait behind the busy I/O loop is a third of a batch here.
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -63,7 +63,9 @@ class Agent:
         self.line: Line | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=PIPELINE_DEPTH + 1)  # + the shutdown sentinel
+        self.workers = max(1, backend.workers)
+        self.depth = self.workers + QUEUED_BATCHES
+        self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.depth + self.workers)  # + shutdown sentinels
         self._results: queue.Queue[Inferred] = queue.Queue()
         self._explain_in: queue.Queue[tuple[InFlight, Verdict] | None] = queue.Queue(maxsize=1)
         self._explain_out: queue.Queue[tuple[Explanation | None, float]] = queue.Queue()
@@ -89,13 +91,14 @@ class Agent:
         self.line = Line(BatchPolicy(self.s.max_batch_size, self.s.max_queue_delay_us, self.s.shed_deadline_ms,
                                      self.s.queue_cap, self.s.batch_sizes),
                          model, agent_id=self.s.agent_id, epoch=self.epoch, sink=self.metrics.record,
-                         seq_window=self.s.seq_window, log=RateLimited(log))
+                         seq_window=self.s.seq_window, log=RateLimited(log), lanes=self.workers)
         self.metrics.identity(self.backend.identity(), model.model_id, self.s.agent_id, self.epoch)
         self._bind_intake()
         self._bind_control()
         self.wake = self.ctx.socket(zmq.PULL)
         self.wake.bind(self._wake_addr)
-        self._threads = [threading.Thread(target=self._infer_loop, name="tdn-infer", daemon=True),
+        self._threads = [*(threading.Thread(target=self._infer_loop, args=(lane,), name=f"tdn-infer-{lane}",
+                                            daemon=True) for lane in range(self.workers)),
                          threading.Thread(target=self._explain_loop, name="tdn-explain", daemon=True)]
         for t in self._threads:
             t.start()
@@ -234,7 +237,7 @@ class Agent:
         if self.drain_deadline is not None:
             return 5
         limit = min(self.next_hb - time.monotonic(), 0.1)
-        if self.line.in_flight < PIPELINE_DEPTH:
+        if self.line.in_flight < self.depth:
             dl = self.line.next_deadline_ns()
             if dl is not None:
                 limit = min(limit, (dl - time.monotonic_ns()) / 1e9)
@@ -290,7 +293,7 @@ class Agent:
     def _dispatch(self) -> None:
         line = self.line
         assert line is not None
-        if line.in_flight >= PIPELINE_DEPTH:
+        if line.in_flight >= self.depth:
             return
         job, shed = line.poll(flush=self.drain_deadline is not None)
         self._publish(shed)
@@ -298,9 +301,9 @@ class Agent:
             self.metrics.batch(job, time.monotonic_ns())
             self._jobs.put(job)
 
-    def _infer_loop(self) -> None:
-        buffers = BatchBuffers()  # the inference thread's own
-        self._worker(self._jobs, lambda job: run_job(job, buffers, self.s.batch_sizes), self._results)
+    def _infer_loop(self, lane: int) -> None:
+        buffers = BatchBuffers()  # this worker's own, as its lane (runtime instance) is
+        self._worker(self._jobs, lambda job: run_job(job, buffers, self.s.batch_sizes, lane), self._results)
 
     def _worker(self, inbox: queue.Queue[Any], work: Callable[[Any], Any], outbox: queue.Queue[Any]) -> None:
         """Take tasks until the None sentinel; hand each result back and wake the I/O loop."""
@@ -319,7 +322,7 @@ class Agent:
         with contextlib.suppress(queue.Empty):
             while True:
                 r = self._results.get_nowait()
-                self.metrics.inference.observe(r.infer_s)
+                self.metrics.inferred(r.lane, r.infer_s)
                 self._publish(line.complete(r.job, r.probs, r.pooled, r.error, r.inferred_ns))
         with contextlib.suppress(queue.Empty):
             while True:
@@ -384,7 +387,8 @@ class Agent:
         with contextlib.suppress(queue.Empty):
             while True:  # batches abandoned at the shutdown bound were already shed; do not run them
                 self._jobs.get_nowait()
-        self._jobs.put(None)
+        for _ in range(self.workers):
+            self._jobs.put(None)
         with contextlib.suppress(queue.Full):
             self._explain_in.put_nowait(None)
         for t in self._threads:

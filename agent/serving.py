@@ -206,8 +206,10 @@ class Loader:
         try:
             precision = reload_precision(current.runner.name, current.runner.precision, path, self.s.artifacts_dir,
                                          self.s.export_data)
+            # As many lanes as the serving backend: the service's inference workers were started for those.
             backend = create(current.runner.name, path, self.s.threads, precision=precision,
-                             artifacts_dir=self.s.artifacts_dir, profile_path=self.s.profile_path)
+                             artifacts_dir=self.s.artifacts_dir, profile_path=self.s.profile_path,
+                             workers=current.runner.workers)
             model = prepare(backend, self.s, path)
             if model.input != current.input:
                 # Frames already queued were shaped for the serving model; a new geometry needs a restart.
@@ -254,8 +256,9 @@ class Loader:
             self._thread.join(timeout=1.0)
 
 
-def run_job(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...] = ()) -> Inferred:
-    """One batch through its model's runner, on the inference thread; a runtime failure comes back as the error.
+def run_job(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...] = (), lane: int = 0) -> Inferred:
+    """One batch through its model's runner on `lane` (the calling inference worker's own runtime instance); a
+    runtime failure comes back as the error.
 
     A tiling model's frames carry several inputs each: they run as rows of warmed batch sizes (`sizes`), and each
     frame gets the row of the tile that decides it (agent.geometry.combine).
@@ -266,19 +269,20 @@ def run_job(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...] = ()) -> Inf
     t0 = time.perf_counter()
     try:
         if tiled:
-            probs, pooled = _run_tiles(job, buffers, sizes or (job.padded_size,))
+            probs, pooled = _run_tiles(job, buffers, sizes or (job.padded_size,), lane)
         else:
             batch = buffers.fill([p.image for p in job.items], job.padded_size)
             if job.model.needs_pooled:
-                probs, pooled = job.model.runner.infer_pooled(batch)
+                probs, pooled = job.model.runner.infer_pooled(batch, lane)
             else:
-                probs = job.model.runner.infer(batch)
+                probs = job.model.runner.infer(batch, lane)
     except Exception as exc:  # any runtime failure must still end in verdicts
         error = f"{type(exc).__name__}: {exc}"
-    return Inferred(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0)
+    return Inferred(job, probs, pooled, error, time.time_ns(), time.perf_counter() - t0, lane)
 
 
-def _run_tiles(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+def _run_tiles(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...], lane: int
+               ) -> tuple[np.ndarray, np.ndarray | None]:
     """Every tile of the job's frames through the runner in chunks of warmed sizes; one combined row per frame."""
     from agent.batcher import pad_to_compiled
     from agent.geometry import frame_picks, tiles
@@ -299,10 +303,10 @@ def _run_tiles(job: Job, buffers: BatchBuffers, sizes: tuple[int, ...]) -> tuple
         chunk = rows[start:start + largest]
         batch = buffers.fill(chunk, pad_to_compiled(len(chunk), sizes))
         if m.needs_pooled:
-            p, f = m.runner.infer_pooled(batch)
+            p, f = m.runner.infer_pooled(batch, lane)
             fs.append(np.asarray(f)[: len(chunk)])
         else:
-            p = m.runner.infer(batch)
+            p = m.runner.infer(batch, lane)
         ps.append(np.asarray(p)[: len(chunk)])
     all_p = np.concatenate(ps)
     all_f = np.concatenate(fs) if fs else None

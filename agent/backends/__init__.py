@@ -90,8 +90,12 @@ class Choice:
 
 def create(name: str, model_path: str | Path, threads: int = 0, *, precision: str = "auto",
            artifacts_dir: str | Path | None = None, profile_path: str | Path | None = None,
-           knobs: dict[str, Any] | None = None, export_data: Path | None = None) -> Backend:
-    """The backend called `name` ("auto" picks; "litert:int8" also names a precision), not yet loaded."""
+           knobs: dict[str, Any] | None = None, export_data: Path | None = None, workers: int = 0) -> Backend:
+    """The backend called `name` ("auto" picks; "litert:int8" also names a precision), not yet loaded.
+
+    `workers` inference workers of `threads` runtime threads each (0: auto, agent.backends.base.layout) on the
+    lean runtimes; TensorFlow and ZenDNN run one worker (BackendError if more are asked of them by name).
+    """
     backend, named = parse(name)
     if named is not None:
         precision = named
@@ -111,6 +115,7 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
         knobs = {**choice.knobs, **{k: v for k, v in (knobs or {}).items() if v is not None}}
     if backend not in NAMES:
         raise BackendError(f"unknown backend {backend!r}; choose auto or one of: {', '.join(NAMES)}")
+    _check_workers(backend, workers, auto=parse(name)[0] == "auto")
     if precision not in ("auto", *SUPPORTED[backend]):
         raise BackendError(f"backend {backend} has no precision {precision}; it runs: {', '.join(SUPPORTED[backend])}")
     module_name, _, cls_name = REGISTRY[backend].target.partition(":")
@@ -119,11 +124,18 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
     if backend == "zendnn":
         b = cls(model_path, threads, precision, knobs, artifacts_dir)
     elif REGISTRY[backend].lean:
-        b = cls(model_path, threads, precision, artifacts_dir)
+        b = cls(model_path, threads, precision, artifacts_dir, workers)
     else:
         b = cls(model_path, threads, precision)
     b.selected_by = reason
     return b
+
+
+def _check_workers(backend: str, workers: int, *, auto: bool) -> None:
+    """Several inference workers only on the lean runtimes; asked of TensorFlow by name, one clear error."""
+    if workers > 1 and not REGISTRY[backend].lean and not auto:
+        raise BackendError(f"backend {backend} runs one inference worker (its thread pools are per process); "
+                           f"workers={workers} needs litert or openvino")
 
 
 def from_settings(settings: AgentSettings) -> Backend:
@@ -137,7 +149,8 @@ def from_settings(settings: AgentSettings) -> Backend:
 
     return create(settings.backend, settings.model_path, settings.threads, precision=settings.precision,
                   artifacts_dir=settings.artifacts_dir, profile_path=settings.profile_path,
-                  knobs={k: getattr(settings, k) for k in KNOBS}, export_data=settings.export_data)
+                  knobs={k: getattr(settings, k) for k in KNOBS}, export_data=settings.export_data,
+                  workers=settings.workers)
 
 
 # --- variants: backend x precision, for benchmarks and tuning ---
@@ -155,9 +168,9 @@ class Variant:
         return f"{self.backend}:{self.precision}"
 
     def create(self, model_path: str | Path, threads: int = 0, artifacts_dir: str | Path | None = None,
-               knobs: dict[str, Any] | None = None) -> Backend:
+               knobs: dict[str, Any] | None = None, workers: int = 0) -> Backend:
         return create(self.backend, model_path, threads, precision=self.precision, artifacts_dir=artifacts_dir,
-                      knobs=knobs)
+                      knobs=knobs, workers=workers)
 
 
 def variants(spec: str = "all", include_native: bool = False) -> list[Variant]:
@@ -283,7 +296,10 @@ def _probe_key(folder: Path, threads: int) -> dict[str, Any]:
     from agent.hostinfo import cores, cpu_model
 
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != PROBE_CACHE) if folder.is_dir() else []
-    return {"cpu_model": cpu_model(), "cores": cores(), "threads": threads,
+    from agent.backends.base import layout
+
+    # The layout too: each variant is timed on one worker's lane, so its thread count is what the rate means.
+    return {"cpu_model": cpu_model(), "cores": cores(), "threads": threads, "layout": list(layout(threads, 0, cores())),
             "files": [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 

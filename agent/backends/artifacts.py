@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Backend
+from agent.backends.base import Backend, layout
 from agent.backends.gate import passed_gate, read_gate
 from agent.backends.store import KERNEL_FILE, artifacts_root, manifest_ok, model_dir
 from agent.errors import BackendError
@@ -25,10 +25,13 @@ class ArtifactBackend(Backend):
     """A backend serving artifacts exported by `tdn export`; never imports TensorFlow."""
 
     precisions: tuple[str, ...] = ("fp32",)
+    parallel = True
 
     def __init__(self, model_path: str | Path, threads: int = 0, precision: str = "auto",
-                 artifacts_dir: str | Path | None = None) -> None:
+                 artifacts_dir: str | Path | None = None, workers: int = 0) -> None:
         super().__init__(model_path, threads)
+        # Resolved here, once: `threads` is each worker's from now on (identity(), the probes and the runners).
+        self.workers, self.threads = layout(threads, workers, cores())
         if precision not in ("auto", *self.precisions):
             raise BackendError(f"backend {self.name} has no precision {precision!r}; "
                                f"choose auto or one of: {', '.join(self.precisions)}")
@@ -38,7 +41,7 @@ class ArtifactBackend(Backend):
         self.folder = Path()
         self.selected_by = ""
         self._kernel: np.ndarray | None = None
-        self._runners: dict[int, Any] = {}
+        self._runners: list[dict[int, Any]] = []  # per lane: batch size -> runner
         self._explain_runners: dict[int, Any] = {}
         self._explain_lock = threading.Lock()
         self._fresh = False
@@ -111,7 +114,7 @@ class ArtifactBackend(Backend):
     def _probe_rate(self, precision: str, batch: int = 8, seconds: float = 0.2) -> float:
         saved, self.precision = self.precision, precision
         try:
-            run = self._runner(batch, self.threads or cores())
+            run = self._runner(batch, self.threads)
         finally:
             self.precision = saved
         x = np.zeros((batch, *self.input_shape), np.float32)
@@ -142,25 +145,30 @@ class ArtifactBackend(Backend):
             raise BackendError(f"{self.name}: building the fp32 artifact failed ({tail}); run `tdn export`")
 
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
-        for n in batch_sizes:
-            run = self._runner(n, self.threads or cores())
-            run(np.zeros((n, *self.input_shape), np.float32))
-            self._runners[n] = run
+        # Every lane gets its own runner of every size: compiled requests are not reentrant.
+        while len(self._runners) < self.workers:
+            self._runners.append({})
+        for lane in self._runners:
+            for n in batch_sizes:
+                run = self._runner(n, self.threads)
+                run(np.zeros((n, *self.input_shape), np.float32))
+                lane[n] = run
         self.features(np.zeros((1, *self.input_shape), np.float32))
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        run = self._runners.get(len(batch))
+    def _run(self, batch: np.ndarray, lane: int) -> tuple[np.ndarray, np.ndarray]:
+        runners = self._runners[lane] if lane < len(self._runners) else {}
+        run = runners.get(len(batch))
         if run is None:
-            raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._runners)})")
-        probs: np.ndarray = run(batch)[0]
-        return probs
+            raise ValueError(f"batch size {len(batch)} was not warmed up on lane {lane} (have {sorted(runners)})")
+        out: tuple[np.ndarray, np.ndarray] = run(batch)
+        return out
 
-    def infer_pooled(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
+        return self._run(batch, lane)[0]
+
+    def infer_pooled(self, batch: np.ndarray, lane: int = 0) -> tuple[np.ndarray, np.ndarray]:
         # The artifact computes the feature map with the probabilities anyway: pooling it costs one mean.
-        run = self._runners.get(len(batch))
-        if run is None:
-            raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._runners)})")
-        probs, feats = run(batch)
+        probs, feats = self._run(batch, lane)
         return probs, np.asarray(feats, np.float32).mean(axis=(1, 2))
 
     def features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +191,8 @@ class ArtifactBackend(Backend):
             "backend": self.name,
             "runtime": runtime,
             "precision": self.precision,
-            "threads": str(self.threads or cores()),
+            "threads": str(self.threads),
+            "workers": str(self.workers),
             "artifact": str(self.artifact(self.precision).name),
         }
         if self.gate:

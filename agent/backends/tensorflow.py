@@ -122,7 +122,7 @@ class TensorFlowBackend(Backend):
             return "oneDNN"
         return "Eigen" if self.ops else "unknown"
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray, lane: int = 0) -> np.ndarray:
         fn = self._fns.get(len(batch))
         if fn is None:
             raise ValueError(f"batch size {len(batch)} was not warmed up (have {sorted(self._fns)})")
@@ -142,7 +142,7 @@ class TensorFlowBackend(Backend):
             fn(tf.zeros([n, *self.input_shape]))
             self._pooled_fns[n] = fn
 
-    def infer_pooled(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer_pooled(self, batch: np.ndarray, lane: int = 0) -> tuple[np.ndarray, np.ndarray]:
         fn = self._pooled_fns.get(len(batch))
         if fn is None:
             raise ValueError(f"batch size {len(batch)} was not warmed up for pooled features")

@@ -71,6 +71,7 @@ class TestScrape:
                             'tdn_frames_rejected_total{reason="payload_size"}': 1,
                             'tdn_frames_rejected_total{reason="frame_count"}': 1}
         assert m["tdn_batch_size_count"] == c["batches"] == m["tdn_inference_seconds_count"]
+        assert sum(v for k, v in m.items() if k.startswith("tdn_worker_batches_total")) == c["batches"]
         assert m["tdn_batch_size_sum"] == m["tdn_queue_wait_seconds_count"] == 30
         assert c["published"] == 32
         # Refused frames echo the capture time their header had, so their latency counts too.
@@ -81,3 +82,47 @@ class TestScrape:
         info = [k for k in m if k.startswith("tdn_backend_info")]
         assert len(info) == 1 and f'model_id="{hb.model_id}"' in info[0] and f'epoch="{hb.epoch}"' in info[0]
         assert agent.stop() == 0
+
+
+class TestInferenceWorkers:
+    """Two inference workers, each on its own runtime instance, answer a burst from two cameras."""
+
+    def test_both_workers_run_and_order_holds(self, launcher: Launcher, zctx: zmq.Context[Any], neu_det: Path,
+                                              tmp_path: Path) -> None:
+        """Every frame gets an ok verdict in its camera's order, both workers ran batches, and verdicts agree with
+        the same frames sent one at a time (which leaves them to one worker)."""
+        import cv2
+
+        agent = launcher.start(backend="litert:fp32", workers=2, artifacts_dir=tmp_path / "art",
+                               explain_interval_s=0, max_batch_size=4, queue_cap=16)
+        sub = subscriber(zctx, agent.publish)
+        wait_subscribed(sub)
+        push = zctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(agent.frames)
+        images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).tobytes()
+                  for p in sorted((neu_det / "IMAGES").glob("*.jpg"))[::24][:60]]
+        for seq, img in enumerate(images):  # a burst: batches queue up and both workers take them
+            for cam in ("camA", "camB"):
+                push.send_multipart(gray_frame(cam, seq, img))
+        msgs = collect(sub, lambda m: sum(isinstance(x, Verdict) for x in m) >= 2 * len(images), 60)
+        burst = [m for m in msgs if isinstance(m, Verdict)]
+        single: list[Verdict] = []
+        for seq, img in enumerate(images[:8]):  # one at a time: each batch alone in the agent
+            push.send_multipart(gray_frame("camC", seq, img))
+            single += [x for x in collect(sub, lambda m: any(isinstance(x, Verdict) for x in m), 10)
+                       if isinstance(x, Verdict)]
+        m = agent.metrics()
+        hb = [x for x in collect(sub, lambda m: any(isinstance(x, Heartbeat) for x in m), 5)
+              if isinstance(x, Heartbeat)][-1]
+
+        assert all(v.status is Status.OK for v in burst) and len(burst) == 2 * len(images)
+        for cam in ("camA", "camB"):
+            assert [v.seq for v in burst if v.camera_id == cam] == list(range(len(images)))
+        workers = {k: v for k, v in m.items() if k.startswith("tdn_worker_batches_total")}
+        assert set(workers) == {'tdn_worker_batches_total{worker="0"}', 'tdn_worker_batches_total{worker="1"}'}
+        assert min(workers.values()) >= 1 and sum(workers.values()) == hb.counters["batches"]
+        assert hb.backend["workers"] == "2" and hb.backend["threads"] == "1"
+        a = {v.seq: v.probs for v in burst if v.camera_id == "camA"}
+        assert [v.seq for v in single] == list(range(8))
+        assert all(abs(x - y) < 1e-4 for v in single for x, y in zip(v.probs, a[v.seq], strict=True))

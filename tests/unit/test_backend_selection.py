@@ -268,3 +268,28 @@ class TestFirstStartData:
         (folder / "litert-int8.gate.json").unlink()
         (folder / FIRST_EXPORT).write_text("{}")
         assert not gated_export_due(model, tmp_path / "art")
+
+
+class TestLayout:
+    """Inference workers x runtime threads from the two settings, 0 meaning auto."""
+
+    @pytest.mark.parametrize(("threads", "workers", "cores", "expected"), [
+        (0, 0, 2, (2, 1)),  # the default: one single-threaded worker per core
+        (0, 0, 1, (1, 1)),
+        (2, 0, 2, (1, 2)),  # threads named: as many workers as fit
+        (1, 0, 4, (4, 1)),
+        (0, 1, 4, (1, 4)),  # one worker named: every core's thread in it (the layout before workers)
+        (0, 3, 2, (3, 1)),  # more workers than cores: still at least one thread each
+        (3, 2, 2, (2, 3)),  # both named: as given
+    ])
+    def test_layout(self, threads: int, workers: int, cores: int, expected: tuple[int, int]) -> None:
+        """Each combination resolves as the settings table says."""
+        from agent.backends.base import layout
+
+        assert layout(threads, workers, cores) == expected
+
+    def test_tensorflow_refuses_several_workers_by_name(self, tmp_path: Path) -> None:
+        """Several workers asked of TensorFlow by name are one clear error naming the runtimes that run them."""
+        with pytest.raises(BackendError, match="needs litert or openvino") as err:
+            create("tensorflow", tmp_path / "m.keras", workers=2)
+        assert "\n" not in str(err.value)

@@ -47,10 +47,10 @@ def policy(**kw: object) -> BatchPolicy:
     return BatchPolicy(**args)  # type: ignore[arg-type]
 
 
-def make_line(clock: FakeClock, **kw: object) -> tuple[Line, list[tuple[str, str | None, int]]]:
+def make_line(clock: FakeClock, lanes: int = 1, **kw: object) -> tuple[Line, list[tuple[str, str | None, int]]]:
     events: list[tuple[str, str | None, int]] = []
     line = Line(policy(**kw), model(), agent_id="a1", epoch=7, monotonic_ns=clock.monotonic_ns,
-                wall_ns=clock.wall_ns, sink=lambda e, r, n: events.append((e, r, n)))
+                wall_ns=clock.wall_ns, sink=lambda e, r, n: events.append((e, r, n)), lanes=lanes)
     return line, events
 
 
@@ -195,6 +195,41 @@ class TestLineVerdicts:
             totals[e] += n
         assert {k: v for k, v in line.counts.items() if v} == dict(totals)
         assert totals == {"received": 1, "accepted": 1, "batches": 1, "inferred": 1, "published": 1}
+
+
+class TestLanes:
+    """Several inference workers: when a partial batch may start, and the order verdicts leave in."""
+
+    def partial(self, clock: FakeClock, line: Line, start: int, n: int) -> Job | None:
+        for seq in range(start, start + n):
+            line.accept("c1", seq, capture_ns=1, part_id=None, label=None, image=IMG)
+        clock.mono += 3 * MS  # past the 2 ms batch timer
+        job, _ = line.poll()
+        return job
+
+    def test_a_free_worker_takes_a_partial_batch(self, clock: FakeClock) -> None:
+        """With two workers and one batch running, a partial batch starts on the batch timer."""
+        line, _ = make_line(clock, lanes=2)
+        assert self.partial(clock, line, 0, 2) is not None
+        second = self.partial(clock, line, 2, 2)
+        assert second is not None and [p.seq for p in second.items] == [2, 3] and line.in_flight == 2
+        assert self.partial(clock, line, 4, 2) is None  # both workers busy: only a full batch may start now
+        assert line.next_deadline_ns() == clock.mono - 3 * MS + 100 * MS + 1  # the shed deadline, not the timer
+
+    def test_one_worker_waits_for_a_full_batch(self, clock: FakeClock) -> None:
+        """With one worker busy, the same partial batch waits (the single-worker behaviour is unchanged)."""
+        line, _ = make_line(clock, lanes=1)
+        assert self.partial(clock, line, 0, 2) is not None
+        assert self.partial(clock, line, 2, 2) is None
+
+    def test_out_of_order_completion_keeps_camera_order(self, clock: FakeClock) -> None:
+        """The second worker finishing first holds its verdicts until the first worker's batch is in."""
+        line, _ = make_line(clock, lanes=2)
+        first, second = self.partial(clock, line, 0, 2), self.partial(clock, line, 2, 2)
+        assert first is not None and second is not None
+        assert line.complete(second, onehot(2, 1)) == []
+        assert [v.seq for v in line.complete(first, onehot(2, 0))] == [0, 1, 2, 3]
+        assert line.outstanding == 0
 
 
 class LineMachine(RuleBasedStateMachine):

@@ -65,7 +65,8 @@ function renderAgents(agents) {
   body.replaceChildren(...Object.entries(agents).map(([id, a]) => {
     // The backend map is agent-defined; the runtime line says most, the rest is in the title.
     const b = a.backend;
-    const backend = [b.runtime || b.backend, b.precision, b.threads && `${b.threads} threads`].filter(Boolean).join(", ");
+    const layout = b.workers && b.workers !== "1" ? `${b.workers} workers x ${b.threads} thread(s)` : b.threads && `${b.threads} threads`;
+    const backend = [b.runtime || b.backend, b.precision, layout].filter(Boolean).join(", ");
     const th = Object.keys(a.thresholds).length
       ? Object.entries(a.thresholds).map(([k, v]) => `${k} ${Number(Number(v).toPrecision(4))}`).join(", ")
       : "not published by this agent";

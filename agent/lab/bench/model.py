@@ -43,6 +43,10 @@ class Row:
         self.params, self.flops, self.accuracy = params, flops, accuracy
         self.forward = forward  # forward(x) -> probs for x of a prepared batch size
         self.note = note
+        # A layout of several inference workers is timed with every lane inferring its own batch at once.
+        self.lanes = 1
+        self.layout = ""  # "workers x threads" where the runtime runs side by side
+        self.parallel: Any = None  # parallel(x): each lane runs x once, concurrently
         self.tput: list[float] = []
         self.lat1: list[float] = []
 
@@ -103,18 +107,52 @@ def _backend_forward(backend: Any) -> Any:
     return forward
 
 
+def _parallel_forward(backend: Any) -> Any:
+    """x through every lane of `backend` at once, one thread per lane (the agent's inference workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(backend.workers, thread_name_prefix="bench-lane")
+    warmed: set[int] = set()
+
+    def forward(x: Any) -> Any:
+        if x.shape[0] not in warmed:
+            backend.warmup((x.shape[0],))
+            warmed.add(x.shape[0])
+        futures = [pool.submit(backend.infer, x, lane) for lane in range(backend.workers)]
+        results = [f.result() for f in futures]  # every lane finished: the call's time covers them all
+        return results[0]
+
+    return forward
+
+
 def extra_rows(vs: list[Any], model_path: Path, card: dict[str, Any]) -> list[Row]:
-    """In-process rows for backend variants that can share this process with TensorFlow."""
+    """In-process rows for backend variants that can share this process with TensorFlow.
+
+    A runtime that runs side by side (agent.backends.base.layout) gets two rows: the agent's default layout (one
+    single-threaded worker per core, every lane busy at once) and one worker with every core's thread, so the best
+    raw figure is the best of either.
+    """
+    from agent.hostinfo import cores
+
     rows = []
     for v in vs:
         try:
+            layouts: list[tuple[int, int]] = [(0, 0)]
             b = v.create(str(model_path))
-            b.load()
+            if b.parallel and b.workers > 1:
+                layouts.append((cores(), 1))
+            for threads, workers in layouts:
+                b = v.create(str(model_path), threads, workers=workers)
+                b.load()
+                row = Row("TinyDefectNet", v.backend, v.precision, card.get("params"), card.get("flops"), None,
+                          _backend_forward(b), v.label)
+                row.layout = f"{b.workers} x {b.threads}"
+                if b.workers > 1:
+                    row.lanes, row.parallel = b.workers, _parallel_forward(b)
+                rows.append(row)
         except Exception as exc:  # a missing runtime or artifact is a row note, not a crash
             print(f"skipping {v.label}: {exc}")
             continue
-        rows.append(Row("TinyDefectNet", v.backend, v.precision, card.get("params"), card.get("flops"), None,
-                        _backend_forward(b), v.label))
     return rows
 
 
@@ -171,7 +209,10 @@ def _time_rows(rows: list[Row], batch: int, reps: int, seconds: float) -> None:
     for _ in range(reps):
         for r in rows:
             # ResNet-50 takes seconds per batch here; one call is already a long enough sample.
-            r.tput.append(batch / _time(r.forward, xb, seconds if r.name != "ResNet-50" else 0.0))
+            if r.parallel is not None:
+                r.tput.append(r.lanes * batch / _time(r.parallel, xb, seconds))
+            else:
+                r.tput.append(batch / _time(r.forward, xb, seconds if r.name != "ResNet-50" else 0.0))
             r.lat1.append(1000 * _time(r.forward, x1, seconds / 2))
             bar.update(1)
     bar.close()
@@ -219,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
             "name": r.name, "backend": r.backend, "precision": r.precision, "batch": args.batch,
             "img_per_s": round(ips, 1), "latency_ms_batch1": round(median(r.lat1), 3),
             "accuracy": r.accuracy, "params": r.params, "flops": r.flops,
-            "ratio_vs_resnet50_native": round(ips / base, 2), "note": r.note,
+            "ratio_vs_resnet50_native": round(ips / base, 2), "note": r.note, "layout": r.layout,
         })
     for z in child_rows([v for v in vs if v.backend == "zendnn"], args, card):
         z.update(batch=args.batch, img_per_s=round(z["img_per_s"], 1),
@@ -228,16 +269,17 @@ def run(args: argparse.Namespace) -> int:
         z["note"] += " (own process, timed after the others)"
         out_rows.append(z)
     md = markdown_table(
-        ["model", "backend", "precision", f"img/s @{args.batch}", "batch-1 ms", "accuracy", "params", "FLOPs",
-         "x ResNet-50"],
-        [[o["name"], o["backend"], o["precision"], o["img_per_s"], o["latency_ms_batch1"],
+        ["model", "backend", "precision", "workers x threads", f"img/s @{args.batch}", "batch-1 ms", "accuracy",
+         "params", "FLOPs", "x ResNet-50"],
+        [[o["name"], o["backend"], o["precision"], o.get("layout") or "1 x all", o["img_per_s"], o["latency_ms_batch1"],
           None if o["accuracy"] is None else f"{100 * o['accuracy']:.2f}%", f"{o['params']:,}" if o["params"] else None,
           f"{o['flops'] / 1e6:,.0f}M" if o["flops"] else None, f"{o['ratio_vs_resnet50_native']:.1f}x"]
          for o in out_rows],
     )
     acc_note = (f"accuracy: held-out split of {args.data} ({len(val[1])} images never trained on)"
                 if val is not None else "accuracy: from the model card")
-    md = f"{md}\n\n{acc_note}; ResNet-50 accuracy is the paper's (not trained here).\n" \
+    md = f"{md}\n\n{acc_note}; ResNet-50 accuracy is the paper's (not trained here). A layout of several " \
+         "workers is timed with every worker inferring its own batch at once (the agent's inference workers).\n" \
          f"command: tdn bench model --batch {args.batch} --reps {args.reps}"
     print(md)
     write_outputs(args.out, "bench-model", md, out_rows, args.json)

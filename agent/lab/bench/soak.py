@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
     p.add_argument("--backend", default="tensorflow")
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
-    p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="runtime threads of each inference worker (0: auto, as the agent)")
     p.add_argument("--cameras", type=int, default=2)
     p.add_argument("--console", action="store_true",
                    help="also run `tdn console` subscribed to the agent, with one page's event stream open, and "

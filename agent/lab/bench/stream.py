@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     agent_default = {k: f.default for k, f in AgentSettings.model_fields.items()}
     p.add_argument("--batch", type=int, default=agent_default["max_batch_size"], help="the agent's max batch size")
     p.add_argument("--threads", type=int, default=agent_default["threads"],
-                   help="the backend's threads (0: all cores)")
+                   help="runtime threads of each inference worker (0: auto, as the agent)")
+    p.add_argument("--workers", type=int, default=agent_default["workers"],
+                   help="the agent's inference workers (0: auto, as the agent: one per core on litert/openvino)")
     p.add_argument("--delay-us", type=int, default=agent_default["max_queue_delay_us"],
                    help="the agent's max queue delay")
     p.add_argument("--deadline-ms", type=float, default=agent_default["shed_deadline_ms"],
@@ -58,16 +60,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, threads: int = 0,
-             cpus: str = "") -> float:
-    """Raw backend images/s at `batch`, in a child process so the agent later gets the CPU alone."""
+             cpus: str = "", workers: int = 0) -> float:
+    """Raw backend images/s at `batch` in the agent's layout (each inference worker a thread inferring on its own
+    lane, nothing else running), in a child process so the agent later gets the CPU alone."""
     code = (
-        "import sys,time,numpy as np\n"
+        "import threading,time,numpy as np\n"
         "from agent.backends import create\n"
-        f"b=create({backend_name!r},{str(model)!r},{threads});b.load();b.warmup(({batch},))\n"
+        f"b=create({backend_name!r},{str(model)!r},{threads},workers={workers});b.load();b.warmup(({batch},))\n"
         f"x=np.random.default_rng(0).uniform(0,255,({batch},200,200,1)).astype(np.float32)\n"
-        "n=0;t0=time.perf_counter()\n"
-        f"while time.perf_counter()-t0<{seconds}: b.infer(x); n+=1\n"
-        f"print(n*{batch}/(time.perf_counter()-t0))\n"
+        "n=[0]*b.workers;t0=time.perf_counter()\n"
+        "def run(lane):\n"
+        f"    while time.perf_counter()-t0<{seconds}: b.infer(x,lane); n[lane]+=1\n"
+        "ts=[threading.Thread(target=run,args=(i,)) for i in range(b.workers)]\n"
+        "[t.start() for t in ts];[t.join() for t in ts]\n"
+        f"print(sum(n)*{batch}/(time.perf_counter()-t0))\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
@@ -201,17 +207,21 @@ def run(args: argparse.Namespace) -> int:
     log = out / "agent.log"
     log.unlink(missing_ok=True)
     settings = {"backend": args.backend, "model_path": args.model, "max_batch_size": args.batch,
-                "threads": args.threads, "queue_cap": 4 * args.batch, "max_queue_delay_us": args.delay_us,
+                "threads": args.threads, "workers": args.workers, "queue_cap": 4 * args.batch,
+                "max_queue_delay_us": args.delay_us,
                 "shed_deadline_ms": args.deadline_ms}
     cpus = [int(c) for c in args.agent_cpus.split(",")] if args.agent_cpus else None
     agent_proc = start_agent(log, settings, cpus=cpus)
     agent, frames, publish = agent_proc.proc, agent_proc.frames, agent_proc.publish
     # Capacity is probed on the variant the agent serves: with auto, the one it chose (its model_id says which).
     backend = served_variant(agent_proc.event("ready") or {}, args.backend)
-    print(f"agent serving {backend}; measuring capacity (raw backend throughput) ...", flush=True)
+    ident = agent_proc.event("model serving") or {}
+    layout = f"{ident.get('workers', '1')} worker(s) x {ident.get('threads', '?')} thread(s)"
+    print(f"agent serving {backend}, {layout}; measuring capacity (raw backend throughput) ...", flush=True)
 
     def probe() -> float:
-        c = capacity(backend, args.model, args.batch, threads=args.threads, cpus=args.agent_cpus)
+        c = capacity(backend, args.model, args.batch, threads=args.threads, cpus=args.agent_cpus,
+                     workers=args.workers)
         print(f"capacity: {c:,.0f} img/s at batch {args.batch} ({backend})", flush=True)
         return c
 
@@ -289,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
         agent_proc.stop(30)
     summary = {"capacity_probes_img_per_s": [round(c, 1) for c in caps], "batch": args.batch,
                "backend": args.backend, "served": backend,
-               "threads": args.threads, "deadline_ms": args.deadline_ms, "rows": results}
+               "threads": args.threads, "workers": args.workers, "layout": layout, "deadline_ms": args.deadline_ms,
+               "rows": results}
     md = markdown_table(
         ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
          "unaccounted", "CPU % agent / cameras / bridge"],
@@ -302,9 +313,10 @@ def run(args: argparse.Namespace) -> int:
     pins = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("sim_cpus", args.sim_cpus),
                                                                 ("agent_cpus", args.agent_cpus)) if v)
     md = (f"capacity probes {', '.join(f'{c:,.0f}' for c in caps)} img/s ({backend}, batch {args.batch}, "
-          f"threads {args.threads or 'all'}), before the first step and after each; a step's capacity is the mean "
+          f"{layout}), before the first step and after each; a step's capacity is the mean "
           f"of the two around it\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
-          f"--threads {args.threads} --delay-us {args.delay_us} --seconds {args.seconds:g} --loads {args.loads}{pins}"
+          f"--threads {args.threads} --workers {args.workers} --delay-us {args.delay_us} --seconds {args.seconds:g} "
+          f"--loads {args.loads}{pins}"
           f"\n\nCPU % is of one core ({os.cpu_count()} here), over the second half of each step")
     if args.console:
         md += "\n\n" + _console_pairs(results)

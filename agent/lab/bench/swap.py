@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=default_data(), help="NEU-DET folder the cameras replay (else synthetic)")
     p.add_argument("--backend", default="auto", help="the agent's backend (default: the agent's own, auto)")
     p.add_argument("--batch", type=int, default=16, help="the agent's max batch size")
-    p.add_argument("--threads", type=int, default=0, help="the backend's threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="runtime threads of each inference worker (0: auto, as the agent)")
     p.add_argument("--load", type=float, default=50.0, help="offered load, percent of capacity")
     p.add_argument("--seconds", type=float, default=30.0, help="how long the cameras send; the SIGHUP is halfway")
     p.add_argument("--window-s", type=float, default=2.0,
