@@ -977,3 +977,92 @@ class TestFastFramePath:
         items = [b"frame/cam1/", b"", memoryview(bytes(6))]
         fast = _fast_frame(header, items, 3)
         assert fast is not None and fast == _build(header, items, 3, protocol.Kind.FRAME)
+
+
+_VERDICT_KEYS = ("v", "kind", "camera_id", "seq", "status", "reason", "class_name", "class_index", "confidence",
+                 "probs", "defect", "model_id", "agent_id", "epoch", "capture_ns", "received_ns", "inferred_ns",
+                 "published_ns", "part_id", "label", "decision")
+_VERDICT_ODD = st.one_of(_ODD, st.sampled_from(["ok", "shed", "rejected", "OK", "pass", "divert", "review", "deadline",
+                                                "agent1", "crazing"]),
+                         st.lists(st.floats(0, 1.5), min_size=0, max_size=3),
+                         st.sampled_from([[0.5, 0.5], [1, 0], [0.2, 1.0000001], [1e-7], [0.3] * 257, (0.5, 0.5)]))
+
+
+def _ok_verdict() -> dict[str, Any]:
+    return {"v": 1, "kind": "verdict", "camera_id": "cam1", "seq": 7, "status": "ok", "reason": None,
+            "class_name": "crazing", "class_index": 1, "confidence": 0.9, "probs": [0.05, 0.9, 0.05], "defect": True,
+            "model_id": "tdn-x/litert-int8", "agent_id": "agent1", "epoch": 3, "capture_ns": 5, "received_ns": 6,
+            "inferred_ns": 7, "published_ns": 8, "part_id": "P7", "label": None, "decision": "divert"}
+
+
+def _shed_verdict() -> dict[str, Any]:
+    return {**_ok_verdict(), "status": "shed", "reason": "deadline", "class_name": None, "class_index": None,
+            "confidence": None, "probs": None, "inferred_ns": None}
+
+
+class TestFastVerdictPath:
+    """The codec's fast path for verdicts (every subscriber decodes one per frame) judges as the rule-by-rule one."""
+
+    @staticmethod
+    def judge(header: dict[Any, Any], topic: bytes | None = None, count: int = 2) -> tuple[Any, Any]:
+        from protocol.codec import _build, _fast_verdict
+
+        items = [topic if topic is not None else b"verdict/" + str(header.get("camera_id")).encode() + b"/", b""]
+
+        def run(fn: Any) -> Any:
+            try:
+                return fn()
+            except protocol.ProtocolError as exc:
+                return ("refused", exc.reason)
+
+        return (run(lambda: _fast_verdict(header, items, count)),
+                run(lambda: _build(header, items, count, protocol.Kind.VERDICT)))
+
+    @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(changes=st.dictionaries(st.sampled_from(_VERDICT_KEYS), _VERDICT_ODD, max_size=3),
+           dropped=st.sets(st.sampled_from(_VERDICT_KEYS), max_size=2), shed=st.booleans(),
+           topic=st.sampled_from([None, b"verdict/cam1/", b"verdict/cam2/", b"verdict/cam1", b"frame/cam1/"]),
+           count=st.sampled_from([2, 2, 2, 3]))
+    def test_fast_path_accepts_only_what_the_rule_by_rule_path_accepts(
+            self, changes: dict[str, Any], dropped: set[str], shed: bool, topic: bytes | None, count: int) -> None:
+        """Whatever the header holds, the fast path either defers, or gives the Verdict _build gives."""
+        header: dict[Any, Any] = _shed_verdict() if shed else _ok_verdict()
+        header.update(changes)
+        for k in dropped:
+            header.pop(k, None)
+        fast, slow = self.judge(header, topic, count)
+        if fast is not None:
+            assert fast == slow and isinstance(fast, protocol.Verdict)
+
+    def test_every_single_odd_value_is_judged_alike(self) -> None:
+        """Each key of an ok and a shed verdict set to each odd value (or left out): the fast path defers or
+        agrees."""
+        odd = [None, True, False, -1, 0, 1, 2, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 1.0, 0.5, 1.5, -0.0, math.nan,
+               math.inf, "", "ok", "shed", "rejected", "pass", "divert", "review", "x" * 64, "x" * 65, "x" * 257,
+               b"cam1", [0.5, 0.5], [1, 0], [], [0.3] * 257, np.float64(0.5), np.int64(1)]
+        fast_built = 0
+        for base in (_ok_verdict(), _shed_verdict()):
+            for key in _VERDICT_KEYS:
+                for value in [*odd, KeyError]:
+                    header: dict[Any, Any] = {**base, key: value}
+                    if value is KeyError:
+                        del header[key]
+                    fast, slow = self.judge(header)
+                    if fast is None:
+                        continue
+                    assert fast == slow, (key, value)
+                    fast_built += 1
+        assert fast_built >= 40  # the valid variants really took the fast path
+
+    @pytest.mark.parametrize("header", [_ok_verdict(), _shed_verdict(), {**_ok_verdict(), "decision": None},
+                                        {**_ok_verdict(), "decision": "pass", "defect": False},
+                                        {**_shed_verdict(), "status": "rejected", "reason": "undecodable",
+                                         "capture_ns": None}])
+    def test_valid_verdicts_take_the_fast_path(self, header: dict[str, Any]) -> None:
+        """Ok, shed and rejected verdicts, with and without a decision, are built by the fast path as _build
+        builds them, and decode() (what bridges call) returns that verdict."""
+        fast, slow = self.judge(header)
+        assert isinstance(fast, protocol.Verdict) and fast == slow
+        packed = msgpack.packb(header)
+        assert protocol.decode([b"verdict/cam1/", packed]) == fast == protocol.decode_verdict([b"verdict/cam1/",
+                                                                                               packed])
