@@ -293,11 +293,10 @@ def probe(model_path: Path, threads: int = 0, artifacts_dir: str | Path | None =
 
 def _probe_key(folder: Path, threads: int) -> dict[str, Any]:
     """What a cached probe is valid for: this host, thread count and set of exported files (name, size, mtime)."""
+    from agent.backends.base import layout
     from agent.hostinfo import cores, cpu_model
 
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != PROBE_CACHE) if folder.is_dir() else []
-    from agent.backends.base import layout
-
     # The layout too: each variant is timed on one worker's lane, so its thread count is what the rate means.
     return {"cpu_model": cpu_model(), "cores": cores(), "threads": threads, "layout": list(layout(threads, 0, cores())),
             "files": [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}

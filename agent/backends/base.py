@@ -61,9 +61,9 @@ def layout(threads: int, workers: int, n_cores: int) -> tuple[int, int]:
     """(inference workers, runtime threads each) for a runtime that runs instances side by side; 0 means auto.
 
     By default one single-threaded worker per core: two batches run at once, one per core, instead of one batch
-    split across the cores. A runtime's own thread pool spins between the small parallel pieces of one batch:
-    on a 2-core Zen 4, `litert:int8` at batch 16 cost 669 core-ms per 100 images with 1 worker x 2 threads at 30%
-    duty, against 595 with 2 x 1, and `openvino:int8` 663 against 542 (README "The line under load").
+    split across the cores, whose pieces the runtime's pool must synchronise and wait for. On a 2-core Zen 4,
+    `litert:int8` at batch 16 cost 669 core-ms per 100 images with 1 worker x 2 threads at 30% duty, against 595
+    with 2 x 1, and `openvino:int8` 663 against 542 (README "The line under load").
     """
     if workers == 0:
         workers = max(1, n_cores // threads) if threads else max(1, n_cores)
