@@ -86,6 +86,7 @@ class Choice:
     threads: int = 0
     knobs: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    workers: int = 0  # inference workers (0: auto, agent.backends.base.layout)
 
 
 def create(name: str, model_path: str | Path, threads: int = 0, *, precision: str = "auto",
@@ -112,6 +113,7 @@ def create(name: str, model_path: str | Path, threads: int = 0, *, precision: st
         if precision == "auto":
             precision = choice.precision
         threads = threads or choice.threads
+        workers = workers or choice.workers
         knobs = {**choice.knobs, **{k: v for k, v in (knobs or {}).items() if v is not None}}
     if backend not in NAMES:
         raise BackendError(f"unknown backend {backend!r}; choose auto or one of: {', '.join(NAMES)}")
@@ -226,7 +228,7 @@ def profile_choice(profile: dict[str, Any], model_sha256: str, cpu_model: str, c
     if not installed(c["backend"]):
         return None, f"profile chose {c['backend']}, which is not installed"
     return Choice(c["backend"], c.get("precision", "fp32"), int(c.get("threads", 0)), dict(c.get("knobs", {})),
-                  f"profile {profile.get('path', '')}".strip()), "ok"
+                  f"profile {profile.get('path', '')}".strip(), int(c.get("workers", 0))), "ok"
 
 
 def choose_auto(model_path: Path | None = None, threads: int = 0, artifacts_dir: str | Path | None = None,

@@ -1,4 +1,4 @@
-"""Sweep backend x precision x threads x batch size (and ZenDNN knobs) on this host; pick the fastest
+"""Sweep backend x precision x workers x threads x batch size (and ZenDNN knobs) on this host; pick the fastest
 configuration whose p99 batch latency meets --latency-ms and whose precision passes the accuracy gate; print the
 table and write the profile that `tdn agent --backend auto` loads. Run `tdn export` first for int8/bf16."""
 
@@ -51,10 +51,10 @@ def select(rows: list[dict[str, Any]], latency_ms: float) -> tuple[dict[str, Any
         return None, False
     within = [r for r in usable if r["p99_ms"] <= latency_ms]
     if within:
-        # Ties (within 2%) go to fewer threads: they leave a core for the agent's sockets and explanations.
+        # Ties (within 2%) go to fewer threads in all: they leave a core for the agent's sockets and explanations.
         top = max(r["img_s"] for r in within)
         near = [r for r in within if r["img_s"] >= 0.98 * top]
-        return min(near, key=lambda r: (r["threads"], -r["img_s"])), True
+        return min(near, key=lambda r: (r["threads"] * r.get("workers", 1), -r["img_s"])), True
     return min(usable, key=lambda r: r["p99_ms"]), False
 
 
@@ -71,8 +71,8 @@ def profile_from(choice: dict[str, Any], meets: bool, rows: list[dict[str, Any]]
         "host": {"cpu_model": cpu_model(), "cores": cores(), "vendor": cpu_vendor()},
         "latency_ms": latency_ms,
         "meets_latency": meets,
-        "choice": {k: choice[k] for k in ("backend", "precision", "threads", "knobs", "batch_size", "img_s",
-                                          "p50_ms", "p99_ms")},
+        "choice": {k: choice[k] for k in ("backend", "precision", "threads", "workers", "knobs", "batch_size",
+                                          "img_s", "p50_ms", "p99_ms")},
         "rows": rows,
     }
 
@@ -81,29 +81,49 @@ def profile_from(choice: dict[str, Any], meets: bool, rows: list[dict[str, Any]]
 
 
 def measure(backend: str, precision: str, threads: int, knobs: dict[str, Any], batch_sizes: list[int],
-            model: Path, artifacts_dir: Path, seconds: float) -> dict[int, dict[str, float]]:
-    """Throughput and batch-latency percentiles per batch size, in this process."""
+            model: Path, artifacts_dir: Path, seconds: float, workers: int = 1) -> dict[int, dict[str, float]]:
+    """Throughput and batch-latency percentiles per batch size, in this process; with several workers, each a
+    thread inferring on its own lane at once (the agent's layout), their images summed."""
     from agent.backends import create
 
-    b = create(backend, model, threads, precision=precision, artifacts_dir=artifacts_dir, knobs=knobs)
+    b = create(backend, model, threads, precision=precision, artifacts_dir=artifacts_dir, knobs=knobs,
+               workers=workers)
     b.load()
     b.warmup(tuple(batch_sizes))
     rng = np.random.default_rng(0)
     out: dict[int, dict[str, float]] = {}
     for n in batch_sizes:
         x = rng.uniform(0, 255, (n, *b.input_shape)).astype(np.float32)
-        for _ in range(5):
-            b.infer(x)
-        lat: list[float] = []
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds or len(lat) < 8:
-            t = time.perf_counter()
-            b.infer(x)
-            lat.append(time.perf_counter() - t)
-        total = time.perf_counter() - t0
+        for lane in range(b.workers):
+            for _ in range(5):
+                b.infer(x, lane)
+        lat, total = _time_lanes(b, x, seconds)
         out[n] = {"img_s": n * len(lat) / total, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
                   "p99_ms": 1e3 * float(np.percentile(lat, 99)), "calls": len(lat)}
     return out
+
+
+def _time_lanes(b: Any, x: np.ndarray, seconds: float) -> tuple[list[float], float]:
+    """Every lane of `b` inferring x in its own thread for `seconds` (8 calls each at least): the seconds of
+    each call, and the wall time they took together."""
+    import threading
+
+    lats: list[list[float]] = [[] for _ in range(b.workers)]
+    t0 = time.perf_counter()
+
+    def run(lane: int) -> None:
+        lat = lats[lane]
+        while time.perf_counter() - t0 < seconds or len(lat) < 8:
+            t = time.perf_counter()
+            b.infer(x, lane)
+            lat.append(time.perf_counter() - t)
+
+    workers = [threading.Thread(target=run, args=(lane,)) for lane in range(b.workers)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return [v for per_lane in lats for v in per_lane], time.perf_counter() - t0
 
 
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +148,7 @@ def _worker_main(config_json: str) -> int:
     c = json.loads(config_json)
     try:
         res = measure(c["backend"], c["precision"], c["threads"], c["knobs"], c["batch_sizes"], Path(c["model"]),
-                      Path(c["artifacts_dir"]), c["seconds"])
+                      Path(c["artifacts_dir"]), c["seconds"], c.get("workers", 1))
         print(RESULT + json.dumps({"batches": {str(k): v for k, v in res.items()}}), flush=True)
     except Err as exc:
         print(RESULT + json.dumps({"error": str(exc)}), flush=True)
@@ -162,29 +182,40 @@ def configurations(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list
             if not gate_ok:
                 skipped.append({"backend": v.backend, "precision": v.precision, "gate": f"FAIL: {rec['decision']}"})
                 continue
-        knob_sets: list[dict[str, Any]] = [{}]
-        if v.backend == "zendnn" and not args.no_zendnn_knobs:
-            knob_sets += list(ZENDNN_KNOB_SETS)
-        for t in threads:
-            for knobs in knob_sets:
-                if knobs and t != max(threads):
-                    continue  # knobs only at full threads: keeps the sweep modest
-                todo.append({"backend": v.backend, "precision": v.precision, "threads": t, "knobs": knobs,
-                             "gate": gate, "gate_ok": gate_ok})
+        todo += [{"backend": v.backend, "precision": v.precision, "threads": t, "workers": w, "knobs": knobs,
+                  "gate": gate, "gate_ok": gate_ok} for t, w, knobs in _layouts(v.backend, threads, args)]
     return todo, skipped
 
 
+def _layouts(backend: str, threads: list[int], args: argparse.Namespace) -> list[tuple[int, int, dict[str, Any]]]:
+    """(threads, workers, knobs) to time for one backend."""
+    from agent.backends import REGISTRY
+    from agent.hostinfo import cores
+
+    knob_sets: list[dict[str, Any]] = [{}]
+    if backend == "zendnn" and not args.no_zendnn_knobs:
+        knob_sets += list(ZENDNN_KNOB_SETS)
+    out = []
+    for t in threads:
+        # The lean runtimes also run as several workers side by side (the agent's default: one per core).
+        for w in sorted({1, max(1, cores() // t)}) if REGISTRY[backend].lean else [1]:
+            # knobs only at full threads: keeps the sweep modest
+            out += [(t, w, knobs) for knobs in knob_sets if not knobs or t == max(threads)]
+    return out
+
+
 def table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
-    head = ("variant", "threads", "knobs", "batch", "img/s", "p50 ms", "p99 ms", "gate", "")
+    head = ("variant", "workers x threads", "knobs", "batch", "img/s", "p50 ms", "p99 ms", "gate", "")
     lines = [head]
     for r in rows:
         knobs = ",".join(f"{k.removeprefix('zendnn_')}={v}" for k, v in r["knobs"].items()) or "-"
         mark = "<- chosen" if r is chosen else ""
+        layout = f"{r.get('workers', 1)} x {r['threads']}"
         if r.get("error"):
-            lines.append((f"{r['backend']}:{r['precision']}", str(r["threads"]), knobs, "-", "-", "-", "-",
+            lines.append((f"{r['backend']}:{r['precision']}", layout, knobs, "-", "-", "-", "-",
                           r["gate"], f"error: {r['error'][:80]}"))
             continue
-        lines.append((f"{r['backend']}:{r['precision']}", str(r["threads"]), knobs, str(r["batch_size"]),
+        lines.append((f"{r['backend']}:{r['precision']}", layout, knobs, str(r["batch_size"]),
                       f"{r['img_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", r["gate"], mark))
     for s in skipped:
         gate, _, why = s["gate"].partition(": ")
@@ -214,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     bar = tqdm(todo, desc="tune", unit="config", disable=not sys.stderr.isatty())
     for c in bar:
-        bar.set_description(f"{c['backend']}:{c['precision']} x{c['threads']}")
+        bar.set_description(f"{c['backend']}:{c['precision']} {c['workers']}x{c['threads']}")
         res = run_worker({**c, "batch_sizes": batch_sizes, "model": str(args.model),
                           "artifacts_dir": str(args.artifacts_dir), "seconds": args.seconds})
         if "error" in res:
@@ -232,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     args.profile.write_text(json.dumps(profile, indent=2) + "\n")
     c = profile["choice"]
     verdict = "" if meets else f" (NO configuration meets p99 <= {args.latency_ms} ms: lowest latency chosen)"
-    print(f"chosen: {c['backend']}:{c['precision']}, {c['threads']} threads, batch {c['batch_size']}: "
+    print(f"chosen: {c['backend']}:{c['precision']}, {c['workers']} worker(s) x {c['threads']} thread(s), "
+          f"batch {c['batch_size']}: "
           f"{c['img_s']:.0f} img/s, p99 {c['p99_ms']:.2f} ms{verdict}; wrote {args.profile}")
     return 0
 

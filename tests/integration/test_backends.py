@@ -19,7 +19,7 @@ from agent.backends.gate import read_gate
 from agent.backends.store import model_dir
 from agent.card import read_dict
 from agent.errors import BackendError, ConfigError
-from agent.hostinfo import cpu_flags
+from agent.hostinfo import cores, cpu_flags
 from agent.lab.data import held_out as card_split
 from agent.lab.data import load_arrays, scan, stratified_subset
 from agent.lab.export import predict_all
@@ -279,6 +279,10 @@ class TestLeanBackends:
         assert "<- chosen" in out.stdout
         b: Any = create("auto", model, artifacts_dir=artifacts, profile_path=profile)
         assert (b.name, b.threads) == (LEAN[0], 1) and b.selected_by.startswith("profile")
+        # Both layouts of one thread were timed (1 worker, and one per core), and auto serves the chosen one.
+        rows = json.loads(profile.read_text())["rows"]
+        assert {r["workers"] for r in rows} == {1, cores()} or cores() == 1
+        assert b.workers == json.loads(profile.read_text())["choice"]["workers"]
 
 
 class TestBadSettings:

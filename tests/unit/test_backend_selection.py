@@ -79,6 +79,13 @@ class TestSelect:
         rows = [row("a", 900, 1.0, gate_ok=False), row("b", 800, 1.0, error="boom"), row("c", 100, 1.0)]
         assert select(rows, 10.0)[0] is rows[2]
 
+    def test_near_tie_counts_every_workers_threads(self) -> None:
+        """Within 2% of the best, two single-threaded workers count as two threads, against one worker of one."""
+        rows = [row("a", 1000, 5.0, threads=1, workers=2), row("a", 985, 5.0, threads=1, workers=1)]
+        assert select(rows, 10.0)[0] is rows[1]
+        rows = [row("a", 1000, 5.0, threads=1, workers=2), row("a", 900, 5.0, threads=1, workers=1)]
+        assert select(rows, 10.0)[0] is rows[0]
+
     def test_near_tie_prefers_fewer_threads(self) -> None:
         """Within 2% of the best, the configuration with fewer threads wins."""
         rows = [row("a", 1000, 5.0, threads=2), row("a", 990, 5.0, threads=1)]
