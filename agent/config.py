@@ -71,7 +71,7 @@ class AgentSettings(BaseSettings):
     )
     workers: int = Field(
         0, ge=0, le=64, description="inference workers, each running its own batches on its own runtime instance "
-        "(0: auto; litert/openvino: cores / threads, i.e. one single-threaded worker per core by default; "
+        "(0: auto; litert/openvino: one single-threaded worker per core, or 1 when threads is set; "
         "tensorflow/zendnn: 1)"
     )
     state_dir: Path = Field(

@@ -66,7 +66,8 @@ def layout(threads: int, workers: int, n_cores: int) -> tuple[int, int]:
     with 2 x 1, and `openvino:int8` 663 against 542 (README "The line under load").
     """
     if workers == 0:
-        workers = max(1, n_cores // threads) if threads else max(1, n_cores)
+        # Threads named alone keep their old meaning, one worker of that many (TDN_THREADS=1: one inference thread).
+        workers = 1 if threads else max(1, n_cores)
     if threads == 0:
         threads = max(1, n_cores // workers)
     return workers, threads

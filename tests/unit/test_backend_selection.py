@@ -283,8 +283,8 @@ class TestLayout:
     @pytest.mark.parametrize(("threads", "workers", "cores", "expected"), [
         (0, 0, 2, (2, 1)),  # the default: one single-threaded worker per core
         (0, 0, 1, (1, 1)),
-        (2, 0, 2, (1, 2)),  # threads named: as many workers as fit
-        (1, 0, 4, (4, 1)),
+        (2, 0, 2, (1, 2)),  # threads named alone: one worker of them, as TDN_THREADS always meant
+        (1, 0, 4, (1, 1)),
         (0, 1, 4, (1, 4)),  # one worker named: every core's thread in it (the layout before workers)
         (0, 3, 2, (3, 1)),  # more workers than cores: still at least one thread each
         (3, 2, 2, (2, 3)),  # both named: as given

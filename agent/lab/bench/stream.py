@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=agent_default["threads"],
                    help="runtime threads of each inference worker (0: auto, as the agent)")
     p.add_argument("--workers", type=int, default=agent_default["workers"],
-                   help="the agent's inference workers (0: auto, as the agent: one per core on litert/openvino)")
+                   help="the agent's inference workers (0: auto, as the agent: one single-threaded worker per core "
+                        "on litert/openvino, or 1 when --threads is set)")
     p.add_argument("--delay-us", type=int, default=agent_default["max_queue_delay_us"],
                    help="the agent's max queue delay")
     p.add_argument("--deadline-ms", type=float, default=agent_default["shed_deadline_ms"],
