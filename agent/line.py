@@ -179,6 +179,11 @@ class Line:
         """Batches handed to inference and not yet completed."""
         return len(self._jobs)
 
+    @property
+    def _all_busy(self) -> bool:
+        """Every inference worker has a batch: only a full batch may start now."""
+        return len(self._jobs) >= self.lanes
+
     def stalled(self, limit_s: float) -> bool:
         """Whether the oldest batch in flight has run longer than limit_s (the watchdog stops pinging then)."""
         oldest = min((j.dispatched_ns for j in self._jobs.values()), default=None)
@@ -248,12 +253,11 @@ class Line:
 
     def next_deadline_ns(self) -> int | None:
         """Monotonic time by which poll() should run next, None when nothing waits."""
-        return self.batcher.next_deadline_ns(busy=len(self._jobs) >= self.lanes)
+        return self.batcher.next_deadline_ns(busy=self._all_busy)
 
     def poll(self, *, flush: bool = False) -> tuple[Job | None, list[Verdict]]:
         """A batch to infer if one is due (any waiting batch with flush=True), and the verdicts of stale frames."""
-        busy = len(self._jobs) >= self.lanes
-        batch = next(iter(self.batcher.flush()), None) if flush else self.batcher.poll(busy=busy)
+        batch = next(iter(self.batcher.flush()), None) if flush else self.batcher.poll(busy=self._all_busy)
         if batch is None:
             return None, []
         shed = self._finish(batch.shed, Status.SHED, Reason.DEADLINE)

@@ -63,7 +63,7 @@ class Agent:
         self.line: Line | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self.workers = max(1, backend.workers)
+        self.workers = backend.workers
         self.depth = self.workers + QUEUED_BATCHES
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.depth + self.workers)  # + shutdown sentinels
         self._results: queue.Queue[Inferred] = queue.Queue()

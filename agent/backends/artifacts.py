@@ -25,7 +25,6 @@ class ArtifactBackend(Backend):
     """A backend serving artifacts exported by `tdn export`; never imports TensorFlow."""
 
     precisions: tuple[str, ...] = ("fp32",)
-    parallel = True
 
     def __init__(self, model_path: str | Path, threads: int = 0, precision: str = "auto",
                  artifacts_dir: str | Path | None = None, workers: int = 0) -> None:

@@ -81,9 +81,6 @@ class Backend(ABC):
     """
 
     name = "base"
-    # Whether the runtime can run instances side by side in one process (the lean runtimes); TensorFlow cannot
-    # usefully: its thread pools are per process.
-    parallel = False
 
     def __init__(self, model_path: str | Path, threads: int = 0) -> None:
         self.model_path = Path(model_path)

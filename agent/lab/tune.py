@@ -85,6 +85,7 @@ def measure(backend: str, precision: str, threads: int, knobs: dict[str, Any], b
     """Throughput and batch-latency percentiles per batch size, in this process; with several workers, each a
     thread inferring on its own lane at once (the agent's layout), their images summed."""
     from agent.backends import create
+    from agent.lab.bench.common import time_lanes
 
     b = create(backend, model, threads, precision=precision, artifacts_dir=artifacts_dir, knobs=knobs,
                workers=workers)
@@ -97,33 +98,10 @@ def measure(backend: str, precision: str, threads: int, knobs: dict[str, Any], b
         for lane in range(b.workers):
             for _ in range(5):
                 b.infer(x, lane)
-        lat, total = _time_lanes(b, x, seconds)
+        lat, total = time_lanes(b, x, seconds)
         out[n] = {"img_s": n * len(lat) / total, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
                   "p99_ms": 1e3 * float(np.percentile(lat, 99)), "calls": len(lat)}
     return out
-
-
-def _time_lanes(b: Any, x: np.ndarray, seconds: float) -> tuple[list[float], float]:
-    """Every lane of `b` inferring x in its own thread for `seconds` (8 calls each at least): the seconds of
-    each call, and the wall time they took together."""
-    import threading
-
-    lats: list[list[float]] = [[] for _ in range(b.workers)]
-    t0 = time.perf_counter()
-
-    def run(lane: int) -> None:
-        lat = lats[lane]
-        while time.perf_counter() - t0 < seconds or len(lat) < 8:
-            t = time.perf_counter()
-            b.infer(x, lane)
-            lat.append(time.perf_counter() - t)
-
-    workers = [threading.Thread(target=run, args=(lane,)) for lane in range(b.workers)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return [v for per_lane in lats for v in per_lane], time.perf_counter() - t0
 
 
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:

@@ -51,3 +51,27 @@ def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray, n
     check_classes(card, ds)
     _, val, _ = split(card, list(ds.samples))
     return load_frames(val, InputSpec.from_card(card.get("input", {})), progress=True)
+
+
+def time_lanes(backend: Any, x: np.ndarray, seconds: float, min_calls: int = 8) -> tuple[list[float], float]:
+    """Every lane of a loaded, warmed `backend` inferring x at once, each in its own thread (the agent's inference
+    workers), for `seconds` and at least `min_calls` calls a lane: the seconds of each call, and the wall time."""
+    import threading
+    import time
+
+    lats: list[list[float]] = [[] for _ in range(backend.workers)]
+    t0 = time.perf_counter()
+
+    def run(lane: int) -> None:
+        lat = lats[lane]
+        while time.perf_counter() - t0 < seconds or len(lat) < min_calls:
+            t = time.perf_counter()
+            backend.infer(x, lane)
+            lat.append(time.perf_counter() - t)
+
+    workers = [threading.Thread(target=run, args=(lane,)) for lane in range(backend.workers)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return [v for per_lane in lats for v in per_lane], time.perf_counter() - t0

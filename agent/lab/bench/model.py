@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.lab.bench.common import markdown_table, median, write_outputs
+from agent.lab.bench.common import markdown_table, median, time_lanes, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,10 +43,9 @@ class Row:
         self.params, self.flops, self.accuracy = params, flops, accuracy
         self.forward = forward  # forward(x) -> probs for x of a prepared batch size
         self.note = note
-        # A layout of several inference workers is timed with every lane inferring its own batch at once.
-        self.lanes = 1
         self.layout = ""  # "workers x threads" where the runtime runs side by side
-        self.parallel: Any = None  # parallel(x): each lane runs x once, concurrently
+        # A layout of several inference workers is timed with every lane inferring its own batch at once.
+        self.lanes: Any = None  # the backend, when it has several lanes
         self.tput: list[float] = []
         self.lat1: list[float] = []
 
@@ -107,24 +106,6 @@ def _backend_forward(backend: Any) -> Any:
     return forward
 
 
-def _parallel_forward(backend: Any) -> Any:
-    """x through every lane of `backend` at once, one thread per lane (the agent's inference workers)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(backend.workers, thread_name_prefix="bench-lane")
-    warmed: set[int] = set()
-
-    def forward(x: Any) -> Any:
-        if x.shape[0] not in warmed:
-            backend.warmup((x.shape[0],))
-            warmed.add(x.shape[0])
-        futures = [pool.submit(backend.infer, x, lane) for lane in range(backend.workers)]
-        results = [f.result() for f in futures]  # every lane finished: the call's time covers them all
-        return results[0]
-
-    return forward
-
-
 def extra_rows(vs: list[Any], model_path: Path, card: dict[str, Any]) -> list[Row]:
     """In-process rows for backend variants that can share this process with TensorFlow.
 
@@ -132,15 +113,14 @@ def extra_rows(vs: list[Any], model_path: Path, card: dict[str, Any]) -> list[Ro
     single-threaded worker per core, every lane busy at once) and one worker with every core's thread, so the best
     raw figure is the best of either.
     """
+    from agent.backends import REGISTRY
     from agent.hostinfo import cores
 
     rows = []
     for v in vs:
+        # (threads, workers): the agent's default, and one worker of every core's thread.
+        layouts = [(0, 0), (cores(), 1)] if REGISTRY[v.backend].lean and cores() > 1 else [(0, 0)]
         try:
-            layouts: list[tuple[int, int]] = [(0, 0)]
-            b = v.create(str(model_path))
-            if b.parallel and b.workers > 1:
-                layouts.append((cores(), 1))
             for threads, workers in layouts:
                 b = v.create(str(model_path), threads, workers=workers)
                 b.load()
@@ -148,7 +128,7 @@ def extra_rows(vs: list[Any], model_path: Path, card: dict[str, Any]) -> list[Ro
                           _backend_forward(b), v.label)
                 row.layout = f"{b.workers} x {b.threads}"
                 if b.workers > 1:
-                    row.lanes, row.parallel = b.workers, _parallel_forward(b)
+                    row.lanes = b
                 rows.append(row)
         except Exception as exc:  # a missing runtime or artifact is a row note, not a crash
             print(f"skipping {v.label}: {exc}")
@@ -209,8 +189,9 @@ def _time_rows(rows: list[Row], batch: int, reps: int, seconds: float) -> None:
     for _ in range(reps):
         for r in rows:
             # ResNet-50 takes seconds per batch here; one call is already a long enough sample.
-            if r.parallel is not None:
-                r.tput.append(r.lanes * batch / _time(r.parallel, xb, seconds))
+            if r.lanes is not None:
+                lat, wall = time_lanes(r.lanes, xb, seconds, min_calls=1)
+                r.tput.append(len(lat) * batch / wall)
             else:
                 r.tput.append(batch / _time(r.forward, xb, seconds if r.name != "ResNet-50" else 0.0))
             r.lat1.append(1000 * _time(r.forward, x1, seconds / 2))

@@ -65,16 +65,13 @@ def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, t
     """Raw backend images/s at `batch` in the agent's layout (each inference worker a thread inferring on its own
     lane, nothing else running), in a child process so the agent later gets the CPU alone."""
     code = (
-        "import threading,time,numpy as np\n"
+        "import numpy as np\n"
         "from agent.backends import create\n"
+        "from agent.lab.bench.common import time_lanes\n"
         f"b=create({backend_name!r},{str(model)!r},{threads},workers={workers});b.load();b.warmup(({batch},))\n"
         f"x=np.random.default_rng(0).uniform(0,255,({batch},200,200,1)).astype(np.float32)\n"
-        "n=[0]*b.workers;t0=time.perf_counter()\n"
-        "def run(lane):\n"
-        f"    while time.perf_counter()-t0<{seconds}: b.infer(x,lane); n[lane]+=1\n"
-        "ts=[threading.Thread(target=run,args=(i,)) for i in range(b.workers)]\n"
-        "[t.start() for t in ts];[t.join() for t in ts]\n"
-        f"print(sum(n)*{batch}/(time.perf_counter()-t0))\n"
+        f"lat,wall=time_lanes(b,x,{seconds})\n"
+        f"print(len(lat)*{batch}/wall)\n"
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
