@@ -142,7 +142,7 @@ class MicroBatcher(Generic[T]):
     @property
     def space(self) -> int:
         """How many more items offer() would accept right now."""
-        return self.policy.queue_cap - len(self._queue)
+        return max(0, self.policy.queue_cap - len(self._queue))
 
     @property
     def stats(self) -> BatcherStats:
@@ -157,10 +157,14 @@ class MicroBatcher(Generic[T]):
             depth=len(self._queue),
         )
 
-    def offer(self, item: T) -> bool:
-        """Enqueue item; False (and nothing queued) when at queue_cap, which is the backpressure signal."""
+    def offer(self, item: T, *, beyond_cap: bool = False) -> bool:
+        """Enqueue item; False (and nothing queued) when at queue_cap, which is the backpressure signal.
+
+        beyond_cap: the images of one message that carries several (SPEC 4.1) were read as a whole while there was
+        space, so they all go in; the queue then stays full until it is back under the cap.
+        """
         self._stats.offered += 1
-        if self.full:
+        if self.full and not beyond_cap:
             self._stats.refused += 1
             return False
         self._queue.append(item)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from agent.logging import get_logger
-from protocol import AgentState, Heartbeat, encode_heartbeat, topic_for
+from protocol import MAX_IMAGES, AgentState, Heartbeat, encode_heartbeat, topic_for
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -91,7 +91,7 @@ class Beacon:
         return Heartbeat(agent_id=self.s.agent_id, epoch=self.epoch, hb_seq=self.next_seq(), time_ns=time.time_ns(),
                          uptime_s=time.monotonic() - self.start_mono, state=AgentState.STARTING, queue_depth=0,
                          counters={}, batch_sizes={}, backend={"backend": str(self.s.backend)}, model_id="",
-                         max_frame_bytes=self.s.max_frame_bytes)
+                         max_frame_bytes=self.s.max_frame_bytes, max_images=MAX_IMAGES)
 
     def read_subscriptions(self) -> bool:
         """Take every waiting subscription message off the socket; True when a heartbeat is due now because a new

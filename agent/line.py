@@ -192,14 +192,17 @@ class Line:
     # --- intake ---
 
     def accept(self, camera_id: str, seq: int, *, capture_ns: int | None, part_id: str | None, label: str | None,
-               image: np.ndarray) -> list[Verdict]:
-        """A decoded frame. Queued for inference, or rejected `duplicate_seq` if its seq was accepted lately."""
+               image: np.ndarray, beyond_cap: bool = False) -> list[Verdict]:
+        """A decoded frame. Queued for inference, or rejected `duplicate_seq` if its seq was accepted lately.
+
+        beyond_cap: one of the images of a message that carries several, read while the queue had space.
+        """
         self.record("received")
         if self._remember(camera_id, seq):
             self._warn(Reason.DUPLICATE_SEQ, camera_id, seq, "seq sent lately by this camera")
             return self._refuse(Reason.DUPLICATE_SEQ, camera_id, seq, capture_ns, part_id, label)
         item = self._admit(camera_id, seq, capture_ns, part_id, label, image)
-        if not self.batcher.offer(item):
+        if not self.batcher.offer(item, beyond_cap=beyond_cap):
             # The service reads at most batcher.space frames, so this is a bug; still, nothing is lost.
             return self._finish([item], Status.SHED, Reason.DEADLINE)
         return []

@@ -22,7 +22,7 @@ from agent.errors import ModelError, TdnError
 from agent.geometry import InputSpec
 from agent.line import Inferred, Job, ServingModel
 from agent.logging import get_logger
-from protocol import MAX_TEXT_LEN, AgentState, Heartbeat
+from protocol import MAX_IMAGES, MAX_TEXT_LEN, AgentState, Heartbeat
 
 if TYPE_CHECKING:
     from agent.config import AgentSettings
@@ -329,4 +329,5 @@ def heartbeat(settings: AgentSettings, epoch: int, hb_seq: int, uptime_s: float,
         backend=ident, model_id=model.model_id if model else "",
         classes=model.classes if model else (), pass_classes=model.pass_classes if model else (),
         thresholds=describe_thresholds(model) if model else {}, max_frame_bytes=settings.max_frame_bytes,
+        max_images=MAX_IMAGES,
     )

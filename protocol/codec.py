@@ -31,6 +31,7 @@ from protocol.messages import (
     Verdict,
     check_id,
     check_image,
+    image_count,
     is_valid_id,
     topic_for,
 )
@@ -68,6 +69,9 @@ _HEADER: dict[Kind, tuple[tuple[str, bool], ...]] = {
     )
     for kind, cls in _CLASSES.items()
 }
+# A frame's strip fields (revision 1.3) are written only when not their default, so a single-image frame's header
+# is byte for byte what it was before them.
+_STRIP_DEFAULTS: dict[str, Any] = {"images": 1, "part_ids": None, "labels": None}
 # What builds each kind from its decoded fields. A frame skips the dataclass __init__ (Frame.checked validates the
 # same): the agent decodes one per received frame.
 _BUILDERS: dict[Kind, Callable[..., Message]] = {**_CLASSES, Kind.FRAME: Frame.checked}
@@ -107,7 +111,10 @@ def encode(msg: Message) -> list[Part]:
     kind = _KINDS[type(msg)]
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": kind.value}
     for name, _ in _HEADER[kind]:
-        header[name] = _wire(getattr(msg, name))
+        value = getattr(msg, name)
+        if kind is Kind.FRAME and name in _STRIP_DEFAULTS and value == _STRIP_DEFAULTS[name]:
+            continue
+        header[name] = _wire(value)
     packed = msgpack.packb(header, use_bin_type=True)
     if len(packed) > MAX_HEADER_BYTES:
         raise OversizedError(detail=f"{kind} header is {len(packed)} B > {MAX_HEADER_BYTES}")
@@ -201,26 +208,37 @@ def _context(header: dict[Any, Any]) -> tuple[str | None, int | None]:
     return (camera if is_valid_id(camera) else None), (seq if seq_ok else None)
 
 
-def peek_context(parts: Sequence[Any]) -> tuple[str | None, int | None, dict[str, Any]]:
-    """What a refused frame's header still says: camera_id, seq, and the echoable fields that are valid.
+def peek_context(parts: Sequence[Any]) -> tuple[str | None, int | None, list[dict[str, Any]]]:
+    """What a refused frame's header still says: camera_id, seq, and per image the echoable fields that are valid.
 
     An agent answers a refused frame with these (SPEC 9): the PLC keeps the part's tracking id and capture time
-    even for the parts it must divert. Each field is taken only when it is valid on its own.
+    even for the parts it must divert. Each field is taken only when it is valid on its own. A strip (SPEC 4.1)
+    whose `images` and seq are readable owes one refusal per image, seq + i each; anything else one.
     """
     try:
         header = _unpack_header(_buffer(parts[1]))
     except (ProtocolError, IndexError, TypeError):
-        return None, None, {}
+        return None, None, [{}]
     camera_id, seq = _context(header)
-    fields: dict[str, Any] = {}
     capture = header.get("capture_ns")
-    if type(capture) is int and 0 <= capture <= INT64_MAX:
-        fields["capture_ns"] = capture
-    for name, limit in (("part_id", MAX_TEXT_LEN), ("label", MAX_ID_LEN)):
-        value = header.get(name)
+    shared = {"capture_ns": capture} if type(capture) is int and 0 <= capture <= INT64_MAX else {}
+    n = image_count(header.get("images"))
+    if n is None or n == 1 or seq is None or seq > UINT64_MAX - (n - 1):
+        return camera_id, seq, [{**shared, **_echoable(header.get("part_id"), header.get("label"))}]
+    part_ids, labels = header.get("part_ids"), header.get("labels")
+    return camera_id, seq, [{**shared, **_echoable(_nth(part_ids, i, n), _nth(labels, i, n))} for i in range(n)]
+
+
+def _nth(values: object, i: int, n: int) -> object:
+    return values[i] if type(values) is list and len(values) == n else None
+
+
+def _echoable(part_id: object, label: object) -> dict[str, str]:
+    fields = {}
+    for name, value, limit in (("part_id", part_id, MAX_TEXT_LEN), ("label", label, MAX_ID_LEN)):
         if isinstance(value, str) and 1 <= len(value) <= limit:
             fields[name] = value
-    return camera_id, seq, fields
+    return fields
 
 
 def _decode(parts: Sequence[Any], expected: Kind | None) -> Message:
@@ -271,10 +289,15 @@ def _fast_frame(h: dict[Any, Any], items: list[Any], count: int) -> Frame | None
     if not ((part_id is None or (type(part_id) is str and 1 <= len(part_id) <= MAX_TEXT_LEN))
             and (label is None or (type(label) is str and 1 <= len(label) <= MAX_ID_LEN))):
         return None
+    # A strip (one per N images) takes the careful way.
+    images = h.get("images")
+    if not ((images is None or (type(images) is int and images == 1))
+            and h.get("part_ids") is None and h.get("labels") is None):
+        return None
     if encoding is _GRAY8 and len(payload) != w * ht:
         return None
     check_image(encoding, w, ht, payload)  # JPEG/PNG magic and SOF/IHDR size; raises as _build would, last
-    return Frame.from_checked((cam, seq, cap, w, ht, encoding, payload, part_id, label))
+    return Frame.from_checked((cam, seq, cap, w, ht, encoding, payload, part_id, label, 1, None, None))
 
 
 _VERDICT_TOPIC = _TOPIC_PREFIX[Kind.VERDICT]

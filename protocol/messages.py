@@ -36,6 +36,8 @@ NEU_CLS_PREFIXES: dict[str, str] = {
 MAX_CLASSES = 256
 
 MAX_DIM = 4096
+# Images one frame message may carry (SPEC 4.1, revision 1.3), stacked as a strip, each answered by its own verdict.
+MAX_IMAGES = 256
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ID_LEN = 64
@@ -353,21 +355,34 @@ class Frame:
     payload: bytes | memoryview = field(repr=False)
     part_id: str | None = None
     label: str | None = None
+    # Revision 1.3: several images stacked top to bottom in one payload (height / images rows each), image i
+    # answered as seq + i with part_ids[i] and labels[i]. Written only when not the default (SPEC 4.1).
+    images: int = 1
+    part_ids: tuple[str | None, ...] | None = None
+    labels: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         # frozen: the validators may normalise values (enums, numpy scalars), so they are put back.
         values = _frame_values(self.camera_id, self.seq, self.capture_ns, self.width, self.height, self.encoding,
-                               self.payload, self.part_id, self.label)
+                               self.payload, self.part_id, self.label, self.images, self.part_ids, self.labels)
         for put, value in zip(_FRAME_SETTERS, values, strict=True):
             put(self, value)
 
     @classmethod
     def checked(cls, camera_id: object, seq: object, capture_ns: object, width: object, height: object,
-                encoding: object, payload: object, part_id: object = None, label: object = None) -> Frame:
+                encoding: object, payload: object, part_id: object = None, label: object = None,
+                images: object = 1, part_ids: object = None, labels: object = None) -> Frame:
         """The same validation as Frame(...), without the dataclass __init__ that sets each field twice: the
         agent's decoder builds one per received frame."""
         return cls.from_checked(_frame_values(camera_id, seq, capture_ns, width, height, encoding, payload, part_id,
-                                              label))
+                                              label, images, part_ids, labels))
+
+    def image(self, i: int) -> tuple[int, str | None, str | None]:
+        """Image i's seq, part_id and label: what its verdict echoes (a single-image frame is image 0)."""
+        if self.images == 1:
+            return self.seq, self.part_id, self.label
+        return (self.seq + i, self.part_ids[i] if self.part_ids is not None else None,
+                self.labels[i] if self.labels is not None else None)
 
     @classmethod
     def from_checked(cls, values: tuple[Any, ...]) -> Frame:
@@ -396,14 +411,50 @@ def _dim(name: str, value: object) -> int:
 
 
 def _frame_values(camera_id: object, seq: object, capture_ns: object, width: object, height: object,
-                  encoding: object, payload: object, part_id: object, label: object) -> tuple[Any, ...]:
+                  encoding: object, payload: object, part_id: object, label: object, images: object = 1,
+                  part_ids: object = None, labels: object = None) -> tuple[Any, ...]:
     """Every field of a Frame checked and normalised (SPEC 4.1), in field order; ProtocolError for the first bad one."""
     values = (check_id("camera_id", camera_id), _int("seq", seq, 0, UINT64_MAX),
               _int("capture_ns", capture_ns, 0, INT64_MAX), _dim("width", width), _dim("height", height),
               _enum("encoding", encoding, Encoding, Reason.BAD_ENCODING), _bytes("payload", payload),
               _opt_text("part_id", part_id), _opt_label("label", label))
     check_image(values[5], values[3], values[4], values[6])
-    return values
+    return (*values, *_strip(values[1], values[4], images, values[7], values[8], part_ids, labels))
+
+
+def image_count(value: object) -> int | None:
+    """A header's `images` if valid on its own (absent or nil: 1), else None: how many verdicts a refusal owes."""
+    if value is None:
+        return 1
+    return value if type(value) is int and 1 <= value <= MAX_IMAGES else None
+
+
+def _strip(seq: int, height: int, images: object, part_id: str | None, label: str | None, part_ids: object,
+           labels: object) -> tuple[int, tuple[str | None, ...] | None, tuple[str | None, ...] | None]:
+    """images, part_ids and labels of a frame (SPEC 4.1, revision 1.3), checked against its seq and height."""
+    n = 1 if images is None else _int("images", images, 1, MAX_IMAGES)
+    if n == 1:
+        if part_ids is not None or labels is not None:
+            raise ProtocolError(Reason.BAD_VALUE, detail="part_ids and labels belong to a frame of several images")
+        return 1, None, None
+    if height % n:
+        raise ProtocolError(Reason.BAD_DIMS, detail=f"height={height} is not a multiple of images={n}")
+    if seq > UINT64_MAX - (n - 1):
+        raise ProtocolError(Reason.BAD_VALUE, detail=f"seqs {seq}..{seq}+{n - 1} pass the uint64 range")
+    if part_id is not None or label is not None:
+        raise ProtocolError(Reason.BAD_VALUE, detail="a frame of several images names them in part_ids and labels")
+    return n, _per_image("part_ids", part_ids, n, _opt_text), _per_image("labels", labels, n, _opt_label)
+
+
+def _per_image(name: str, value: object, n: int,
+               check: Callable[[str, object], str | None]) -> tuple[str | None, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(Reason.BAD_TYPE, detail=f"{name} must be an array")
+    if len(value) != n:
+        raise ProtocolError(Reason.BAD_VALUE, detail=f"{name} has {len(value)} entries for {n} images")
+    return tuple(check(f"{name}[{i}]", item) for i, item in enumerate(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,6 +616,8 @@ class Heartbeat:
     pass_classes: tuple[str, ...] = ()
     thresholds: dict[str, float] = field(default_factory=dict)
     max_frame_bytes: int | None = None
+    # Added in v1.3 (None from older agents): the most images one frame message may carry to this agent (SPEC 4.1).
+    max_images: int | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -586,6 +639,7 @@ class Heartbeat:
             raise ProtocolError(Reason.BAD_VALUE, detail="pass_classes must be among classes")
         put(self, "thresholds", _str_map("thresholds", self.thresholds, float))
         put(self, "max_frame_bytes", _opt_int("max_frame_bytes", self.max_frame_bytes, 1, UINT64_MAX))
+        put(self, "max_images", _opt_int("max_images", self.max_images, 1, UINT64_MAX))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (state as a string, maps copied)."""

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import zmq
 
-from protocol import MAX_DIM, NEU_CLASSES, NEU_CLS_PREFIXES, Encoding, Frame, encode_frame, is_valid_id
+from protocol import MAX_DIM, MAX_IMAGES, NEU_CLASSES, NEU_CLS_PREFIXES, Encoding, Frame, encode_frame, is_valid_id
 from simulators.common import (
     DEFAULT_FRAMES_ENDPOINT,
     CurveKeys,
@@ -186,9 +186,14 @@ class Camera:
         stop: threading.Event | None = None,
         context: zmq.Context[Any] | None = None,
         curve: CurveKeys | None = None,
+        images: int = 1,
     ) -> None:
         if not is_valid_id(camera_id):
             raise ValueError(f"invalid camera id {camera_id!r}: use 1..64 chars of [A-Za-z0-9_.-]")
+        if not 1 <= images <= MAX_IMAGES:
+            raise ValueError(f"images per message must be 1..{MAX_IMAGES}, got {images}")
+        # Images per message: a line-scan camera's strip, stacked top to bottom, each answered by its own verdict.
+        self.images = images
         self.camera_id = camera_id
         self.shots = shots
         self.endpoint = endpoint
@@ -212,29 +217,61 @@ class Camera:
             raise SourceError(f"OpenCV could not encode a {image.shape} image as {self.encoding}")
         return buf.tobytes()
 
-    def _send(self, sock: zmq.Socket[Any], parts: list[bytes | memoryview]) -> None:
+    def _send(self, sock: zmq.Socket[Any], parts: list[bytes | memoryview], images: int) -> None:
         # Try without blocking first only to learn whether the agent is pushing back (counted as blocked).
+        # Counts are of images (frames), whatever number one message carries.
         try:
             sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-            self.stats.sent += 1
+            self.stats.sent += images
             return
         except zmq.Again:
-            self.stats.blocked += 1
+            self.stats.blocked += images
         try:
             sock.send_multipart(parts, copy=False)  # waits up to SNDTIMEO
-            self.stats.sent += 1
+            self.stats.sent += images
         except zmq.Again:
-            # Dropped here; the seq is not reused, so bridges see a gap and fail the part safe.
-            self.stats.timed_out += 1
+            # Dropped here; the seqs are not reused, so bridges see a gap and fail the parts safe.
+            self.stats.timed_out += images
+
+    def _take(self) -> list[Shot]:
+        """The next message's shots: `images` of them, fewer at the end of the source or of --count."""
+        want = self.images
+        if self.count is not None:
+            want = min(want, self.count - (self.stats.next_seq - self.stats.first_seq))
+        shots = []
+        for _ in range(want):
+            shot = next(self.shots, None)
+            if shot is None:
+                break
+            shots.append(shot)
+        return shots
 
     def _wait_turn(self, due: float) -> float:
-        """Sleep until `due` (waking early on stop) and return when the next frame is due."""
-        period = 1.0 / self.fps
+        """Sleep until `due` (waking early on stop) and return when the next message is due."""
+        period = self.images / self.fps
         delay = due - time.monotonic()
         if delay > 0:
             self.stop.wait(delay)
         # After a stall, resume the cadence from now instead of sending a burst to catch up.
         return max(due + period, time.monotonic())
+
+    def _frame(self, shots: list[Shot]) -> Frame:
+        """One message: a shot, or several stacked top to bottom (each resized to the first one's size)."""
+        first = shots[0].image
+        height, width = first.shape[:2]
+        if height * len(shots) > MAX_DIM:
+            raise SourceError(f"{len(shots)} images of {width}x{height} make a strip over {MAX_DIM} rows: "
+                              f"send at most {MAX_DIM // height} per message")
+        if len(shots) == 1:
+            return Frame(camera_id=self.camera_id, seq=self.stats.next_seq, capture_ns=time.time_ns(), width=width,
+                         height=height, encoding=self.encoding, payload=self._payload(first), label=shots[0].label)
+        strip = np.concatenate([s.image if s.image.shape[:2] == (height, width)
+                                else cv2.resize(s.image, (width, height), interpolation=cv2.INTER_AREA)
+                                for s in shots])
+        labels = tuple(s.label for s in shots)
+        return Frame(camera_id=self.camera_id, seq=self.stats.next_seq, capture_ns=time.time_ns(), width=width,
+                     height=height * len(shots), encoding=self.encoding, payload=self._payload(strip),
+                     images=len(shots), labels=None if all(label is None for label in labels) else labels)
 
     def run(self) -> CameraStats:
         """Send until count is reached, the shots run out or stop is set; returns the stats."""
@@ -259,28 +296,16 @@ class Camera:
             for endpoint in self.endpoints:
                 sock.connect(endpoint)
             while not self.stop.is_set():
-                if self.count is not None and stats.next_seq - stats.first_seq >= self.count:
-                    break
-                shot = next(self.shots, None)
-                if shot is None:
+                shots = self._take()
+                if not shots:
                     break
                 if self.fps > 0:
                     due = self._wait_turn(due)
                     if self.stop.is_set():
                         break
-                height, width = shot.image.shape[:2]
-                frame = Frame(
-                    camera_id=self.camera_id,
-                    seq=stats.next_seq,
-                    capture_ns=time.time_ns(),
-                    width=width,
-                    height=height,
-                    encoding=self.encoding,
-                    payload=self._payload(shot.image),
-                    label=shot.label,
-                )
-                stats.next_seq += 1
-                self._send(sock, encode_frame(frame))
+                frame = self._frame(shots)
+                stats.next_seq += len(shots)
+                self._send(sock, encode_frame(frame), len(shots))
         finally:
             stats.ended = time.monotonic()
             # Frames counted as sent may still sit in ZeroMQ's queue: flush them, also on a signal, so that `sent`
@@ -317,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode images while sending instead of all up front (up to 4,096 are cached)")
     parser.add_argument("--seed", type=int, default=0, help="seed for shuffling and synthetic surfaces")
     parser.add_argument("--encoding", choices=[e.value for e in Encoding], default=Encoding.GRAY8.value)
+    parser.add_argument("--images", type=int, default=1,
+                        help=f"images per message, stacked top to bottom like a line-scan camera's strip, each "
+                             f"answered by its own verdict (SPEC 4.1; 1..{MAX_IMAGES}, default 1)")
     parser.add_argument("--send-timeout-ms", type=int, default=1000, help="drop a frame not taken within this")
     parser.add_argument("--sndhwm", type=int, default=SNDHWM, help="frames ZeroMQ may queue per agent")
     parser.add_argument("--start-seq", type=int, default=0, help="first seq (use a higher one after a restart)")
@@ -354,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cameras < 1 or (args.count is not None and args.count < 0) or args.fps < 0:
         parser.error("--cameras must be >= 1, --count and --fps >= 0")
+    if not 1 <= args.images <= MAX_IMAGES:
+        parser.error(f"--images must be 1..{MAX_IMAGES}")
     camera_ids = [args.camera_id or "cam1"] if args.cameras == 1 else [f"cam{i + 1}" for i in range(args.cameras)]
     if not is_valid_id(camera_ids[0]):
         parser.error(f"invalid --camera-id {camera_ids[0]!r}: use 1..64 chars of [A-Za-z0-9_.-]")
@@ -400,7 +430,7 @@ def _make_camera(args: argparse.Namespace, camera_id: str, index: int, files: li
              else synthetic_shots(seed))
     return Camera(camera_id, shots, endpoint=args.endpoint, fps=args.fps, count=args.count,
                   encoding=Encoding(args.encoding), send_timeout_ms=args.send_timeout_ms, sndhwm=args.sndhwm,
-                  start_seq=args.start_seq, stop=stop, context=context, curve=curve)
+                  start_seq=args.start_seq, stop=stop, context=context, curve=curve, images=args.images)
 
 
 def _run_all(cameras: list[Camera], stop: threading.Event) -> None:

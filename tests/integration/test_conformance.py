@@ -175,6 +175,82 @@ class TestRefusals:
             (0, Status.REJECTED, "oversized", "big"), (1, Status.OK, None, None)]
 
 
+def neu_images(root: Any, n: int) -> list[tuple[np.ndarray, str]]:
+    """n NEU-DET images of different classes, decoded with OpenCV, with their class names."""
+    files = sorted((root / "IMAGES").glob("*.jpg"))
+    picks = [files[i * len(files) // n] for i in range(n)]
+    return [(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), p.stem.rsplit("_", 1)[0]) for p in picks]
+
+
+class TestSeveralImages:
+    """A frame that carries several images (SPEC 4.1, revision 1.3) is answered as that many frames."""
+
+    def test_each_image_gets_the_verdict_it_gets_alone(self, line: Any, neu_det: Any) -> None:
+        """A strip of 6 NEU images gets 6 verdicts, seq + i with part_ids[i] and labels[i], each as if sent alone."""
+        _, sub, push = line
+        shots = neu_images(neu_det, 6)
+        for seq, (img, _) in enumerate(shots):
+            push.send_multipart(frame("camA", seq, img))
+        alone = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 6, 30))
+        strip = np.concatenate([img for img, _ in shots])
+        push.send_multipart(frame("camS", 100, strip, images=6, part_ids=[f"P{i}" for i in range(6)],
+                                  labels=[label for _, label in shots]))
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 6, 30))
+        assert [(v.seq, v.status, v.part_id, v.label) for v in got] == [
+            (100 + i, Status.OK, f"P{i}", label) for i, (_, label) in enumerate(shots)]
+        assert [v.class_name for v in got] == [v.class_name for v in alone]
+        for a, b in zip(alone, got, strict=True):
+            assert b.probs is not None and a.probs is not None
+            np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
+        assert len({v.class_name for v in got}) > 1  # the images were told apart, not one answer copied
+
+    def test_jpeg_strip(self, line: Any) -> None:
+        """A JPEG strip of 3 images is decoded once and answered 3 times, in order."""
+        _, sub, push = line
+        push.send_multipart(frame("camJ", 7, image(120, 300), Encoding.JPEG, images=3))
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 3, 20))
+        assert [(v.seq, v.status) for v in got] == [(7, Status.OK), (8, Status.OK), (9, Status.OK)]
+
+    def test_a_refused_strip_is_refused_per_image(self, line: Any) -> None:
+        """A strip with a bad payload gets one rejected verdict per image, each with its part id."""
+        _, sub, push = line
+        msg = frame("camB", 20, image(50, 150), images=3, part_ids=["A", "B", "C"], capture_ns=99)
+        msg[2] = bytes(10)
+        push.send_multipart(msg)
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 3, 20))
+        assert [(v.seq, v.status, v.reason, v.part_id, v.capture_ns) for v in got] == [
+            (20 + i, Status.REJECTED, "payload_size", pid, 99) for i, pid in enumerate("ABC")]
+
+    def test_height_must_divide(self, line: Any) -> None:
+        """images that do not divide the height: bad_dims for each of them."""
+        _, sub, push = line
+        header = msgpack.unpackb(frame("camD", 0, image(10, 10))[1])
+        header.update(height=10, images=3)
+        push.send_multipart([b"frame/camD/", msgpack.packb(header), image(10, 10).tobytes()])
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 3, 20))
+        assert [(v.seq, v.reason) for v in got] == [(0, "bad_dims"), (1, "bad_dims"), (2, "bad_dims")]
+
+    def test_overlapping_seqs_refuse_only_the_repeats(self, line: Any) -> None:
+        """A strip whose seqs overlap an earlier one: only the images with a seq already answered are duplicates."""
+        _, sub, push = line
+        push.send_multipart(frame("camO", 0, image(40, 160), images=4))
+        push.send_multipart(frame("camO", 2, image(40, 160), images=4))
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 8, 20))
+        assert [(v.seq, v.reason) for v in got] == [(0, None), (1, None), (2, None), (3, None), (2, "duplicate_seq"),
+                                                    (3, "duplicate_seq"), (4, None), (5, None)]
+
+    def test_a_burst_of_strips_past_the_queue_cap_loses_nothing(self, line: Any) -> None:
+        """40 strips of 16 (640 frames, 10x the queue cap) sent at once: every seq answered exactly once."""
+        _, sub, push = line
+        strip = np.concatenate([image(200, 200)] * 16)
+        for k in range(40):
+            push.send_multipart(frame("camF", 16 * k, strip, images=16))
+        got = verdicts(collect(sub, lambda m: len(verdicts(m)) >= 640, 120))
+        assert sorted(v.seq for v in got) == list(range(640))
+        assert [v.seq for v in got] == sorted(v.seq for v in got)  # released in acceptance order
+        assert {v.status for v in got} <= {Status.OK, Status.SHED}
+
+
 class TestStartingHeartbeat:
     """A bridge hears a restarted agent at once: `starting` heartbeats while the model loads."""
 

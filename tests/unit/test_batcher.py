@@ -244,6 +244,17 @@ class TestMicroBatcherBackpressure:
         assert not b.offer(frame(clock, 8))
         assert len(b) == 8
 
+    def test_a_message_of_several_images_goes_in_whole(self, clock: FakeClock) -> None:
+        """beyond_cap (the images of one message read while there was space) may pass the cap; the queue is full
+        until it is back under it, and space never goes below 0."""
+        b = make_batcher(clock)
+        for i in range(7):
+            assert b.offer(frame(clock, i))
+        for i in range(7, 11):
+            assert b.offer(frame(clock, i), beyond_cap=True)
+        assert (len(b), b.full, b.space) == (11, True, 0)
+        assert not b.offer(frame(clock, 11))
+
     def test_space_recovers_after_batch(self, clock: FakeClock) -> None:
         """Forming a batch frees space for the caller to resume reading."""
         b = make_batcher(clock)

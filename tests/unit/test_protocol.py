@@ -751,6 +751,8 @@ class TestConstants:
     def test_limits(self) -> None:
         """The limits match the SPEC."""
         assert (PROTOCOL_VERSION, MAX_DIM, MAX_PAYLOAD_BYTES, MAX_HEADER_BYTES) == (1, 4096, 2**24, 2**16)
+        spec = (Path(protocol.__file__).parent / "SPEC.md").read_text(encoding="utf-8")
+        assert f"| `MAX_IMAGES` (images in one frame message) | {protocol.MAX_IMAGES} " in spec
 
     def test_spec_worked_example_matches_encoder(self) -> None:
         """The hex dump in SPEC.md is exactly what the encoder produces for that verdict."""
@@ -901,7 +903,72 @@ _ODD = st.one_of(st.none(), st.booleans(), st.integers(-3, 5),
                  st.floats(allow_nan=True), st.text(max_size=70), st.binary(max_size=8),
                  st.sampled_from(["gray8", "jpeg", "png", "GRAY8", "cam1", "frame", "x" * 64, "x" * 65, ""]),
                  st.lists(st.integers(0, 3), max_size=2))
-_KEYS = ("v", "kind", "camera_id", "seq", "capture_ns", "width", "height", "encoding", "part_id", "label")
+_KEYS = ("v", "kind", "camera_id", "seq", "capture_ns", "width", "height", "encoding", "part_id", "label", "images",
+         "part_ids", "labels")
+
+
+class TestSeveralImages:
+    """A frame of several images (SPEC 4.1, revision 1.3): their count, ids and labels are checked as the SPEC says."""
+
+    @staticmethod
+    def strip(n: int = 3, h: int = 2, w: int = 4, **kw: Any) -> Frame:
+        kw.setdefault("seq", 10)
+        kw.setdefault("images", n)
+        return Frame(camera_id="cam1", capture_ns=5, width=w, height=h * n, encoding=Encoding.GRAY8,
+                     payload=bytes(range(w * h * n)), **kw)
+
+    def test_round_trip(self) -> None:
+        """images, part_ids and labels survive encode/decode, and each image's seq is seq + i."""
+        f = self.strip(3, part_ids=["a", None, "c"], labels=["crazing", "scratches", None])
+        g = protocol.decode_frame(protocol.encode_frame(f))
+        assert (g.images, g.part_ids, g.labels) == (3, ("a", None, "c"), ("crazing", "scratches", None))
+        assert [g.image(i) for i in range(3)] == [(10, "a", "crazing"), (11, None, "scratches"), (12, "c", None)]
+
+    def test_a_single_image_header_is_unchanged(self) -> None:
+        """A frame of one image is written without the new keys: revision 1.2 decoders read the same bytes."""
+        f = Frame(camera_id="cam1", seq=1, capture_ns=5, width=2, height=2, encoding=Encoding.GRAY8,
+                  payload=bytes(4), part_id="p", label="crazing")
+        header = msgpack.unpackb(protocol.encode_frame(f)[1])
+        assert list(header) == ["v", "kind", "camera_id", "seq", "capture_ns", "width", "height", "encoding",
+                                "part_id", "label"]
+        assert f.image(0) == (1, "p", "crazing")
+
+    @pytest.mark.parametrize(("kw", "reason"), [
+        ({"images": 0}, "bad_value"), ({"images": protocol.MAX_IMAGES + 1}, "bad_value"),
+        ({"images": True}, "bad_type"), ({"images": 3.0}, "bad_type"),
+        ({"part_ids": ["a", "b"]}, "bad_value"), ({"labels": "abc"}, "bad_type"), ({"labels": [1, 2, 3]}, "bad_type"),
+        ({"part_id": "p"}, "bad_value"), ({"label": "crazing"}, "bad_value"),
+        ({"seq": 2**64 - 2}, "bad_value"), ({"labels": ["x" * 65, None, None]}, "bad_value"),
+    ])
+    def test_refusals(self, kw: dict[str, Any], reason: str) -> None:
+        """Each way a strip's header can be wrong is refused with its SPEC reason."""
+        with pytest.raises(protocol.ProtocolError) as err:
+            self.strip(3, **kw)
+        assert err.value.reason == reason
+
+    def test_height_must_be_a_multiple(self) -> None:
+        """images that do not divide the height are bad_dims; part_ids on a one-image frame are bad_value."""
+        with pytest.raises(protocol.ProtocolError) as err:
+            Frame(camera_id="c", seq=0, capture_ns=0, width=2, height=5, encoding=Encoding.GRAY8, payload=bytes(10),
+                  images=2)
+        assert err.value.reason == "bad_dims"
+        with pytest.raises(protocol.ProtocolError) as err:
+            Frame(camera_id="c", seq=0, capture_ns=0, width=2, height=5, encoding=Encoding.GRAY8, payload=bytes(10),
+                  part_ids=["a"])
+        assert err.value.reason == "bad_value"
+
+    def test_a_refusal_names_every_image(self) -> None:
+        """peek_context gives one entry per image of a readable strip, each with its own echoable fields."""
+        from protocol.codec import peek_context
+
+        parts = protocol.encode_frame(self.strip(3, part_ids=["a", "b", "c"]))
+        header = msgpack.unpackb(parts[1])
+        header["v"] = 9
+        parts[1] = msgpack.packb(header)
+        assert peek_context(parts) == ("cam1", 10, [{"capture_ns": 5, "part_id": p} for p in "abc"])
+        header["images"] = 0  # unreadable count: one answer, for the seq
+        parts[1] = msgpack.packb(header)
+        assert peek_context(parts) == ("cam1", 10, [{"capture_ns": 5}])
 
 
 class TestFastFramePath:

@@ -486,6 +486,34 @@ class TestCameraOverZeroMQ:
         assert (data["sent"], data["timed_out"], data["camera_id"]) == (12, 0, "cam1")
         assert {"blocked", "seconds", "fps_achieved"} <= data.keys()
 
+    def test_several_images_a_message(self, tmp_path: Path) -> None:
+        """`--images 4 --count 10`: strips of 4, 4 and 2 images, seqs 0, 4, 8, a label per image, sent counts images."""
+        ctx: zmq.Context[Any] = zmq.Context()
+        pull, endpoint = _pull(ctx)
+        report = tmp_path / "camera.json"
+        argv = ["--endpoint", endpoint, "--count", "10", "--fps", "0", "--images", "4", "--report", str(report),
+                "--quiet"]
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(camera_mod.main(argv)))
+        thread.start()
+        try:
+            frames = [decode_frame(parts) for parts in _recv(pull, 3)]
+        finally:
+            thread.join(10)
+            pull.close()
+            ctx.term()
+        assert result == [0]
+        assert [(f.seq, f.images, f.height) for f in frames] == [(0, 4, 800), (4, 4, 800), (8, 2, 400)]
+        assert all(f.labels is not None and len(f.labels) == f.images and set(f.labels) <= set(NEU_CLASSES)
+                   for f in frames)
+        assert json.loads(report.read_text())["sent"] == 10
+
+    def test_a_strip_over_the_size_limit_is_named(self) -> None:
+        """21 images of 200 rows would be 4,200 rows: the camera names the limit instead of sending."""
+        cam = Camera("cam1", synthetic_shots(0), endpoint="inproc://unused", fps=0, count=21, images=21)
+        with pytest.raises(SourceError, match="at most 20 per message"):
+            cam._frame(cam._take())
+
     @pytest.mark.parametrize("encoding", [Encoding.JPEG, Encoding.PNG])
     def test_compressed_encodings(self, encoding: Encoding) -> None:
         """JPEG and PNG frames decode back to 200x200 images."""

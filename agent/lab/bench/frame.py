@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="batch size (the agent's max_batch_size)")
     p.add_argument("--size", type=int, default=200, help="frame side in pixels (gray8)")
     p.add_argument("--cameras", type=int, default=4)
+    p.add_argument("--images", type=int, default=1,
+                   help="images per message (SPEC 4.1: a strip, each image answered by its own verdict)")
     p.add_argument("--model", type=Path, default=None, help="model whose card gives classes and the decision rule")
     p.add_argument("--profile", action="store_true", help="also print the top functions by own time (cProfile)")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -29,17 +31,22 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from agent.config import DEFAULT_MODEL
+    from protocol import MAX_DIM, MAX_IMAGES
 
-    stages, n = measure(args.model or DEFAULT_MODEL, args.frames, args.batch, args.size, args.cameras)
+    if not 1 <= args.images <= min(MAX_IMAGES, MAX_DIM // args.size):
+        raise SystemExit(f"--images must be 1..{min(MAX_IMAGES, MAX_DIM // args.size)} for {args.size}-px frames")
+    stages, n = measure(args.model or DEFAULT_MODEL, args.frames, args.batch, args.size, args.cameras, args.images)
     total = sum(stages.values())
-    print(f"{n:,} frames, batch {args.batch}, {args.size}x{args.size} gray8, {args.cameras} cameras")
+    print(f"{n:,} frames, batch {args.batch}, {args.size}x{args.size} gray8, {args.cameras} cameras, "
+          f"{args.images} image(s) a message")
     for name, seconds in stages.items():
         print(f"  {name:<28} {1e6 * seconds / n:7.2f} us/frame")
     print(f"  {'total':<28} {1e6 * total / n:7.2f} us/frame  (= {n / total:,.0f} frames/s on one core)")
     if args.profile:
-        _profile(args.model or DEFAULT_MODEL, min(args.frames, 10_000), args.batch, args.size, args.cameras)
+        _profile(args.model or DEFAULT_MODEL, min(args.frames, 10_000), args.batch, args.size, args.cameras,
+                 args.images)
     if args.json:
-        args.json.write_text(json.dumps({"frames": n, "batch": args.batch, "us_per_frame": {
+        args.json.write_text(json.dumps({"frames": n, "batch": args.batch, "images": args.images, "us_per_frame": {
             k: 1e6 * v / n for k, v in stages.items()}, "total_us": 1e6 * total / n}, indent=2) + "\n")
     return 0
 
@@ -67,18 +74,20 @@ def _setup(model_path: Path, batch: int) -> tuple[Any, Any, Any, Any, Any]:
     return line, metrics, pub, card, ctx
 
 
-def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int) -> tuple[dict[str, float], int]:
-    """Seconds spent per stage over `frames` frames."""
+def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int,
+            images: int = 1) -> tuple[dict[str, float], int]:
+    """Seconds spent per stage over `frames` frames, sent `images` to a message."""
     from agent.backends.base import BatchBuffers
     from agent.intake import admit
     from protocol import Encoding, Frame, encode_frame, encode_verdict
 
     line, metrics, pub, card, ctx = _setup(model_path, batch)
-    pixels = np.random.default_rng(0).integers(0, 256, size * size, dtype=np.uint8).tobytes()
+    pixels = np.random.default_rng(0).integers(0, 256, size * size * images, dtype=np.uint8).tobytes()
     now = time.time_ns()
     # The payload bytes object is shared: as on the wire, a frame's pixels arrive in their own buffer.
-    msgs = [encode_frame(Frame(camera_id=f"cam{i % cameras}", seq=i // cameras, capture_ns=now, width=size,
-                               height=size, encoding=Encoding.GRAY8, payload=pixels)) for i in range(frames)]
+    msgs = [encode_frame(Frame(camera_id=f"cam{i % cameras}", seq=images * (i // cameras), capture_ns=now,
+                               width=size, height=size * images, encoding=Encoding.GRAY8, payload=pixels,
+                               images=images)) for i in range(frames // images)]
     probs = np.full((batch, len(card.classes)), 0.02, np.float32)
     probs[:, 0] = 1.0 - 0.02 * (len(card.classes) - 1)
     stages = dict.fromkeys(("intake (decode, validate)", "line (batch, decide, order)", "preprocess",
@@ -86,9 +95,10 @@ def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int) 
     clock = time.perf_counter
     buffers = BatchBuffers()
     done = 0
-    for start in range(0, frames, batch):
+    queued = iter(msgs)
+    while done < len(msgs) * images:
         t0 = clock()
-        for parts in msgs[start:start + batch]:
+        while len(line.batcher) < batch and (parts := next(queued, None)) is not None:
             admit(parts, line, card.input, 1 << 30)
         t1 = clock()
         job, shed = line.poll(flush=True)
@@ -112,12 +122,12 @@ def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int) 
     return stages, done
 
 
-def _profile(model_path: Path, frames: int, batch: int, size: int, cameras: int) -> None:
+def _profile(model_path: Path, frames: int, batch: int, size: int, cameras: int, images: int) -> None:
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
     prof.enable()
-    measure(model_path, frames, batch, size, cameras)
+    measure(model_path, frames, batch, size, cameras, images)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loads", default="25,50,100,150", help="offered load, percent of capacity")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each load step")
     p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--images", type=int, default=1,
+                   help="images per camera message, stacked like a line-scan camera's strip, each answered by its "
+                        "own verdict (SPEC 4.1; default 1: one image a message)")
     p.add_argument("--sim-cpus", default="",
                    help="pin the camera and bridge processes to these CPUs (e.g. 0), so that they take their "
                         "CPU from one core the way cameras on their own hardware would take none (default: unpinned)")
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.8)
             cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
                        "--fps", f"{fps:.3f}", "--report", str(out / f"{tag}-cams.json"), "--quiet",
-                       "--send-timeout-ms", "200", "--seed", str(int(load)),
+                       "--send-timeout-ms", "200", "--seed", str(int(load)), "--images", str(args.images),
                        # The agent runs through every step and remembers each camera's recent seqs: a camera
                        # starting again at 0 would be refused as duplicate_seq.
                        "--start-seq", str(len(results) * 10_000_000)]
@@ -298,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"capacity_probes_img_per_s": [round(c, 1) for c in caps], "batch": args.batch,
                "backend": args.backend, "served": backend,
                "threads": args.threads, "workers": args.workers, "layout": layout, "deadline_ms": args.deadline_ms,
+               "cameras": args.cameras, "images_per_message": args.images,
                "rows": results}
     md = markdown_table(
         ["load", "capacity/s", "offered/s", "sent/s", "ok verdicts/s", "% of capacity", "p50 ms", "p99 ms", "shed",
@@ -314,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
           f"{layout}), before the first step and after each; a step's capacity is the mean "
           f"of the two around it\n\n{md}\n\ncommand: tdn bench stream --backend {args.backend} --batch {args.batch} "
           f"--threads {args.threads} --workers {args.workers} --delay-us {args.delay_us} --seconds {args.seconds:g} "
-          f"--loads {args.loads}{pins}"
+          f"--loads {args.loads} --cameras {args.cameras} --images {args.images}{pins}"
           f"\n\nCPU % is of one core ({os.cpu_count()} here), over the second half of each step")
     if args.console:
         md += "\n\n" + _console_pairs(results)
