@@ -70,6 +70,9 @@ class DecisionRule:
     ood_threshold: float = float("inf")
     ood: Mahalanobis | None = None
     pass_mask: np.ndarray = field(init=False, repr=False)
+    # Derived once: decide() runs once per batch, and at light load a batch is one frame.
+    _pass_any: bool = field(init=False, repr=False, compare=False)
+    _needs_pooled: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.pass_classes if c not in self.classes]
@@ -82,11 +85,13 @@ class DecisionRule:
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         object.__setattr__(self, "pass_mask", pass_mask_of(self.classes, self.pass_classes))
+        object.__setattr__(self, "_pass_any", bool(self.pass_mask.any()))
+        object.__setattr__(self, "_needs_pooled", self.ood is not None and bool(np.isfinite(self.ood_threshold)))
 
     @property
     def needs_pooled(self) -> bool:
         """decide() needs the GAP-pooled last feature map (the card's ood.inputs is "pooled")."""
-        return self.ood is not None and np.isfinite(self.ood_threshold)
+        return self._needs_pooled
 
     @classmethod
     def from_card(cls, card: dict[str, Any], overrides: dict[str, Any] | None = None) -> DecisionRule:
@@ -154,7 +159,7 @@ class DecisionRule:
         f = np.asarray(pooled, np.float32)
         if f.shape != (n, self.ood.features):
             raise ValueError(f"pooled features {f.shape} do not fit ({n}, {self.ood.features})")
-        return self.ood.score(f).astype(np.float32)
+        return self.ood.score(f).astype(np.float32, copy=False)
 
     def decide(self, probs: np.ndarray, pooled: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -168,15 +173,17 @@ class DecisionRule:
         n = p.shape[0]
         q = self.calibrate(p)
         idx = q.argmax(1)
-        conf = q[np.arange(n), idx]
+        conf = q.max(1)  # the argmax's own value: one reduction instead of an index array and a gather
         # When the OOD check is off (threshold inf) pooled features are not needed, and not read.
-        score = self.ood_score(pooled, n) if self.needs_pooled else np.zeros(n, np.float32)
-        is_pass = self.pass_mask[idx]
-        pass_prob = q[:, self.pass_mask].sum(1) if self.pass_mask.any() else np.zeros(n, np.float32)
-        out = np.where(is_pass, np.where(pass_prob >= self.pass_threshold, PASS, REVIEW),
-                       np.where(conf >= self.min_confidence, DIVERT, REVIEW)).astype(np.uint8)
+        score = self.ood_score(pooled, n) if self._needs_pooled else np.zeros(n, np.float32)
+        if self._pass_any:
+            pass_prob = q[:, self.pass_mask].sum(1)
+            out = np.where(self.pass_mask[idx], np.where(pass_prob >= self.pass_threshold, PASS, REVIEW),
+                           np.where(conf >= self.min_confidence, DIVERT, REVIEW)).astype(np.uint8)
+        else:  # no pass class: every frame is a defect class, divert when confident
+            out = np.where(conf >= self.min_confidence, DIVERT, REVIEW).astype(np.uint8)
         out[score > self.ood_threshold] = REVIEW
-        return out, idx.astype(np.int64), conf.astype(np.float32), score
+        return out, idx.astype(np.int64, copy=False), conf.astype(np.float32, copy=False), score
 
 
 def _names(v: Any) -> Sequence[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent.lab.bench.stream import served_variant
 from agent.lab.bench.swap import analyse
 
@@ -53,3 +55,31 @@ class TestServedVariant:
         assert served_variant({"model_id": "tinydefectnet-ff30e4330a01/litert-fp32"}, "auto") == "litert:fp32"
         assert served_variant({"model_id": "magnetic-tile-5caa3e37e399/openvino-int8"}, "auto") == "openvino:int8"
         assert served_variant({}, "tensorflow") == "tensorflow"
+
+
+class TestFrameBench:
+    """`tdn bench frame` times the path an ok verdict takes through the agent's own code."""
+
+    def test_every_frame_is_decided(self, monkeypatch: Any) -> None:
+        """The stand-in backend's output is decided (pass/divert, not refused or sent to review), 1 or 8 images a
+        message: a bench whose verdicts were refused would time the wrong path (it once did: the card's OOD check
+        needed pooled features the bench did not give)."""
+        import collections
+
+        import agent.line as line_mod
+        from agent.config import DEFAULT_MODEL
+        from agent.lab.bench.frame import measure
+
+        decided: collections.Counter[str] = collections.Counter()
+        original = line_mod.Line._decide
+
+        def counting(self: Any, *args: Any) -> Any:
+            out = original(self, *args)
+            decided.update(v.decision.value for v in out)
+            return out
+
+        monkeypatch.setattr(line_mod.Line, "_decide", counting)
+        for images in (1, 8):
+            stages, n = measure(DEFAULT_MODEL, 256, 16, 200, 4, images)
+            assert n == 256 and all(t > 0 for t in stages.values())
+        assert sum(decided.values()) == 512 and decided.keys() <= {"pass", "divert"}

@@ -123,6 +123,18 @@ class TestProperties:
         assert not (dec[idx != FREE] == PASS).any()
         assert ((dec[idx != FREE] == DIVERT) == (conf[idx != FREE] >= t_conf)).all()
 
+    @given(prob_rows, st.floats(0.2, 5.0), st.booleans())
+    @settings(max_examples=100, deadline=None)
+    def test_a_row_is_decided_alike_alone_and_in_a_batch(self, p: np.ndarray, temp: float, pass_class: bool) -> None:
+        """Every output of decide() for a row is the same whether it comes alone (light load) or in a batch."""
+        card = _card(calibration={"temperature": temp}) if pass_class else {"classes": list(NEU)}
+        rule = DecisionRule.from_card(card)
+        whole = rule.decide(p)
+        for i in range(len(p)):
+            alone = rule.decide(p[i:i + 1])
+            for a, b in zip(whole, alone, strict=True):
+                assert a[i] == b[0] and a.dtype == b.dtype
+
     @given(prob_rows)
     @settings(max_examples=100, deadline=None)
     def test_without_pass_class_nothing_passes(self, p: np.ndarray) -> None:

@@ -72,8 +72,15 @@ class TestMetrics:
         ours, ref = CollectorRegistry(), CollectorRegistry()
         bulk = BulkHistogram("tdn_x_seconds", "doc", LATENCY_BUCKETS, ours)
         one = Histogram("tdn_x_seconds", "doc", buckets=LATENCY_BUCKETS, registry=ref)
-        for chunk in np.array_split(values, 7):
+        chunks = np.array_split(values, 7)
+        for chunk in chunks[:4]:
             bulk.observe(chunk)
+        for chunk in chunks[4:]:  # the few-values path (lists of <= SMALL, and scaled ns), bucket for bucket alike
+            for i in range(0, len(chunk), 3):
+                if i % 2:
+                    bulk.observe([float(x) for x in chunk[i:i + 3]])
+                else:
+                    bulk.observe_few([float(x) * 1e9 for x in chunk[i:i + 3]], 1e9)
         bulk.observe([])
         for x in values:
             one.observe(float(x))

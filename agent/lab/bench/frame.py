@@ -1,8 +1,10 @@
 """The agent's own work per frame, without inference: intake, the line core, verdicts, metrics and the PUB send.
 
 Runs the real code paths in one process (the codec, agent.intake, agent.line, agent.metrics, a ZeroMQ PUB on
-inproc) with a stand-in for the backend that returns fixed probabilities, and prints microseconds per frame by
-stage. What is left when inference is taken away is what bounds the line at high frame rates.
+inproc) with a stand-in for the backend that returns fixed probabilities (and pooled features, when the card's
+decision rule has an OOD check), and prints microseconds per frame by stage. Every frame must end `ok`: a run whose
+verdicts were refused timed the wrong path, and fails. What is left when inference is taken away is what bounds
+the line at high frame rates.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _setup(model_path: Path, batch: int) -> tuple[Any, Any, Any, Any, Any]:
     card = read(model_path)
     rule = DecisionRule.from_card(card.raw)
     model = ServingModel(card.variant_id("bench", "fp32"), card.classes, rule.pass_classes, rule,
-                         needs_pooled=False, input=card.input)
+                         needs_pooled=rule.needs_pooled, input=card.input)
     sizes = (*(1 << i for i in range(12) if 1 << i < batch), batch)
     metrics = Metrics()
     line = Line(BatchPolicy(batch, 2000, 60_000.0, 4 * batch, sizes), model, agent_id="bench", epoch=1,
@@ -79,7 +81,7 @@ def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int,
     """Seconds spent per stage over `frames` frames, sent `images` to a message."""
     from agent.backends.base import BatchBuffers
     from agent.intake import admit
-    from protocol import Encoding, Frame, encode_frame, encode_verdict
+    from protocol import Encoding, Frame, Status, encode_frame, encode_verdict
 
     line, metrics, pub, card, ctx = _setup(model_path, batch)
     pixels = np.random.default_rng(0).integers(0, 256, size * size * images, dtype=np.uint8).tobytes()
@@ -90,6 +92,13 @@ def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int,
                                images=images)) for i in range(frames // images)]
     probs = np.full((batch, len(card.classes)), 0.02, np.float32)
     probs[:, 0] = 1.0 - 0.02 * (len(card.classes) - 1)
+    rule = line.model.rule
+    # The OOD check scores the pooled features: the stand-in gives those of the first class's mean (z W = mu), in
+    # distribution, so each frame is decided as a typical one is (not sent to review and its explanation queue).
+    pooled = None
+    if rule.needs_pooled:
+        centre = np.linalg.solve(rule.ood.whiten.astype(np.float64).T, rule.ood.means[0].astype(np.float64))
+        pooled = np.repeat(centre[None].astype(np.float32), batch, 0)
     stages = dict.fromkeys(("intake (decode, validate)", "line (batch, decide, order)", "preprocess",
                             "verdict encode + send", "metrics"), 0.0)
     clock = time.perf_counter
@@ -106,7 +115,9 @@ def measure(model_path: Path, frames: int, batch: int, size: int, cameras: int,
         t2 = clock()
         x = buffers.fill([p.image for p in job.items], job.padded_size)
         t3 = clock()
-        out = line.complete(job, probs[: len(x)], None, None, now)
+        out = line.complete(job, probs[: len(x)], None if pooled is None else pooled[: len(x)], None, now)
+        if any(v.status is not Status.OK for v in out):
+            raise RuntimeError(f"the bench's verdicts were refused ({out[0].reason}): it would time the wrong path")
         t4 = clock()
         for v in out:
             pub.send_multipart(encode_verdict(v), copy=False)
