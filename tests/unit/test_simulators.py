@@ -463,21 +463,27 @@ def _recv(sock: zmq.Socket[Any], n: int, timeout_ms: int = 5000) -> list[list[by
 class TestCameraOverZeroMQ:
     """The camera against a real PULL socket."""
 
-    def test_main_sends_n_decodable_frames(self, tmp_path: Path) -> None:
-        """`main --count N --fps 0` sends N labelled frames with seqs 0..N-1 and writes its report."""
+    @staticmethod
+    def run_main(args: list[str], report: Path, messages: int) -> tuple[list[int], list[Any]]:
+        """`tdn camera` main with args (and --fps 0 --quiet) against a PULL socket: exit codes and decoded frames."""
         ctx: zmq.Context[Any] = zmq.Context()
         pull, endpoint = _pull(ctx)
-        report = tmp_path / "camera.json"
-        argv = ["--endpoint", endpoint, "--count", "12", "--fps", "0", "--report", str(report), "--quiet"]
+        argv = ["--endpoint", endpoint, "--fps", "0", "--report", str(report), "--quiet", *args]
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(camera_mod.main(argv)))
         thread.start()
         try:
-            frames = [decode_frame(parts) for parts in _recv(pull, 12)]
+            frames = [decode_frame(parts) for parts in _recv(pull, messages)]
         finally:
             thread.join(10)
             pull.close()
             ctx.term()
+        return result, frames
+
+    def test_main_sends_n_decodable_frames(self, tmp_path: Path) -> None:
+        """`main --count N --fps 0` sends N labelled frames with seqs 0..N-1 and writes its report."""
+        report = tmp_path / "camera.json"
+        result, frames = self.run_main(["--count", "12"], report, 12)
         assert result == [0]
         assert [f.seq for f in frames] == list(range(12))
         assert {f.camera_id for f in frames} == {"cam1"} and all(f.label in NEU_CLASSES for f in frames)
@@ -488,20 +494,8 @@ class TestCameraOverZeroMQ:
 
     def test_several_images_a_message(self, tmp_path: Path) -> None:
         """`--images 4 --count 10`: strips of 4, 4 and 2 images, seqs 0, 4, 8, a label per image, sent counts images."""
-        ctx: zmq.Context[Any] = zmq.Context()
-        pull, endpoint = _pull(ctx)
         report = tmp_path / "camera.json"
-        argv = ["--endpoint", endpoint, "--count", "10", "--fps", "0", "--images", "4", "--report", str(report),
-                "--quiet"]
-        result: list[int] = []
-        thread = threading.Thread(target=lambda: result.append(camera_mod.main(argv)))
-        thread.start()
-        try:
-            frames = [decode_frame(parts) for parts in _recv(pull, 3)]
-        finally:
-            thread.join(10)
-            pull.close()
-            ctx.term()
+        result, frames = self.run_main(["--count", "10", "--images", "4"], report, 3)
         assert result == [0]
         assert [(f.seq, f.images, f.height) for f in frames] == [(0, 4, 800), (4, 4, 800), (8, 2, 400)]
         assert all(f.labels is not None and len(f.labels) == f.images and set(f.labels) <= set(NEU_CLASSES)
