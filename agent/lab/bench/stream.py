@@ -200,7 +200,11 @@ def run(args: argparse.Namespace) -> int:
     import psutil
 
     from agent.testing import start_agent
+    from protocol import MAX_DIM
 
+    # The cameras replay 200x200 NEU-DET (or synthetic) images: a strip is at most MAX_DIM rows.
+    if not 1 <= args.images <= MAX_DIM // 200:
+        raise SystemExit(f"--images must be 1..{MAX_DIM // 200} for the bench's 200x200 images")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
