@@ -126,6 +126,13 @@ class AgentSettings(BaseSettings):
         MAX_FRAME_MESSAGE, ge=1024, le=MAX_FRAME_MESSAGE,
         description="largest frame message read; larger ones are answered rejected/oversized (the heartbeat says it)",
     )
+    # libzmq bounds each message part, not a message's parts (agent/memguard.py says why): past this growth over
+    # the resident set at READY, the frame connection filling memory is dropped. It covers 10 cameras of 16 MiB
+    # frames with their queues, and keeps native TensorFlow (~760 MiB) under the unit's MemoryHigh=1536M.
+    memory_guard_mb: int = Field(
+        512, ge=0, le=1_048_576,
+        description="RSS growth over READY (MiB) past which the frame connection filling memory is dropped (0: off)",
+    )
     seq_window: int = Field(
         4096, ge=1, le=1_000_000, description="seqs remembered per camera: a repeat within them is duplicate_seq"
     )
@@ -144,9 +151,11 @@ class AgentSettings(BaseSettings):
         None, ge=0.0, description="out-of-distribution score above which a frame is decided review"
     )
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="seconds between heartbeats")
+    # 1: after a restart, verdicts published before the line's bridge has reconnected would go nowhere (PUB keeps
+    # no history); the bridge reconnects within ZeroMQ's reconnect interval, long before the model is loaded.
     ready_subscribers: int = Field(
-        0, ge=0, le=1000,
-        description="hold READY (frames unread) until this many bridges subscribed to heartbeats, or ready_wait_s",
+        1, ge=0, le=1000,
+        description="hold READY (frames unread) until this many heartbeat subscribers came, or ready_wait_s (0: off)",
     )
     ready_wait_s: float = Field(
         10.0, gt=0, le=3600, description="the longest READY waits for ready_subscribers; then it serves anyway"

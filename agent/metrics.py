@@ -129,6 +129,8 @@ class Metrics:
                                     registry=r)
         self.auth_denied = Counter("tdn_auth_denied", "Refused CURVE handshakes, by socket and reason",
                                    ["socket", "reason"], registry=r)
+        self.peers_dropped = Counter("tdn_peers_dropped", "Frame connections dropped to keep memory under the "
+                                     "guard (agent/memguard.py), by reason", ["reason"], registry=r)
         self.ready = Gauge("tdn_ready", "1 once warmed up and serving, 0 while starting or draining", registry=r)
         # Label children resolved once: a .labels() lookup per frame would cost a lock and a dict build.
         self._verdict: dict[tuple[str, str, str | None], Any] = {}

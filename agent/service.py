@@ -22,6 +22,7 @@ from agent.control import Controller, for_agent
 from agent.intake import admit
 from agent.line import Inferred, InFlight, Job, Line
 from agent.logging import RateLimited, get_logger
+from agent.memguard import Drop, FrameConnections, MemoryGuard, Resident, Watch, release_large_blocks
 from agent.metrics import Health, Metrics, MetricsServer, start_server
 from agent.sdnotify import Notifier
 from agent.serving import Loader, heartbeat, run_job
@@ -76,6 +77,7 @@ class Agent:
         self._start_mono = beacon.start_mono  # uptime counts from the launch on every backend
         self._metrics_server: MetricsServer | None = None
         self.curve = beacon.curve
+        self.memguard: Watch | None = None
 
     # --- phases ---
 
@@ -106,6 +108,7 @@ class Agent:
         # collection walks all of it, 130 ms here, and stalls every frame in flight; frozen, it is never walked.
         gc.collect()
         gc.freeze()
+        self._guard_memory()
         self._set_state(AgentState.READY)
         self.ready_s = time.monotonic() - self._start_mono
         log.info("ready", frames=self.frames_endpoint, publish=self.publish_endpoint, control=self.control_endpoint,
@@ -265,6 +268,23 @@ class Agent:
         self.pull.bind(self.s.frames_endpoint)
         self.frames_endpoint = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
 
+    def _guard_memory(self) -> None:
+        """Start the memory guard's thread: its limit is the resident set now (loaded, warmed) plus the setting."""
+        if not self.s.memory_guard_mb or self.frames_endpoint.startswith("inproc://"):
+            return  # inproc peers are this process's own code, and have no connection to drop
+        release_large_blocks()
+        resident = Resident()
+        limit = resident() + self.s.memory_guard_mb * (1 << 20)
+        warn = RateLimited(log)
+
+        def dropped(peer: str, verdict: Drop, rss: int) -> None:
+            self.metrics.peers_dropped.labels(verdict.reason).inc()
+            warn.warning("peer dropped", f"memory:{verdict.reason}", peer=peer, reason=verdict.reason,
+                         rss_mib=rss >> 20, limit_mib=limit >> 20, sample_mib=round(verdict.sent / (1 << 20), 1))
+
+        self.memguard = Watch(MemoryGuard(limit), FrameConnections(self.frames_endpoint), dropped, resident=resident)
+        self.memguard.start()
+
     def _bind_control(self) -> None:
         """The REP socket of SPEC 12 (operator commands), when control_endpoint is set."""
         if self.s.control_endpoint is None:
@@ -394,6 +414,8 @@ class Agent:
         for t in self._threads:
             t.join(timeout=2.0)
         self.loader.close()
+        if self.memguard is not None:
+            self.memguard.stop()
         assert self.line is not None
         log.info("stopped", **self.line.counters(), outstanding=self.line.outstanding)
         for sock in (self.wake, self.control):

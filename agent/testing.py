@@ -142,10 +142,13 @@ def start_agent(log: Path, settings: Mapping[str, Any] | None = None, *, wait: s
     find-a-free-port-then-close race between processes. `prefix` wraps the command (for example
     `ip netns exec NS`, which execs it in place, so the process is still the agent).
     """
-    level = str((settings or {}).get("log_level", "INFO")).upper()
+    # The agent's default holds READY until a bridge subscribed; callers here subscribe once it is up, so they
+    # ask for no wait unless they say otherwise (None: the agent's default, as the demo and its tests do).
+    settings = {"ready_subscribers": 0, **(settings or {})}
+    level = str(settings.get("log_level", "INFO")).upper()
     if level not in ("DEBUG", "INFO"):
         raise ValueError(f"log_level {level}: the launcher waits for the agent's info events (publishing, ready)")
-    cmd = agent_command(settings or {}, python)
+    cmd = agent_command(settings, python)
     if cpus:
         cmd = ["taskset", "-c", ",".join(str(c) for c in cpus), *cmd]
     cmd = [*prefix, *cmd]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +97,54 @@ def zctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+class RawPeer:
+    """ZMTP 3.0 written by hand (NULL mechanism, PUSH): it can claim any length, or never finish a message."""
+
+    GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31)
+    READY = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 4) + b"PUSH"
+
+    def __init__(self, endpoint: str) -> None:
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        self.reset = False
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock.sendall(self.GREETING)
+        self._read(64)
+        self.sock.sendall(bytes([0x04, len(self.READY)]) + self.READY)
+        flags, size = self._read(2)
+        assert flags == 0x04 and self._read(size).startswith(b"\x05READY")
+
+    def _read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            assert chunk, "the agent closed the connection during the handshake"
+            out += chunk
+        return out
+
+    def part(self, body: bytes, more: bool, claimed: int | None = None) -> None:
+        """One message part; `claimed` writes a long length field that the body does not have to match."""
+        n = len(body) if claimed is None else claimed
+        flags = int(more) | (0x02 if n > 255 or claimed is not None else 0)
+        size = struct.pack(">Q", n) if flags & 0x02 else bytes([n])
+        try:
+            self.sock.sendall(bytes([flags]) + size)
+            self.sock.sendall(body)
+        except (ConnectionResetError, BrokenPipeError):
+            self.reset = True  # the agent closed it while we were still writing
+
+    def closed_by_agent(self, timeout_s: float = 10) -> bool:
+        """Whether the agent closes the connection (within timeout_s) rather than waiting for more."""
+        if self.reset:
+            return True
+        self.sock.settimeout(timeout_s)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()

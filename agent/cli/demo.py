@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import TdnError
-from agent.testing import start_agent
+from agent.testing import start_agent, wait_ready
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,18 +91,19 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        agent = start_agent(agent_log, settings)
+        # The agent's default: it reads no frame until a bridge subscribed, so the bridge sees every verdict.
+        agent = start_agent(agent_log, {**settings, "ready_subscribers": None}, wait="publishing")
         procs.append(agent.proc)
-        frames, publish = agent.frames, agent.publish
-        ready = agent.event("ready") or {}
-        print(f"agent ready in {time.monotonic() - t0:.1f} s: model {ready.get('model_id', '?')}", flush=True)
+        publish = agent.publish
         bridge = subprocess.Popen(
             [py, "-m", "simulators.plc_bridge", "--endpoint", publish, "--report", str(out / "bridge.json"),
              "--timeout", str(args.seconds + 30)], env=env)
         procs.append(bridge)
         if args.console:
             procs.append(_start_console(py, env, publish, out))
-        time.sleep(0.5)  # let the bridge subscribe before the first verdict (PUB has no history)
+        frames = wait_ready(agent).frames
+        ready = agent.event("ready") or {}
+        print(f"agent ready in {time.monotonic() - t0:.1f} s: model {ready.get('model_id', '?')}", flush=True)
         cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
                    "--fps", str(args.fps), "--shuffle", "--report", str(out / "cameras.json"), "--quiet"]
         if data:

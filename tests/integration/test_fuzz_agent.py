@@ -4,8 +4,9 @@ How the agent bounds a message (SPEC 1, 4.1, 9): its PULL socket sets ZMQ_MAXMSG
 (agent/service.py), which libzmq applies to every message *part* as it reads the part's length field: a bigger
 part closes the connection before anything is allocated, silently (nothing is counted; SPEC 1 says so). A
 message whose parts are all within that is buffered whole by libzmq, then measured against max_frame_bytes by
-agent.intake.admit and answered rejected/oversized (counted). Memory is therefore bounded per part and per
-queued message (RCVHWM), not per multipart message: the number of parts is not limited (see the last tests).
+agent.intake.admit and answered rejected/oversized (counted). libzmq does not limit the number of parts, so
+the agent's memory guard (agent/memguard.py, TestMemoryGuard) bounds the whole: past memory_guard_mb it drops the
+connection filling memory.
 
 Memory is the agent process's own VmRSS from /proc/<pid>/status, and its peak over a phase: VmHWM after a reset
 through /proc/<pid>/clear_refs where the kernel allows it, and a 5 ms sampler of VmRSS always.
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -31,9 +30,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from agent.security import make_keypair
 from agent.service import MAX_PART_BYTES
-from agent.testing import AgentProcess
+from agent.testing import AgentProcess, wait_for
 from protocol import MAX_DIM, MAX_PAYLOAD_BYTES, VERDICT_PREFIX, Encoding, Heartbeat, Status, Verdict
 from simulators.common import curve_client_keys, make_curve_client
+from tests.conftest import RawPeer
 from tests.integration.conftest import collect, subscriber, wait_drained, wait_subscribed
 from tests.integration.test_line import gray_frame
 from tests.unit.test_fuzz_frames import Cameras, Sample, check_ok, make_sample, random_side
@@ -123,56 +123,6 @@ def pusher(zctx: zmq.Context[Any], endpoint: str, keys: Any = None) -> zmq.Socke
     make_curve_client(push, keys)
     push.connect(endpoint)
     return push
-
-
-class RawPeer:
-    """ZMTP 3.0 written by hand (NULL mechanism, PUSH): it can claim any length, or never finish a message."""
-
-    GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31)
-    READY = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 4) + b"PUSH"
-
-    def __init__(self, endpoint: str) -> None:
-        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
-        self.reset = False
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.sock.sendall(self.GREETING)
-        self._read(64)
-        self.sock.sendall(bytes([0x04, len(self.READY)]) + self.READY)
-        flags, size = self._read(2)
-        assert flags == 0x04 and self._read(size).startswith(b"\x05READY")
-
-    def _read(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            assert chunk, "the agent closed the connection during the handshake"
-            out += chunk
-        return out
-
-    def part(self, body: bytes, more: bool, claimed: int | None = None) -> None:
-        """One message part; `claimed` writes a long length field that the body does not have to match."""
-        n = len(body) if claimed is None else claimed
-        flags = int(more) | (0x02 if n > 255 or claimed is not None else 0)
-        size = struct.pack(">Q", n) if flags & 0x02 else bytes([n])
-        try:
-            self.sock.sendall(bytes([flags]) + size + body)
-        except (ConnectionResetError, BrokenPipeError):
-            self.reset = True  # the agent closed it while we were still writing
-
-    def closed_by_agent(self, timeout_s: float = 10) -> bool:
-        """Whether the agent closes the connection (within timeout_s) rather than waiting for more."""
-        if self.reset:
-            return True
-        self.sock.settimeout(timeout_s)
-        try:
-            return self.sock.recv(1) == b""
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def frame_header(camera: str, seq: int, w: int = MAX_DIM, h: int = MAX_DIM) -> bytes:
@@ -374,6 +324,115 @@ class TestHostilePeers:
             assert mem.rss() - mem.baseline < 4 * 16 * MiB  # half of what was held
         assert delta(before, after) == {}
         assert answers_ok(push, sub, "good", 1)
+
+
+# --- the memory guard (agent/memguard.py) ---
+
+GUARD = 160 * MiB  # memory_guard_mb of the guarded agent: ten 16 MiB parts
+# What the resident set may rise past the guard: what arrives between two looks (10 ms) and during the 10 ms sample
+# that finds the culprit, at loopback speed, plus the allocator's slack. The README quotes the measured peak.
+GUARD_MARGIN = 64 * MiB
+# Resident growth left once the dropped peers' memory is freed (glibc maps big blocks on its own, so it is returned).
+RETURNED = 3 * 16 * MiB
+
+
+def dropped(agent: AgentProcess) -> list[str]:
+    """The reasons of the agent's "peer dropped" log events so far."""
+    return [str(e["reason"]) for e in agent.events() if e.get("event") == "peer dropped"]
+
+
+class Steady:
+    """A good camera sending 200x200 frames at ~100/s on its own connection, until stopped."""
+
+    def __init__(self, zctx: zmq.Context[Any], endpoint: str) -> None:
+        self.push = pusher(zctx, endpoint)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.push.send_multipart(gray_frame("steady", self.sent))
+            self.sent += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.sent
+
+
+class TestMemoryGuard:
+    """Past memory_guard_mb, the connection filling memory is dropped; the agent, and other cameras, serve on."""
+
+    @pytest.fixture
+    def guarded(self, start_agent: Any, zctx: zmq.Context[Any]) -> tuple[AgentProcess, zmq.Socket[Any]]:
+        agent = start_agent(memory_guard_mb=GUARD // MiB, rcvhwm=RCVHWM, explain_interval_s=0,
+                            shed_deadline_ms=60_000)
+        sub = subscriber(zctx, agent.publish)
+        wait_subscribed(sub)
+        assert answers_ok(pusher(zctx, agent.frames), sub, "warm", 0)
+        return agent, sub
+
+    @pytest.mark.hang_guard(300)
+    def test_a_peer_filling_memory_is_dropped_alone(self, guarded: Any, zctx: zmq.Context[Any]) -> None:
+        """Five 1 GiB messages (64 parts of 16 MiB) stay under the guard; only the sender is dropped, every time."""
+        agent, sub = guarded
+        steady = Steady(zctx, agent.frames)
+        part = bytes(MAX_PAYLOAD_BYTES)
+        with measured(agent) as mem:
+            try:
+                for _ in range(5):
+                    peer = RawPeer(agent.frames)
+                    peer.part(b"frame/bomb/", more=True)
+                    peer.part(frame_header("bomb", 0), more=True)
+                    for _ in range(64):
+                        peer.part(part, more=True)
+                        if peer.reset:
+                            break
+                    assert peer.closed_by_agent()
+                    peer.close()
+            finally:
+                sent = steady.stop()
+            assert wait_for(lambda: mem.rss() - mem.baseline < RETURNED or None, 10, "memory given back")
+            print("\n" + mem.report(f"5 x 1 GiB messages, guard {GUARD // MiB} MiB"))
+            assert mem.peak_growth() < GUARD + GUARD_MARGIN
+        assert dropped(agent) == ["filling"] * 5
+        got = collect(sub, lambda m: sum(isinstance(v, Verdict) and v.camera_id == "steady" for v in m) >= sent, 60)
+        # The good camera's connection was never dropped: every frame it sent is answered, once, in order.
+        assert [(v.seq, v.status) for v in got if isinstance(v, Verdict) and v.camera_id == "steady"] == [
+            (s, Status.OK) for s in range(sent)]
+        assert sent > 50
+
+    @pytest.mark.hang_guard(300)
+    def test_memory_held_by_idle_peers_drops_every_connection(self, guarded: Any,
+                                                                zctx: zmq.Context[Any]) -> None:
+        """Unfinished messages trickled in below the guard's burst: every frame connection goes, memory comes back,
+        and the cameras reconnect and are answered."""
+        agent, sub = guarded
+        push = pusher(zctx, agent.frames)
+        assert answers_ok(push, sub, "cam", 0)
+        with measured(agent) as mem:
+            peers = [RawPeer(agent.frames) for _ in range(2)]
+            for i, peer in enumerate(peers):
+                peer.part(b"frame/held/", more=True)
+                peer.part(frame_header("held", i), more=True)
+            # 128 KiB parts (from the heap, not mapped on their own) every 10 ms from each: ~25 MB/s together, a
+            # quarter of the guard's burst, until it acts.
+            for _ in range(2000):
+                for peer in peers:
+                    peer.part(bytes(MiB // 8), more=True)
+                if all(p.reset for p in peers) or dropped(agent):
+                    break
+                time.sleep(0.01)
+            assert all(p.closed_by_agent() for p in peers)
+            for p in peers:
+                p.close()
+            assert wait_for(lambda: mem.rss() - mem.baseline < RETURNED or None, 10, "memory given back")
+            print("\n" + mem.report(f"2 peers trickling unfinished messages, guard {GUARD // MiB} MiB"))
+            assert mem.peak_growth() < GUARD + GUARD_MARGIN
+        assert set(dropped(agent)) == {"holding"}
+        assert answers_ok(push, sub, "cam", 1)  # the camera's connection went too; it reconnected by itself
 
 
 # --- the part limit under CURVE ---

@@ -48,11 +48,11 @@ class TestInstantHeartbeat:
 
 
 class TestReadyWaitsForSubscribers:
-    """TDN_READY_SUBSCRIBERS holds READY (and the frame socket) until that many bridges subscribed."""
+    """TDN_READY_SUBSCRIBERS (default 1) holds READY (and the frame socket) until that many bridges subscribed."""
 
     def test_ready_after_the_bridge_and_first_verdict_seen(self, start_agent: Any, zctx: zmq.Context[Any]) -> None:
-        """The agent stays starting until a bridge subscribes; that bridge then sees the very first verdict."""
-        agent = start_agent(wait="publishing", ready_subscribers=1, ready_wait_s=600)
+        """By default the agent stays starting until a bridge subscribes; that bridge sees the very first verdict."""
+        agent = start_agent(wait="publishing", ready_subscribers=None, ready_wait_s=600)  # None: the default
         waiting = agent.wait_event("waiting for subscribers", 180)
         assert waiting["want"] == 1
         time.sleep(1.0)
