@@ -44,10 +44,10 @@ class Launcher:
               ready_timeout: float = 120, **settings: Any) -> AgentProc:
         """Start `tdn agent` with these settings and wait until /readyz answers 200 (noting what it said before)."""
         port = metrics_port or free_port()
-        values = {"frames_endpoint": frames, "publish_endpoint": publish, "metrics_port": port, **settings}
+        endpoints = {"frames_endpoint": frames, "publish_endpoint": publish}
+        values = {**{k: v for k, v in endpoints.items() if v is not None}, "metrics_port": port, **settings}
         log = self.tmp_path / f"agent{len(self.started)}.log"
-        base = start_agent(log, {k: v for k, v in values.items() if v is not None}, wait="publishing",
-                           ready_timeout_s=ready_timeout)
+        base = start_agent(log, values, wait="publishing", ready_timeout_s=ready_timeout)
         agent = AgentProc(base.proc, base.log, publish=base.publish, metrics_port=port)
         self.started.append(agent)
 

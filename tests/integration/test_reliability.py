@@ -308,7 +308,8 @@ class TestCrash:
     """SIGKILL mid-stream, then a restart on the same endpoints."""
 
     def test_kill_and_restart(self, launcher: Launcher, bmp_source: Path, tmp_path: Path) -> None:
-        """The camera reconnects by itself; the bridge sees the new epoch and fail-safes every lost frame once."""
+        """The camera reconnects by itself; the bridge, back before the agent serves, sees the new epoch and
+        fail-safes every lost frame once."""
         first = launcher.start(explain_interval_s=0)
         report = tmp_path / "bridge.json"
         bridge = start_bridge(first.publish, report, "--first-seq", "0", "--verdict-timeout", "1", "--timeout", "90")
@@ -321,8 +322,9 @@ class TestCrash:
             time.sleep(3.0)
             first.kill()
             seq_at_kill = camera.stats.next_seq
+            # The default ready_subscribers (None: 1): the restarted agent reads no frame before the bridge is back.
             second = launcher.start(frames=first.frames, publish=first.publish, metrics_port=first.metrics_port,
-                                    explain_interval_s=0)
+                                    explain_interval_s=0, ready_subscribers=None)
             seq_at_ready = camera.stats.next_seq
             time.sleep(3.0)
         finally:
@@ -340,6 +342,8 @@ class TestCrash:
               f"{r['verdicts']}, gaps {r['gaps']}, camera timeouts {camera.stats.timed_out}, restarts "
               f"{r['agent_restarts']}, lost {r['agent_lost']}")
         assert r["agent_restarts"] >= 1
+        # No verdict of the new epoch went out before the bridge had resubscribed (none lost to slow joining).
+        assert second.event("waiting for subscribers") and not second.event("serving without every subscriber")
         assert r["agents"]["agent1"]["epoch"] != 0 and not r["agents"]["agent1"]["lost"]
         assert highest > seq_at_ready, "no verdict after the restart: the camera did not reconnect"
         assert r["duplicates"] == 0
