@@ -40,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also queue for review every ok verdict less confident than CONF (for agents that "
                         "publish no review decision; 0 = off)")
     p.add_argument("--rcvhwm", type=int, default=None,
-                   help="SUB receive queue (small: the console drops, not the agent)")
+                   help="SUB receive queue, messages (default 100000: the console drops, counting, not libzmq)")
+    p.add_argument("--max-rate", type=int, default=None, metavar="N",
+                   help="messages decoded per second at most; beyond, the console drops and counts them, so it "
+                        "never takes more CPU from the agent (default 5000: about a quarter of a core)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     p.add_argument("--control", action="append", default=[], metavar="AGENT_ID=ENDPOINT",
                    help="the control_endpoint of an agent whose thresholds this console may change (repeatable; "
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     from agent.console.app import create_app
     from agent.console.state import ConsoleState
-    from agent.console.subscriber import DEFAULT_RCVHWM, Subscriber
+    from agent.console.subscriber import DEFAULT_MAX_RATE, DEFAULT_RCVHWM, Subscriber
     from simulators.common import DEFAULT_OUTPUT_ENDPOINT, CurveKeyError, curve_options
 
     host, port = parse_listen(args.listen)
@@ -137,7 +140,10 @@ def run(args: argparse.Namespace) -> int:
     closing = threading.Event()
     hosts = {f"{h}:{port}" for h in ("127.0.0.1", "localhost", "[::1]")}
     app = create_app(state, lock, token=token, allowed_hosts=hosts, closing=closing, control=control)
-    sub = Subscriber(state, lock, endpoints, curve=curve, rcvhwm=args.rcvhwm or DEFAULT_RCVHWM)
+    if args.max_rate is not None and args.max_rate < 1:
+        raise TdnError("--max-rate must be >= 1")
+    sub = Subscriber(state, lock, endpoints, curve=curve, rcvhwm=args.rcvhwm or DEFAULT_RCVHWM,
+                     max_rate=args.max_rate or DEFAULT_MAX_RATE)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

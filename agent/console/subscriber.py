@@ -1,10 +1,10 @@
-"""The console's ZeroMQ side: a receiving thread that never blocks on the agent and a decoding thread feeding state."""
+"""The console's ZeroMQ side: one thread that takes what arrived each tick, within a budget, and feeds the state."""
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
+import time
+from collections import Counter
 from typing import Any
 
 import zmq
@@ -14,36 +14,35 @@ from protocol import EXPLAIN_PREFIX, HEARTBEAT_PREFIX, VERDICT_PREFIX, Explanati
 from protocol import decode as decode_message
 from simulators.common import CurveKeys, make_curve_client
 
-# Small on purpose: when the console is slow, ZeroMQ drops for it instead of buffering the agent's rate in RAM.
-DEFAULT_RCVHWM = 2000
-DEFAULT_QUEUE = 4000
-# Both threads work in batches, not per message: woken per verdict, they cost ~100-150 us of CPU a verdict at
-# 2,000/s (GIL and futex hand-offs between them), CPU taken from the agent on a small line PC. The receiver
-# drains the socket every RECEIVE_TICK_S (its RCVHWM holds a second at 2,000/s), the decoder every APPLY_TICK_S;
-# the page still shows a verdict well within its 1 s.
-RECEIVE_TICK_S = 0.01
-APPLY_TICK_S = 0.05
+# Large enough that libzmq never drops for the console between two ticks (it would not be counted); the
+# budget below is what bounds the work.
+DEFAULT_RCVHWM = 100_000
+# The most messages decoded a second; beyond it the console drops (and counts) rather than take more CPU from the
+# agent on the same small machine: at ~50 us a verdict, 5,000/s is a quarter of one core.
+DEFAULT_MAX_RATE = 5_000
+# Work in ticks, not per message: woken per verdict, the console's threads cost 96-147 us of CPU a verdict at
+# 2,000/s (GIL and futex hand-offs); the page still shows a verdict well within its 1 s.
+TICK_S = 0.02
 
 
 class Subscriber:
-    """SUB to every endpoint; receive into a bounded queue (counting what does not fit), decode into state."""
+    """SUB to every endpoint; each tick, decode what arrived into the state, up to the budget, and count the rest."""
 
     def __init__(self, state: ConsoleState, lock: threading.Lock, endpoints: list[str], *,
-                 curve: CurveKeys | None = None, rcvhwm: int = DEFAULT_RCVHWM, queue_size: int = DEFAULT_QUEUE) -> None:
+                 curve: CurveKeys | None = None, rcvhwm: int = DEFAULT_RCVHWM,
+                 max_rate: int = DEFAULT_MAX_RATE) -> None:
         self.state = state
         self.lock = lock
         self.endpoints = endpoints
         self.curve = curve
         self.rcvhwm = rcvhwm
-        self._queue: queue.Queue[list[bytes]] = queue.Queue(maxsize=queue_size)
-        # Heartbeats carry liveness and fail-safe state: a separate lane so a flood of verdicts never drops them.
-        self._beats: queue.Queue[list[bytes]] = queue.Queue(maxsize=256)
+        self.max_rate = max_rate
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._ctx: zmq.Context[Any] = zmq.Context()
 
     def start(self) -> None:
-        """Connect and start both threads."""
+        """Connect and start the thread."""
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
         sock.setsockopt(zmq.LINGER, 0)
@@ -52,53 +51,53 @@ class Subscriber:
             sock.setsockopt(zmq.SUBSCRIBE, prefix)
         for endpoint in self.endpoints:
             sock.connect(endpoint)
-        self._threads = [
-            threading.Thread(target=self._receive, args=(sock,), name="console-recv", daemon=True),
-            threading.Thread(target=self._apply, name="console-apply", daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._run, args=(sock,), name="console-sub", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Stop both threads and close the socket."""
+        """Stop the thread and close the socket."""
         self._stop.set()
-        for t in self._threads:
-            t.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
         self._ctx.destroy(linger=0)
 
-    def _receive(self, sock: zmq.Socket[Any]) -> None:
+    def _run(self, sock: zmq.Socket[Any]) -> None:
+        last = time.monotonic()
         try:
-            while not self._stop.is_set():
-                if not sock.poll(100, zmq.POLLIN):
-                    continue
-                for _ in range(self.rcvhwm):
-                    try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    lane = self._beats if parts[0].startswith(HEARTBEAT_PREFIX) else self._queue
-                    try:
-                        lane.put_nowait(parts)
-                    except queue.Full:
-                        kind = parts[0].split(b"/", 1)[0].decode("ascii", "replace")[:16] or "?"
-                        with self.lock:
-                            self.state.on_dropped(kind)
-                self._stop.wait(RECEIVE_TICK_S)
+            while not self._stop.wait(TICK_S):
+                now = time.monotonic()
+                # The budget is the rate times the time since the last take (a tick plus the last one's work).
+                batch, dropped = self.take(sock, max(1, int(self.max_rate * min(now - last, 1.0))))
+                last = now
+                # One lock per tick, not per message; the page's readers wait at most one batch.
+                with self.lock:
+                    for kind, n in dropped.items():
+                        self.state.on_dropped(kind, n)
+                    for parts in batch:
+                        self._handle(parts)
+                    self.state.tick()
         finally:
             sock.close(linger=0)
 
-    def _apply(self) -> None:
-        while not self._stop.wait(APPLY_TICK_S):
-            batch: list[list[bytes]] = []
-            for lane in (self._beats, self._queue):  # heartbeats first: liveness must not wait behind verdicts
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        batch.append(lane.get_nowait())
-            # One lock per batch, not per message; the page's readers wait at most one batch.
-            with self.lock:
-                for parts in batch:
-                    self._handle(parts)
-                self.state.tick()
+    def take(self, sock: zmq.Socket[Any], budget: int) -> tuple[list[list[bytes]], Counter[str]]:
+        """What arrived since the last tick: up to `budget` to decode (heartbeats always: they carry liveness), the
+        rest received and dropped, counted by kind. Bounded, so a flood cannot hold the thread."""
+        batch: list[list[bytes]] = []
+        dropped: Counter[str] = Counter()
+        decoded = 0
+        for _ in range(budget + self.rcvhwm):
+            try:
+                parts = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if parts[0].startswith(HEARTBEAT_PREFIX):
+                batch.append(parts)
+            elif decoded < budget:
+                batch.append(parts)
+                decoded += 1
+            else:
+                dropped[parts[0].split(b"/", 1)[0].decode("ascii", "replace")[:16] or "?"] += 1
+        return batch, dropped
 
     def _handle(self, parts: list[bytes]) -> None:
         try:

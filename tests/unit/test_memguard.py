@@ -107,24 +107,19 @@ class TestFrameConnections:
         a.close()
         b.close()
 
-    def test_a_dropped_peer_is_closed_and_its_memory_freed(self, pull: zmq.Socket[Any]) -> None:
-        """shutdown() from outside makes libzmq close the connection and free the unfinished message's parts."""
-        resident = Resident()
+    def test_a_dropped_peer_is_closed(self, pull: zmq.Socket[Any]) -> None:
+        """shutdown() from outside makes libzmq close the connection (and so free the unfinished message's parts:
+        measured on the agent's own process in tests/integration/test_fuzz_agent.py::TestMemoryGuard)."""
         conns = FrameConnections(endpoint(pull))
-        before = resident()
-        peer = unfinished(endpoint(pull), 64)
-        fds = wait_for(lambda: (lambda r: r if r and max(r.values()) >= 64 * MiB else None)(conns.received()), 10,
-                       "64 MiB received")
-        assert resident() - before > 48 * MiB
+        peer = unfinished(endpoint(pull), 16)
+        fds = wait_for(lambda: (lambda r: r if r and max(r.values()) >= 16 * MiB else None)(conns.received()), 10,
+                       "16 MiB received")
         (fd,) = fds
         assert conns.drop(fd) is not None
         assert peer.closed_by_agent(5)
-        trim()
-        wait_for(lambda: resident() - before < 16 * MiB or None, 5, "memory freed")
-        assert conns.received() == {}
+        wait_for(lambda: conns.received() == {} or None, 5, "libzmq closed it")
         assert conns.drop(fd) is None  # gone: nothing to drop twice
         peer.close()
-        resident.close()
 
     def test_other_descriptors_are_never_dropped(self, pull: zmq.Socket[Any], tmp_path: Any) -> None:
         """A file, another socket's connection, or a closed descriptor: drop() leaves it alone."""
