@@ -37,21 +37,44 @@ class Drop:
 
 
 class MemoryGuard:
-    """The policy: act when the resident set is over the limit, then wait `settle_s` for the memory to come back."""
+    """The policy: act when the resident set is `allowance` over its base, then wait `settle_s` for it to come back.
 
-    def __init__(self, limit_bytes: int, *, burst_bytes: int = MiB, settle_s: float = 0.25,
+    Growth that is not the peers' is not fought: when dropping every connection left the memory over the limit, or
+    a model was loaded beside the serving one, the base moves up to where the memory is (`rebase`).
+    """
+
+    def __init__(self, base_bytes: int, allowance_bytes: int, *, burst_bytes: int = MiB, settle_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if limit_bytes <= 0:
-            raise ValueError(f"limit_bytes must be > 0, got {limit_bytes}")
-        self.limit = limit_bytes
+        if allowance_bytes <= 0:
+            raise ValueError(f"allowance_bytes must be > 0, got {allowance_bytes}")
+        self.allowance = allowance_bytes
+        self.limit = base_bytes + allowance_bytes
         self.burst = burst_bytes
         self.settle_s = settle_s
         self.clock = clock
         self._quiet_until = float("-inf")
+        self._last: Drop | None = None
 
     def due(self, rss: int) -> bool:
-        """Whether `rss` calls for dropping a connection now."""
-        return rss > self.limit and self.clock() >= self._quiet_until
+        """Whether `rss` calls for dropping a connection now (False, and a new base, when dropping did not help)."""
+        if rss <= self.limit:
+            self._last = None  # whatever was dropped last, the memory came back
+            return False
+        if self.clock() < self._quiet_until:
+            return False
+        if self._last is not None and self._last.reason == "holding":
+            # Every connection went, and what they held with them: what is still here is the agent's own.
+            self.rebase(rss)
+            return False
+        return True
+
+    def rebase(self, rss: int) -> bool:
+        """Move the base up to `rss` (never down); whether the limit rose."""
+        self._last = None
+        if rss + self.allowance <= self.limit:
+            return False
+        self.limit = rss + self.allowance
+        return True
 
     def choose(self, before: Mapping[int, int], after: Mapping[int, int]) -> Drop:
         """Given bytes received per connection at two moments a few ms apart, whom to drop.
@@ -67,8 +90,10 @@ class MemoryGuard:
         sent = {fd: n - before.get(fd, 0) for fd, n in after.items()}
         top = max(sent, key=lambda fd: sent[fd], default=None)
         if top is not None and sent[top] >= self.burst:
-            return Drop((top,), "filling", sent[top])
-        return Drop(tuple(sorted(after)), "holding", sent[top] if top is not None else 0)
+            self._last = Drop((top,), "filling", sent[top])
+        else:
+            self._last = Drop(tuple(sorted(after)), "holding", sent[top] if top is not None else 0)
+        return self._last
 
 
 def release_large_blocks(threshold: int = 256 * 1024) -> bool:
@@ -180,10 +205,14 @@ class Watch:
 
     def __init__(self, guard: MemoryGuard, connections: FrameConnections,
                  on_drop: Callable[[str, Drop, int], None], *, interval_s: float = 0.01, sample_s: float = 0.01,
-                 resident: Callable[[], int] | None = None) -> None:
+                 resident: Callable[[], int] | None = None, paused: Callable[[], bool] = lambda: False,
+                 on_rebase: Callable[[int], None] = lambda limit: None) -> None:
         self.guard = guard
         self.connections = connections
         self.on_drop = on_drop  # (peer, verdict, rss): count and log; called on the guard's thread
+        self.paused = paused  # while a model loads beside the serving one: its memory is not a peer's
+        self.on_rebase = on_rebase  # (new limit): log it; called on the guard's thread
+        self._was_paused = False
         self.interval_s = interval_s
         self.sample_s = sample_s
         self._resident = resident or Resident()
@@ -206,7 +235,16 @@ class Watch:
             self._trim_at = None
             trim()
         rss = self._resident()
+        if self.paused():
+            self._was_paused = True
+            return 0
+        if self._was_paused:
+            self._was_paused = False
+            self._rebase(rss)
+        limit = self.guard.limit
         if not self.guard.due(rss):
+            if self.guard.limit != limit:
+                self.on_rebase(self.guard.limit)
             return 0
         before = self.connections.received()
         time.sleep(self.sample_s)
@@ -219,6 +257,10 @@ class Watch:
                 self.on_drop(peer, verdict, rss)
         self._trim_at = self.guard.clock() + TRIM_AFTER_S
         return dropped
+
+    def _rebase(self, rss: int) -> None:
+        if self.guard.rebase(rss):
+            self.on_rebase(self.guard.limit)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

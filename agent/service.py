@@ -274,15 +274,20 @@ class Agent:
             return  # inproc peers are this process's own code, and have no connection to drop
         release_large_blocks()
         resident = Resident()
-        limit = resident() + self.s.memory_guard_mb * (1 << 20)
+        guard = MemoryGuard(resident(), self.s.memory_guard_mb * (1 << 20))
         warn = RateLimited(log)
 
         def dropped(peer: str, verdict: Drop, rss: int) -> None:
             self.metrics.peers_dropped.labels(verdict.reason).inc()
             warn.warning("peer dropped", f"memory:{verdict.reason}", peer=peer, reason=verdict.reason,
-                         rss_mib=rss >> 20, limit_mib=limit >> 20, sample_mib=round(verdict.sent / (1 << 20), 1))
+                         rss_mib=rss >> 20, limit_mib=guard.limit >> 20,
+                         sample_mib=round(verdict.sent / (1 << 20), 1))
 
-        self.memguard = Watch(MemoryGuard(limit), FrameConnections(self.frames_endpoint), dropped, resident=resident)
+        def rebased(limit: int) -> None:
+            log.info("memory guard rebased", limit_mib=limit >> 20)
+
+        self.memguard = Watch(guard, FrameConnections(self.frames_endpoint), dropped, resident=resident,
+                              paused=lambda: self.loader.reloading, on_rebase=rebased)
         self.memguard.start()
 
     def _bind_control(self) -> None:

@@ -177,9 +177,14 @@ class Loader:
                 return Path(text)
         return Path(self.s.model_path)
 
+    @property
+    def reloading(self) -> bool:
+        """Whether a model is loading beside the serving one (readable from any thread)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start_reload(self) -> None:
         """Begin loading the next model beside the serving one (ignored while a reload runs)."""
-        if self._thread is not None and self._thread.is_alive():
+        if self.reloading:
             log.warning("reload already running; request ignored")
             return
         self._thread = threading.Thread(target=self._reload, name="tdn-reload", daemon=True)
