@@ -104,21 +104,21 @@ def release_large_blocks(threshold: int = 256 * 1024) -> bool:
     would stay over the limit, and the guard would drop every camera. A 200x200 frame (40-120 KB) stays on the
     heap. False where this is not glibc.
     """
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        return False
+    return _glibc("mallopt", -3, threshold)  # -3: M_MMAP_THRESHOLD (malloc.h)
 
 
 def trim() -> bool:
     """Give free heap pages back to the system (glibc's malloc_trim): smaller parts come from the heap, and what
     a dropped peer's parts leave there between live blocks is otherwise kept. False where this is not glibc."""
+    return _glibc("malloc_trim", 0)
+
+
+def _glibc(name: str, *args: int) -> bool:
+    """Call one of glibc's allocator functions in this process; False where it has none (not glibc)."""
     import ctypes
 
     try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
+        return bool(getattr(ctypes.CDLL(None), name)(*args))
     except (OSError, AttributeError):
         return False
 
@@ -238,13 +238,14 @@ class Watch:
         if self.paused():
             self._was_paused = True
             return 0
+        limit = self.guard.limit
         if self._was_paused:
             self._was_paused = False
-            self._rebase(rss)
-        limit = self.guard.limit
-        if not self.guard.due(rss):
-            if self.guard.limit != limit:
-                self.on_rebase(self.guard.limit)
+            self.guard.rebase(rss)
+        due = self.guard.due(rss)  # which may rebase too
+        if self.guard.limit != limit:
+            self.on_rebase(self.guard.limit)
+        if not due:
             return 0
         before = self.connections.received()
         time.sleep(self.sample_s)
@@ -257,10 +258,6 @@ class Watch:
                 self.on_drop(peer, verdict, rss)
         self._trim_at = self.guard.clock() + TRIM_AFTER_S
         return dropped
-
-    def _rebase(self, rss: int) -> None:
-        if self.guard.rebase(rss):
-            self.on_rebase(self.guard.limit)
 
     def _run(self) -> None:
         # time.sleep, not Event.wait: a timed Event.wait costs twice the CPU (1.05% against 0.58% of a core at
