@@ -41,12 +41,11 @@ from simulators.common import (
     stop_on_signals,
     write_report,
 )
+from simulators.plc.results import FlushPacer
 
 VERDICT_TIMEOUT_S = 2.0
 DRAIN_AT_STOP_S = 10.0  # at most this long handling what was already queued when the bridge is stopped
 HEARTBEAT_TIMEOUT_S = 3.0
-# How often the outputs get an update at most (the OPC UA event latency target is 20 ms p99).
-FLUSH_PERIOD_S = 0.005
 # Seqs tracked per camera below the highest one; older ones are forgotten so memory stays bounded.
 SEQ_WINDOW = 100_000
 
@@ -662,12 +661,14 @@ def _run(args: argparse.Namespace, endpoints: list[str], curve: Any, tracker: Li
         sock.setsockopt(zmq.SUBSCRIBE, topic)
     for endpoint in endpoints:
         sock.connect(endpoint)
-    last_flush = time.monotonic()
-    deadline = last_flush + args.timeout if args.timeout is not None else math.inf
+    pacer = FlushPacer()
+    deadline = time.monotonic() + args.timeout if args.timeout is not None else math.inf
     try:
         with stop_on_signals(stop):
             while not stop.is_set():
-                if sock.poll(100 if model is None else 5, zmq.POLLIN):
+                # With outputs, wake when the next flush is due: 1-2 ms at low rates, for the OPC UA event latency.
+                timeout = 100 if model is None else math.ceil(1000 * pacer.wait(model.pending))
+                if sock.poll(timeout, zmq.POLLIN):
                     _drain(sock, tracker, model=model)
                     if args.ready_file is not None and tracker.heartbeats and not args.ready_file.exists():
                         args.ready_file.touch()  # PUB keeps no history: from here on nothing is missed
@@ -675,10 +676,8 @@ def _run(args: argparse.Namespace, endpoints: list[str], curve: Any, tracker: Li
                     display.event(str(event))
                     _to_model(model, tracker, event)
                 now = time.monotonic()
-                # Batch a few ms of results per update: each update costs the outputs' threads a fixed overhead.
-                if model is not None and now - last_flush >= FLUSH_PERIOD_S:
-                    model.flush()
-                    last_flush = now
+                if model is not None and pacer.due(model.pending):
+                    pacer.flushed(len(model.flush().results))
                 if display.due(now):  # status_line() sorts thousands of latencies: not on every message
                     display.update(tracker.status_line(), now)
                 if (args.expect is not None and tracker.verdicts >= args.expect) or now >= deadline:

@@ -67,6 +67,43 @@ def topics(line_id: str, camera_id: str | None = None) -> dict[str, str]:
     return out
 
 
+class ReadAheadClient(mqtt.Client):
+    """A paho client that reads what the socket holds in one system call and serves paho's small reads from it.
+
+    paho reads every packet as recv(1), recv(1), recv(rest): three system calls for each 4-byte PUBACK, the largest
+    cost of its network thread at 5,000 verdicts/s. Bytes read ahead are dropped with the socket they came from."""
+
+    _READ_AHEAD = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._rbuf = b""  # before paho's __init__: it may close sockets, which clears this
+        self._rpos = 0
+        super().__init__(*args, **kwargs)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(self._READ_AHEAD)  # BlockingIOError / OSError as paho expects them
+            if not data:
+                return data  # the broker closed the connection
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        out = self._rbuf[self._rpos:end]
+        self._rpos = min(end, len(self._rbuf))
+        return out
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        # paho stops after as many packets as it has messages in flight; what is left here would otherwise wait
+        # for the socket's next readable event (a PINGRESP left behind could even cost the connection).
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) and self._sock is not None:
+            rc = super().loop_read(max_packets)
+        return rc
+
+
 class MqttOutput:
     """A paho client on its own network thread; verdicts beyond the in-flight bound are dropped and counted."""
 
@@ -85,7 +122,7 @@ class MqttOutput:
         self.tls = url.scheme == "mqtts"
         self.port = url.port or (8883 if self.tls else 1883)
         client_id = cfg.client_id or f"tdn-bridge-{cfg.line_id}"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+        self.client = ReadAheadClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                                   clean_session=True)
         if cfg.credentials is not None:
             self.client.username_pw_set(*read_credentials(cfg.credentials))

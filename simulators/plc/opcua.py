@@ -233,18 +233,56 @@ EVENT_FIELDS: list[tuple[str, ua.VariantType]] = [
 ]
 
 
+_new = object.__new__
+_NULL = ua.VariantType.Null
+_SEQUENCES = (list, tuple)  # array values take the checking constructor (dimensions)
+
+
+def _variant(value: Any, vt: ua.VariantType) -> ua.Variant:
+    """A scalar Variant without its dataclass __init__/__post_init__ (type guessing and checks): 0.14 us against 0.59
+    us here, for each of 14 to 21 fields of every event and subscription at line rate. Only for a scalar value of
+    a known, matching type."""
+    v = _new(ua.Variant)
+    v.Value, v.VariantType, v.Dimensions, v.is_array = value, vt, None, False
+    return v
+
+
 def _without_deepcopy(event: Any) -> None:
-    """asyncua's Event.to_event_fields deep-copies every field of every event for every subscription: 60% of the
-    OPC UA thread at 5,000 results/s. _event assigns fresh values each time and nothing mutates them afterwards,
-    so a queued event may share them; this one event object gets the same method without the copy."""
+    """asyncua's Event.to_event_fields deep-copies every field of every event for every subscription (60% of the
+    OPC UA thread at 5,000 results/s), re-resolves every select clause's name and builds each Variant through its
+    checking constructor. _event assigns fresh values each time and nothing mutates them afterwards, so a queued
+    event may share them; this one event object gets the same method without the copy, with the names resolved
+    once per monitored item's select clauses and scalars wrapped directly."""
+    # id(select clauses) -> (them, [(attribute name, its VariantType, or None to take the checking path)])
+    resolved: dict[int, tuple[list[Any], list[tuple[str, ua.VariantType | None]]]] = {}
+
+    def fields_of(select_clauses: list[Any]) -> list[tuple[str, ua.VariantType | None]]:
+        known = resolved.get(id(select_clauses))
+        if known is not None and known[0] is select_clauses:
+            return known[1]
+        out = []
+        for s in select_clauses:
+            name = (ua.AttributeIds(s.AttributeId).name if len(s.BrowsePath) == 0
+                    else event.browse_path_to_attribute_name(s.BrowsePath))
+            vt = event.data_types.get(name)
+            out.append((name, vt if isinstance(vt, ua.VariantType) else None))
+        if len(resolved) >= 1024:  # monitored items come and go with clients: keep the cache bounded
+            resolved.clear()
+        resolved[id(select_clauses)] = (select_clauses, out)
+        return out
 
     def to_event_fields(select_clauses: list[Any]) -> list[ua.Variant]:
         fields = []
-        for sattr in select_clauses:
-            name = (ua.AttributeIds(sattr.AttributeId).name if len(sattr.BrowsePath) == 0
-                    else event.browse_path_to_attribute_name(sattr.BrowsePath))
+        for name, vt in fields_of(select_clauses):
             val = getattr(event, name, None)
-            fields.append(ua.Variant(None) if val is None else ua.Variant(val, event.data_types[name]))
+            if val is None:
+                fields.append(_variant(None, _NULL))
+            elif isinstance(val, ua.Variant):
+                fields.append(val)
+            elif vt is None or isinstance(val, _SEQUENCES):
+                fields.append(ua.Variant(val, event.data_types.get(name)))
+            else:
+                fields.append(_variant(val, vt))
         return fields
 
     event.to_event_fields = to_event_fields
@@ -387,7 +425,8 @@ class OpcUaOutput(ServerThread):
         if self._written.get(nodeid, ...) == value:
             return  # unchanged: no data-change notification, no work
         self._written[nodeid] = value
-        await self.server.write_attribute_value(nodeid, ua.DataValue(ua.Variant(value, vt)))
+        variant = ua.Variant(value, vt) if value is None or isinstance(value, _SEQUENCES) else _variant(value, vt)
+        await self.server.write_attribute_value(nodeid, ua.DataValue(variant))
 
     async def _camera(self, camera_id: str) -> _CameraNodes:
         nodes = self.cameras.get(camera_id)
@@ -501,7 +540,7 @@ class OpcUaOutput(ServerThread):
         """EventGenerator.trigger without its per-event uuid4 and local-time work (the hot path at line rate)."""
         ev = gen.event
         self._event_id += 1
-        ev.EventId = ua.Variant(self._event_id.to_bytes(8, "big"), ua.VariantType.ByteString)
+        ev.EventId = _variant(self._event_id.to_bytes(8, "big"), ua.VariantType.ByteString)
         now = datetime.now(UTC)
         ev.Time = when or now
         ev.ReceiveTime = now

@@ -269,10 +269,10 @@ class ResultModel:
         self.recent_events.append(event)
 
     def _add(self, cam: _Camera, result: Result) -> Result:
-        cam.counter += 1
+        """Count a result made with counter=cam.counter + 1 (built whole: dataclasses.replace costs ~5 us)."""
+        cam.counter = result.counter
         cam.by_decision[result.decision.value] += 1
         self.total += 1
-        result = replace(result, counter=cam.counter)
         cam.last = result
         self._results.append(result)
         self._dirty_cams.add(result.camera_id)
@@ -299,7 +299,7 @@ class ResultModel:
         if cam.agent_lost and not (agent and agent.lost):
             cam.agent_lost = False
         return self._add(cam, Result(
-            camera_id=v.camera_id, seq=v.seq, decision=decision_of(v), counter=0, part_id=v.part_id,
+            camera_id=v.camera_id, seq=v.seq, decision=decision_of(v), counter=cam.counter + 1, part_id=v.part_id,
             class_name=v.class_name, class_index=v.class_index, confidence=v.confidence, model_id=v.model_id,
             agent_id=v.agent_id, epoch=v.epoch, status=v.status.value, reason=v.reason,
             capture_ns=v.capture_ns, published_ns=v.published_ns, bridge_ns=time.time_ns(),
@@ -312,7 +312,7 @@ class ResultModel:
         if kind != FailSafeKind.AGENT_LOST:  # agent_lost is its own reason, held while the agent is away
             cam.last_gap, cam.hold_reason = self.clock(), str(kind)
         return self._add(cam, Result(
-            camera_id=camera_id, seq=seq, decision=Decision.FAIL_SAFE, counter=0, agent_id=cam.agent_id,
+            camera_id=camera_id, seq=seq, decision=Decision.FAIL_SAFE, counter=cam.counter + 1, agent_id=cam.agent_id,
             model_id=cam.last.model_id if cam.last else "", epoch=cam.last.epoch if cam.last else 0,
             status="fail_safe", reason=str(kind), bridge_ns=time.time_ns(),
         ))
@@ -387,6 +387,11 @@ class ResultModel:
         return BridgeStatus(total=self.total, cameras=len(self.cameras), agents_up=up, agents=len(self.agents),
                             fail_safe=cam_fs or up == 0, starting=self._starting)
 
+    @property
+    def pending(self) -> int:
+        """Results made since the last flush."""
+        return len(self._results)
+
     def flush(self) -> Update:
         """Collect what changed (including gap holds that expired), deliver it to every output, return it."""
         now = self.clock()
@@ -415,6 +420,46 @@ class ResultModel:
         """Every camera and agent as of the last flush (outputs start from this)."""
         cams = tuple(c.snapshot for c in sorted(self.cameras.values(), key=lambda c: c.index) if c.snapshot)
         return cams, tuple(self.agents.values()), self.bridge_status()
+
+
+class FlushPacer:
+    """When the bridge hands its results to the outputs: soon at a low rate, in bigger batches at a high one.
+
+    Each update costs every output a fixed overhead (a thread wake-up, a write of each changed camera variable), so
+    at 5,000 results/s they are batched every 5 ms; at 1,000/s that wait would be a quarter of the OPC UA event
+    latency budget (20 ms p99), so the period follows the result rate: `per_result_s` x results/s, within
+    [min_s, max_s] (2 ms at 1,000/s, 5 ms from 2,500/s). Idle, it is max_s (expiring fail-safe holds need flushes).
+    """
+
+    def __init__(self, *, min_s: float = 0.001, max_s: float = 0.005, per_result_s: float = 2e-6,
+                 smoothing: float = 0.2, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < min_s <= max_s:
+            raise ValueError("need 0 < min_s <= max_s")
+        self.min_s, self.max_s, self.per_result_s, self.smoothing = min_s, max_s, per_result_s, smoothing
+        self.clock = clock
+        self.rate = 0.0  # results/s, smoothed over flushes
+        self.last = clock()
+
+    @property
+    def period(self) -> float:
+        """Seconds between flushes at the current rate."""
+        return min(self.max_s, max(self.min_s, self.rate * self.per_result_s))
+
+    def wait(self, pending: int) -> float:
+        """Seconds until a flush is due with `pending` results waiting (0: now)."""
+        return max(0.0, self.last + (self.period if pending else self.max_s) - self.clock())
+
+    def due(self, pending: int) -> bool:
+        """Whether to flush now, with `pending` results waiting."""
+        return self.wait(pending) <= 0
+
+    def flushed(self, results: int) -> None:
+        """A flush of `results` results happened now."""
+        now = self.clock()
+        dt = now - self.last
+        if dt > 0:
+            self.rate += self.smoothing * (results / dt - self.rate)
+        self.last = now
 
 
 class AckQueue:

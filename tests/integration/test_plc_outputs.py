@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
+from asyncua.common.events import get_filter_from_event_type
 from asyncua.crypto import cert_gen
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography import x509
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from simulators.plc.opcua import NAMESPACE, hash_password
-from simulators.plc.synthetic import SyntheticAgent
+from simulators.plc.synthetic import SyntheticAgent, make_verdict
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -407,8 +408,9 @@ class TestAcknowledgeHandshake:
         assert stats["acks"] == 1 and stats["requests_denied"] >= 2 and stats["users_refused"] >= 1
 
 
-async def _watch_events(url: str, agent: SyntheticAgent, n: int) -> tuple[list[Any], list[Any]]:
-    """Subscribe to ResultReady events of cam1 and FailSafe events of the bridge, publish n verdicts, then go quiet."""
+async def _watch_events(url: str, agent: SyntheticAgent, n: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """Subscribe to ResultReady events of cam1 (every field, and a second time with three selected) and FailSafe
+    events of the bridge, publish n verdicts, then go quiet."""
 
     class Handler:
         def __init__(self) -> None:
@@ -417,7 +419,7 @@ async def _watch_events(url: str, agent: SyntheticAgent, n: int) -> tuple[list[A
         def event_notification(self, event: Any) -> None:
             self.events.append(event)
 
-    results, failsafes = Handler(), Handler()
+    results, failsafes, few = Handler(), Handler(), Handler()
     async with Client(url, watchdog_intervall=UA_WATCHDOG_S) as c:
         idx = await c.get_namespace_index(NAMESPACE)
         types = ["0:Types", "0:EventTypes", "0:BaseEventType"]
@@ -425,17 +427,24 @@ async def _watch_events(url: str, agent: SyntheticAgent, n: int) -> tuple[list[A
         ftype = await c.nodes.root.get_child([*types, f"{idx}:FailSafeEventType"])
         sub = await c.create_subscription(20, results)
         await sub.subscribe_events(c.get_node(f"ns={idx};s=Cameras/cam1"), rtype, queuesize=10_000)
+        # A PLC selects the fields it acts on: the server resolves each monitored item's own select clause.
+        evfilter = await get_filter_from_event_type([rtype])
+        evfilter.SelectClauses = [s for s in evfilter.SelectClauses
+                                  if s.BrowsePath and s.BrowsePath[-1].Name in ("Seq", "ResultState", "EventId")]
+        fewsub = await c.create_subscription(20, few)
+        await fewsub.subscribe_events(c.get_node(f"ns={idx};s=Cameras/cam1"), rtype, evfilter=evfilter,
+                                      queuesize=10_000)
         fsub = await c.create_subscription(20, failsafes)
         await fsub.subscribe_events(c.get_node(f"ns={idx};s=TinyDefectNet"), ftype, queuesize=100)
         for seq in range(n):
             agent.send("cam1", seq)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(results.events) < n:
+        while time.monotonic() < deadline and min(len(results.events), len(few.events)) < n:
             await asyncio.sleep(0.1)
         agent.beating.clear()  # the bridge declares the agent lost: a FailSafe event
         while time.monotonic() < deadline + 10 and not any(e.Kind == "agent_lost" for e in failsafes.events):
             await asyncio.sleep(0.1)
-    return results.events, failsafes.events
+    return results.events, failsafes.events, few.events
 
 
 class TestOpcUaEvents:
@@ -447,15 +456,60 @@ class TestOpcUaEvents:
         bridge = Bridge(tmp_path, agent.endpoint, "--camera", "cam1", "--heartbeat-timeout", "1", modbus=False)
         bridges.append(bridge)
         wait_for(lambda: ua_read(bridge.opcua_url, "Bridge/AgentsUp")["Bridge/AgentsUp"] == 1, 15, "agent seen")
-        results, failsafes = asyncio.run(_watch_events(bridge.opcua_url, agent, 200))
+        results, failsafes, few = asyncio.run(_watch_events(bridge.opcua_url, agent, 200))
         assert [e.Seq for e in results] == list(range(200))
         assert [e.ResultCounter for e in results] == list(range(1, 201))
         e = results[7]
         assert (e.CameraId, e.ResultId, e.PartId, e.Decision, e.ResultState) == ("cam1", "cam1:7", "cam1-7",
                                                                                  "divert", 2)
         assert e.ClassName == "inclusion" and e.ModelId == "synthetic" and e.PublishedNs > 0
+        assert e.Confidence == pytest.approx(0.57) and e.AgentEpoch == 1
+        # BaseEventType's own fields, as asyncua's checking constructor would have typed them.
+        assert e.Severity == 100 and e.Message.Text == "cam1 seq 7 divert" and e.SourceName == "cam1"
+        assert e.Time.tzinfo is not None and e.ReceiveTime >= e.Time
+        ids = [r.EventId for r in results]
+        assert all(isinstance(i, bytes) and len(i) == 8 for i in ids) and len(set(ids)) == 200
+        # The PLC that selected three fields gets those, with the same values, for every result.
+        assert [(f.Seq, f.ResultState, f.EventId) for f in few] == [(r.Seq, r.ResultState, r.EventId)
+                                                                   for r in results]
+        assert not hasattr(few[7], "PartId")
         lost = [f for f in failsafes if f.Kind == "agent_lost"]
         assert lost and lost[0].Subject == "synth" and lost[0].Cameras == "cam1"
+
+
+class TestMqttReadAhead:
+    """The MQTT output reads the broker's packets many to a system call, and loses none of them."""
+
+    def test_every_puback_and_pingresp_handled(self, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+        """2,000 QoS-1 verdicts are all acknowledged in far fewer socket reads, and keepalive holds while idle."""
+        import paho.mqtt.client as mqtt
+
+        from simulators.plc.mqtt import MqttConfig, MqttOutput
+        from simulators.plc.results import ResultModel
+
+        reads = [0]
+        plain = mqtt.Client._sock_recv
+
+        def counted(self: Any, bufsize: int) -> bytes:
+            reads[0] += 1
+            return plain(self, bufsize)
+
+        monkeypatch.setattr(mqtt.Client, "_sock_recv", counted)
+        out = MqttOutput(MqttConfig(f"mqtt://{LOCAL}:{broker.port}", keepalive=1, client_id="read-ahead"))
+        out.start()
+        try:
+            wait_for(out.connected.is_set, 10, "the MQTT output to connect")
+            model = ResultModel(["cam1"], outputs=[out])
+            for seq in range(2000):
+                model.on_verdict(make_verdict("cam1", seq), "new")
+            model.flush()
+            wait_for(lambda: out.stats()["acked"] == 2000, 30, "2,000 PUBACKs")
+            assert reads[0] < 1000  # paho alone: three reads a PUBACK
+            time.sleep(3.5)  # > 3 keepalives: each PINGRESP must be read, or paho drops the connection
+            stats = out.stats()
+            assert out.connected.is_set() and stats["disconnects"] == 0 and stats["dropped"] == 0
+        finally:
+            out.stop()
 
 
 class TestBrokerRestart:

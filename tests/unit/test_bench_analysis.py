@@ -1,9 +1,15 @@
-"""Unit tests for the benches' pure parts: the hot-swap analysis, the variant the stream bench probes."""
+"""Unit tests for the benches' pure parts: the hot-swap analysis, the variant the stream bench probes, the bridge
+bench's CPU layout."""
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
 
+import pytest
+
+from agent.lab.bench.bridge import _layout
 from agent.lab.bench.stream import served_variant
 from agent.lab.bench.swap import analyse
 
@@ -83,3 +89,24 @@ class TestFrameBench:
             stages, n = measure(DEFAULT_MODEL, 256, 16, 200, 4, images)
             assert n == 256 and all(t > 0 for t in stages.values())
         assert sum(decided.values()) == 512 and decided.keys() <= {"pass", "divert"}
+
+
+class TestBridgeLayout:
+    """Where `tdn bench bridge` puts the bridge and what stands in for the plant."""
+
+    def _args(self, bridge: str | None = None, clients: str | None = None) -> argparse.Namespace:
+        return argparse.Namespace(bridge_cpus=bridge, clients_cpus=clients)
+
+    def test_default_gives_the_bridge_the_last_cpu(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """On two or more CPUs the bridge gets the last one and everything else the rest; on one, nothing is pinned."""
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+        assert _layout(self._args()) == ("2", "0,1")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+        assert _layout(self._args()) == ("", "")
+
+    def test_explicit_and_none(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Given CPUs are kept as they are, and 'none' leaves that side unpinned."""
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        assert _layout(self._args("0", "1")) == ("0", "1")
+        assert _layout(self._args("none", "none")) == ("", "")
+        assert _layout(self._args(clients="none")) == ("1", "")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from protocol import AgentState, Heartbeat, Status, Verdict
-from simulators.plc.results import AckQueue, Decision, ResultModel, Update, decision_of
+from simulators.plc.results import AckQueue, Decision, FlushPacer, ResultModel, Update, decision_of
 from simulators.plc.synthetic import make_verdict
 from simulators.plc_bridge import LineTracker
 
@@ -188,3 +188,49 @@ class TestAckQueue:
         """A zero-length queue is a configuration error."""
         with pytest.raises(ValueError):
             AckQueue(0)
+
+
+class TestFlushPacer:
+    """Results reach the outputs within ~1-2 ms at a low rate and in 5 ms batches at a high one."""
+
+    def _run(self, pacer: FlushPacer, clock: FakeClock, rate: float, seconds: float) -> list[int]:
+        """Results arriving every 1/rate s, flushed whenever the pacer says so; the batch sizes it made."""
+        batches, pending, step = [], 0, 1.0 / rate
+        end = clock.t + seconds
+        while clock.t < end:
+            clock.t += step
+            pending += 1
+            if pacer.due(pending):
+                pacer.flushed(pending)
+                batches.append(pending)
+                pending = 0
+        return batches
+
+    def test_period_follows_the_rate_within_bounds(self) -> None:
+        """1,000 results/s are flushed every ~2 ms, 5,000/s and more every 5 ms, and never faster than 1 ms."""
+        clock = FakeClock()
+        pacer = FlushPacer(clock=clock)
+        self._run(pacer, clock, 1000, 2.0)
+        assert pacer.period == pytest.approx(0.002, rel=0.1)
+        batches = self._run(pacer, clock, 1000, 1.0)
+        assert 1 <= max(batches) <= 3  # a result waits ~2 ms at most
+        self._run(pacer, clock, 20_000, 2.0)
+        assert pacer.period == 0.005
+        assert max(self._run(pacer, clock, 20_000, 1.0)) <= 101
+        quiet = FlushPacer(clock=clock)
+        assert quiet.period == 0.001  # no rate yet: the first results go out soon
+
+    def test_idle_flushes_at_the_longest_period(self) -> None:
+        """With nothing pending a flush is due only every max_s (fail-safe holds expire through flushes)."""
+        clock = FakeClock()
+        pacer = FlushPacer(clock=clock)
+        clock.t += 0.002
+        assert not pacer.due(0) and pacer.due(1)
+        assert pacer.wait(0) == pytest.approx(0.003)
+        clock.t += 0.003
+        assert pacer.due(0) and pacer.wait(5) == 0.0
+
+    def test_bad_bounds_refused(self) -> None:
+        """A minimum above the maximum is a programming error, said at once."""
+        with pytest.raises(ValueError):
+            FlushPacer(min_s=0.01, max_s=0.005)

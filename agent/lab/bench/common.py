@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,14 @@ def write_outputs(out: Path, stem: str, markdown: str, data: Any, json_path: Pat
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(text)
+
+
+def pinner(cpus: str) -> Any:
+    """A preexec_fn pinning a child process to the comma-separated CPUs, or None for no pinning."""
+    if not cpus:
+        return None
+    mask = {int(c) for c in cpus.split(",")}
+    return lambda: os.sched_setaffinity(0, mask)
 
 
 def percentile(xs: Sequence[float], q: float) -> float | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.lab.bench.common import markdown_table, write_outputs
+from agent.lab.bench.common import markdown_table, pinner, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +78,7 @@ def capacity(backend_name: str, model: Path, batch: int, seconds: float = 3.0, t
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                         preexec_fn=_pinner(cpus))
+                         preexec_fn=pinner(cpus))
     if out.returncode != 0:
         from agent.errors import TdnError
 
@@ -181,14 +181,6 @@ def _cpu_seconds(procs: list[Any]) -> float:
     return total
 
 
-def _pinner(cpus: str) -> Any:
-    """A preexec_fn pinning a child process to the comma-separated CPUs, or None for no pinning."""
-    if not cpus:
-        return None
-    mask = {int(c) for c in cpus.split(",")}
-    return lambda: os.sched_setaffinity(0, mask)
-
-
 def served_variant(ready: dict[str, Any], requested: str) -> str:
     """backend:precision the agent serves, from its ready event's model_id (name-hash/litert-fp32 -> litert:fp32)."""
     variant = str(ready.get("model_id", "")).rpartition("/")[2]
@@ -242,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             console = start_console(publish, out / tag) if with_console else None
             bridge = subprocess.Popen(
                 [py, "-m", "simulators.plc_bridge", "--endpoint", publish, "--report", str(out / f"{tag}-bridge.json"),
-                 "--quiet", "--timeout", str(args.seconds + 20)], env=env, preexec_fn=_pinner(args.sim_cpus))
+                 "--quiet", "--timeout", str(args.seconds + 20)], env=env, preexec_fn=pinner(args.sim_cpus))
             time.sleep(0.8)
             cam_cmd = [py, "-m", "simulators.camera", "--endpoint", frames, "--cameras", str(args.cameras),
                        "--fps", f"{fps:.3f}", "--report", str(out / f"{tag}-cams.json"), "--quiet",
@@ -253,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             if args.data:
                 cam_cmd += ["--source", args.data, "--shuffle"]
             t0 = time.monotonic()
-            cams = subprocess.Popen(cam_cmd, env=env, preexec_fn=_pinner(args.sim_cpus))
+            cams = subprocess.Popen(cam_cmd, env=env, preexec_fn=pinner(args.sim_cpus))
             # CPU shares over the second half of the step, when the cameras have decoded their folder and send.
             time.sleep(args.seconds / 2)
             procs = {"agent": [proc], "cameras": _tree(cams.pid), "bridge": _tree(bridge.pid)}
