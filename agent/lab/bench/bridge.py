@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.lab.bench.common import markdown_table, percentile, pinner, write_outputs
+from agent.lab.bench.common import cpu_seconds, markdown_table, percentile, pinner, write_outputs
 
 # A result that reaches the PLC more than this after the last one was sent is no use to a line: the outputs must be
 # caught up within it for the bridge to count as keeping up.
@@ -78,30 +78,19 @@ class _CpuMeter:
     """CPU seconds of named processes between start() and stop(), as % of one core."""
 
     def __init__(self, pids: dict[str, list[int]]) -> None:
-        self.pids = pids
-        self.percent: dict[str, float] = {}
-
-    def _now(self) -> dict[str, float]:
         import psutil
 
-        out = {}
-        for name, pids in self.pids.items():
-            total = 0.0
-            for pid in pids:
-                try:
-                    t = psutil.Process(pid).cpu_times()
-                    total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    pass
-            out[name] = total
-        return out
+        self.procs = {name: [psutil.Process(pid) for pid in ids] for name, ids in pids.items()}
+        self.percent: dict[str, float] = {}
 
     def start(self) -> None:
-        self._t0, self._c0 = time.monotonic(), self._now()
+        self._t0 = time.monotonic()
+        self._c0 = {name: cpu_seconds(procs) for name, procs in self.procs.items()}
 
     def stop(self) -> None:
-        dt, c1 = time.monotonic() - self._t0, self._now()
-        self.percent = {k: round(100 * (c1[k] - self._c0[k]) / dt, 1) for k in c1}
+        dt = time.monotonic() - self._t0
+        self.percent = {name: round(100 * (cpu_seconds(procs) - self._c0[name]) / dt, 1)
+                        for name, procs in self.procs.items()}
 
 
 def _free_port() -> int:

@@ -33,6 +33,20 @@ def write_outputs(out: Path, stem: str, markdown: str, data: Any, json_path: Pat
         json_path.write_text(text)
 
 
+def cpu_seconds(procs: Sequence[Any]) -> float:
+    """User + system CPU seconds of live psutil processes (one that has exited counts 0)."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def pinner(cpus: str) -> Any:
     """A preexec_fn pinning a child process to the comma-separated CPUs, or None for no pinning."""
     if not cpus:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.lab.bench.common import markdown_table, pinner, write_outputs
+from agent.lab.bench.common import cpu_seconds, markdown_table, pinner, write_outputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,20 +167,6 @@ def _tree(pid: int) -> list[Any]:
         return []
 
 
-def _cpu_seconds(procs: list[Any]) -> float:
-    """User + system CPU seconds of live processes (one that has exited counts 0)."""
-    import psutil
-
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def served_variant(ready: dict[str, Any], requested: str) -> str:
     """backend:precision the agent serves, from its ready event's model_id (name-hash/litert-fp32 -> litert:fp32)."""
     variant = str(ready.get("model_id", "")).rpartition("/")[2]
@@ -249,11 +235,11 @@ def run(args: argparse.Namespace) -> int:
             # CPU shares over the second half of the step, when the cameras have decoded their folder and send.
             time.sleep(args.seconds / 2)
             procs = {"agent": [proc], "cameras": _tree(cams.pid), "bridge": _tree(bridge.pid)}
-            before = {k: _cpu_seconds(v) for k, v in procs.items()}
+            before = {k: cpu_seconds(v) for k, v in procs.items()}
             t_half = time.monotonic()
             time.sleep(args.seconds / 2)
             spent = time.monotonic() - t_half
-            cpu_share = {k: round(100 * (_cpu_seconds(v) - before[k]) / spent, 1) for k, v in procs.items()}
+            cpu_share = {k: round(100 * (cpu_seconds(v) - before[k]) / spent, 1) for k, v in procs.items()}
             cpu = cpu_share["agent"]
             rss = proc.memory_info().rss / 2**20
             cams.send_signal(signal.SIGINT)
