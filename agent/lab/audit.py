@@ -19,7 +19,7 @@ import numpy as np
 from agent.config import DEFAULT_MODEL
 from agent.decision import pass_mask_of
 from agent.errors import ConfigError, DataError, ModelError
-from agent.explain import IMAGE_SIZE, METHODS, heatmap_u8, overlay, png, to_heatmaps
+from agent.explain import BLUR_SIGMA, IMAGE_SIZE, METHODS, blurred, heatmap_u8, overlay, png, to_heatmaps
 from agent.geometry import InputSpec, frame_picks, tile_origins, to_input
 from agent.lab.data import (
     NEU_CLASSES,
@@ -41,7 +41,6 @@ log = get_logger("agent.lab.audit")
 
 FRACS = (0.05, 0.10, 0.20)
 CONFIDENCE_FLOOR = 0.5  # Lin et al.'s impact counts a drop of the original class below this as a change
-BLUR_SIGMA = 8.0  # for --fill blur: wide enough to wipe a scratch or pit, narrow enough to keep the shading
 GAP = 4  # pixels between panels of a grid row
 CAPTION = 18  # height of a grid row's caption band
 
@@ -162,9 +161,7 @@ def neutral_fill(image: np.ndarray, mode: str = "mean") -> float | np.ndarray:
     if mode == "mean":
         return float(np.mean(image))
     if mode == "blur":
-        img = np.asarray(image, np.float32)
-        blurred = cv2.GaussianBlur(img.reshape(img.shape[0], img.shape[1]), (0, 0), BLUR_SIGMA)
-        return blurred.reshape(img.shape)
+        return blurred(np.asarray(image, np.float32)[None])[0]
     raise ValueError(f"unknown fill {mode!r}; expected 'mean' or 'blur'")
 
 
@@ -697,7 +694,8 @@ def run(args: argparse.Namespace) -> int:
     use_boxes = not args.no_boxes
     samples, classes, spec, pass_mask = _select(args)
     model = load_model(args.model)
-    explainer = Explainer(model, args.method, layer=args.layer, batch=args.batch)
+    explainer = Explainer(model, args.method, layer=args.layer, batch=args.batch,
+                          pass_classes=np.flatnonzero(pass_mask).tolist())
     log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split)
 
     shown: dict[int, list[int]] = {}  # class -> indices of its first --per-class samples
@@ -720,6 +718,9 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method,
         "layer": explainer.layer,
         "target": args.target,
+        # What IG integrates, so a figure says which variant of the method it measured.
+        **({"ig_target": "class logit minus the pass classes' mean" if explainer.pass_classes else "class logit",
+            "ig_baseline": f"the image blurred, sigma {BLUR_SIGMA:g}"} if "ig" in args.method else {}),
         "fill": args.fill,
         "seeds": args.seeds,
         **summary,

@@ -236,3 +236,28 @@ class TestAuditRun:
         card = json.loads(MODEL.with_suffix(".json").read_text())
         val = audit.select_split(scan(data_root(), require_boxes=True), MODEL, "val")
         assert len(val) == card["validation"]["n"]
+
+
+class TestContrastiveIg:
+    # The NEU-DET model has no pass class; pretending "patches" (2) passes exercises the contrastive target.
+    PASS = 2
+
+    def test_target_weights(self, model: Any) -> None:
+        """A defect class is its logit minus the pass class's; a pass class is its own logit; no pass class, plain."""
+        w = Explainer(model, "ig", pass_classes=[self.PASS]).target_weights(np.array([0, self.PASS, 5]))
+        expected = np.eye(6, dtype=np.float32)[[0, self.PASS, 5]]
+        expected[[0, 2], self.PASS] -= 1.0
+        assert np.array_equal(w, expected)
+        assert np.array_equal(Explainer(model, "ig").target_weights(np.array([0, 5])), np.eye(6)[[0, 5]])
+
+    def test_defect_maps_change_and_pass_maps_do_not(self, model: Any, images: np.ndarray) -> None:
+        """With a pass class, IG maps of a defect class differ from the plain ones; those of the pass class match."""
+        plain, contrast = Explainer(model, "ig"), Explainer(model, "ig", pass_classes=[self.PASS])
+        x = images[:2]
+        assert not np.allclose(plain.explain(x, [0, 0])[1], contrast.explain(x, [0, 0])[1], atol=1e-3)
+        assert np.abs(plain.explain(x, [self.PASS] * 2)[1] - contrast.explain(x, [self.PASS] * 2)[1]).max() <= 1e-5
+
+    def test_rejects_a_pass_class_out_of_range(self, model: Any) -> None:
+        """A pass class index the model does not have is a ValueError naming the range."""
+        with pytest.raises(ValueError, match=r"0\.\.5"):
+            Explainer(model, "ig", pass_classes=[6])

@@ -13,6 +13,7 @@ import pytest
 
 from agent.errors import DataError
 from agent.explain import (
+    blurred,
     cam,
     cam_ig_heatmaps,
     gradcam_weights,
@@ -145,12 +146,32 @@ class TestGradWeights:
 
 class TestIgHeatmaps:
     def test_attribution_is_zero_where_image_equals_baseline(self) -> None:
-        """Pixels at the mid-gray baseline get no attribution, bright ones with gradient do."""
+        """Pixels equal to their baseline get no attribution, bright ones with gradient do."""
         x = np.full((1, 200, 200, 1), 127.5, np.float32)
         x[0, 90:110, 90:110] = 250
-        h = ig_heatmaps(x, np.ones_like(x))
+        h = ig_heatmaps(x, np.ones_like(x), np.full_like(x, 127.5))
         assert h.shape == (1, 200, 200) and h.max() == pytest.approx(1)
         assert h[0, 100, 100] > 0.9 and h[0, 10, 10] == 0
+
+    def test_blurred_baseline_attributes_the_fine_structure_not_the_shading(self) -> None:
+        """Against its blurred self, a smooth brightness ramp gets ~no attribution and a small pit on it all of it."""
+        ramp = np.tile(np.linspace(40, 220, 200, dtype=np.float32), (200, 1))
+        x = ramp.copy()
+        x[150:154, 30:34] -= 35  # a 4x4 pit in the dark half, where a mid-gray baseline would rate it least
+        x = x[None, :, :, None]
+        h = ig_heatmaps(x, np.ones_like(x), blurred(x))
+        assert np.unravel_index(h[0].argmax(), (200, 200)) in {(y, xx) for y in range(148, 156) for xx in range(28, 36)}
+        assert h[0, 20:100, 60:170].max() < 0.05  # the ramp, away from the pit and from the borders
+
+
+class TestBlurred:
+    def test_keeps_shape_and_flattens_detail(self) -> None:
+        """[N,h,w,1] in, the same shape out; a single bright pixel is spread to a low bump, a flat image unchanged."""
+        x = np.full((2, 50, 60, 1), 100.0, np.float32)
+        x[1, 25, 30] = 255
+        b = blurred(x)
+        assert b.shape == x.shape and b.dtype == np.float32
+        assert np.allclose(b[0], 100.0) and b[1].max() < 102.0 and b[1].max() > 100.0
 
 
 class TestCamIgHeatmaps:
