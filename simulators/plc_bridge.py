@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import os
@@ -607,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     model = _start_outputs(args, outputs, tracker) if outputs else None
     if outputs and model is None:
         return 2
+    # What start-up built lives as long as the process: asyncua's address space alone is ~480K objects. A full
+    # collection walked all of it, 213 ms at 4,000 results/s here, while every output waited; frozen, it is never
+    # walked again (as in the agent).
+    gc.collect()
+    gc.freeze()
     display = StatusDisplay(sys.stdout, interval=args.interval, enabled=not args.quiet)
     started = time.monotonic()
     _run(args, endpoints, curve, tracker, model, display)

@@ -25,6 +25,7 @@ from asyncua.crypto.validator import CertificateValidator, CertificateValidatorO
 from asyncua.server.user_managers import UserManager
 
 from simulators.common import is_loopback
+from simulators.plc import uabinary
 from simulators.plc.results import (
     DECISION_CODES,
     AckQueue,
@@ -396,6 +397,7 @@ class OpcUaOutput(ServerThread):
         return server
 
     async def _main(self) -> None:
+        uabinary.install()  # before the first event is encoded: asyncua resolves its list encoders once
         server = await self._setup()
         self._queue = asyncio.Queue()
         async with server:

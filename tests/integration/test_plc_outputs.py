@@ -482,7 +482,7 @@ class TestMqttReadAhead:
 
     def test_every_puback_and_pingresp_handled(self, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
         """2,000 QoS-1 verdicts in one update wake paho's thread once, are all acknowledged in far fewer socket
-        reads, and keepalive holds while idle."""
+        reads without paho's PUBACK decoder, and keepalive holds while idle."""
         import paho.mqtt.client as mqtt
 
         from simulators.plc.mqtt import MqttConfig, MqttOutput
@@ -496,6 +496,14 @@ class TestMqttReadAhead:
             return plain(self, bufsize)
 
         monkeypatch.setattr(mqtt.Client, "_sock_recv", counted)
+        decoded = [0]
+        decode_puback = mqtt._packet.decode_puback  # type: ignore[attr-defined]
+
+        def counted_decode(*args: Any) -> Any:
+            decoded[0] += 1
+            return decode_puback(*args)
+
+        monkeypatch.setattr(mqtt._packet, "decode_puback", counted_decode)  # type: ignore[attr-defined]
         out = MqttOutput(MqttConfig(f"mqtt://{LOCAL}:{broker.port}", keepalive=1, client_id="read-ahead"))
         out.start()
         try:
@@ -523,6 +531,7 @@ class TestMqttReadAhead:
             wait_for(lambda: out.stats()["acked"] == 2000, 30, "2,000 PUBACKs")
             assert wake.sends <= 3  # the batch's one, and the camera's and the bridge's retained statuses
             assert reads[0] < 1000  # paho alone: three reads a PUBACK
+            assert decoded[0] == 0  # every 3.1.1 PUBACK took the packet-id path, none paho's decoder
             time.sleep(3.5)  # > 3 keepalives: each PINGRESP must be read, or paho drops the connection
             stats = out.stats()
             assert out.connected.is_set() and stats["disconnects"] == 0 and stats["dropped"] == 0
