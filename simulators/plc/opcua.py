@@ -224,6 +224,7 @@ BRIDGE_VARS: dict[str, tuple[ua.VariantType, Any]] = {
     "TotalResults": (ua.VariantType.UInt64, 0),
     "FailSafe": (ua.VariantType.Boolean, True),
     "AgentsUp": (ua.VariantType.UInt32, 0),
+    "EventsDropped": (ua.VariantType.UInt64, 0),
 }
 # Fields of ResultReadyEventType (named after OPC 40100's ResultReadyEventType / ResultId / ResultState).
 _V = ua.VariantType
@@ -289,6 +290,35 @@ def _without_deepcopy(event: Any) -> None:
     event.to_event_fields = to_event_fields
 
 
+class EventDrops:
+    """Counts the events the server discards because a client's monitored-item queue is full.
+
+    OPC UA discards the oldest event then, and asyncua does so silently (InternalSubscription.enqueue_event, 2.1.0:
+    the [plc] pin): a client slower than the line, or one that asked for a small queue, loses results that nothing
+    reports. The count is the bridge's `EventsDropped` variable and its report's `events_dropped`. Process-wide,
+    like the server: the bridge runs one."""
+
+    count = 0
+
+    @classmethod
+    def install(cls) -> None:
+        """Wrap asyncua's event enqueue once per process (idempotent)."""
+        from asyncua.server.internal_subscription import InternalSubscription
+
+        original = InternalSubscription.enqueue_event
+        if getattr(original, "tdn_counted", False):
+            return
+
+        async def enqueue_event(self: Any, mid: int, eventdata: ua.EventFieldList, maxsize: int) -> None:
+            queued = self._triggered_events.get(mid)
+            if maxsize and queued is not None and len(queued) >= maxsize:
+                cls.count += 1  # asyncua pops the oldest to make room
+            await original(self, mid, eventdata, maxsize)
+
+        enqueue_event.tdn_counted = True  # type: ignore[attr-defined]
+        InternalSubscription.enqueue_event = enqueue_event  # type: ignore[method-assign]
+
+
 @dataclass
 class _CameraNodes:
     obj: Node
@@ -338,7 +368,8 @@ class OpcUaOutput(ServerThread):
 
     def stats(self) -> dict[str, Any]:
         """Counters for the bridge report."""
-        return {"events": self.events_sent, "acks": self.acks, "ack_refused": self.ack_refused,
+        return {"events": self.events_sent, "events_dropped": EventDrops.count, "acks": self.acks,
+                "ack_refused": self.ack_refused,
                 "users_refused": self.users.refused, "requests_denied": self.rules.denied,
                 "certificates_refused": self.bad_certificates, "security": self.mode,
                 "queue_overflow": {c: n.queue.overflowed for c, n in self.cameras.items() if n.queue}}
@@ -398,6 +429,7 @@ class OpcUaOutput(ServerThread):
 
     async def _main(self) -> None:
         uabinary.install()  # before the first event is encoded: asyncua resolves its list encoders once
+        EventDrops.install()
         server = await self._setup()
         self._queue = asyncio.Queue()
         async with server:
@@ -415,9 +447,14 @@ class OpcUaOutput(ServerThread):
                 ticker.cancel()
 
     async def _ticker(self) -> None:
-        """Heartbeat ages move with time, not with updates."""
+        """Heartbeat ages and dropped events move with time, not with updates."""
         while True:
             await asyncio.sleep(0.5)
+            dropped = EventDrops.count
+            if dropped != self._written.get(self.bridge_vars["EventsDropped"], 0):
+                log.warning("OPC UA events dropped, %d in all: a client's monitored-item queue was full (the "
+                            "server discards the oldest); a slow client misses results", dropped)
+            await self._write(self.bridge_vars["EventsDropped"], dropped, ua.VariantType.UInt64)
             now = time.monotonic()
             for agent_id, status in self._agent_status.items():
                 await self._write(self.agents[agent_id]["LastHeartbeatAge"], round(now - status.last_heartbeat, 3),

@@ -477,6 +477,50 @@ class TestOpcUaEvents:
         assert lost and lost[0].Subject == "synth" and lost[0].Cameras == "cam1"
 
 
+async def _slow_client(url: str, agent: SyntheticAgent, n: int, queue: int) -> list[Any]:
+    """A client with a small event queue and a long publishing interval: n results arrive between two publishes."""
+
+    class Handler:
+        def __init__(self) -> None:
+            self.events: list[Any] = []
+
+        def event_notification(self, event: Any) -> None:
+            self.events.append(event)
+
+    got = Handler()
+    async with Client(url, watchdog_intervall=UA_WATCHDOG_S) as c:
+        idx = await c.get_namespace_index(NAMESPACE)
+        rtype = await c.nodes.root.get_child(["0:Types", "0:EventTypes", "0:BaseEventType",
+                                              f"{idx}:ResultReadyEventType"])
+        sub = await c.create_subscription(3000, got)
+        await sub.subscribe_events(c.get_node(f"ns={idx};s=Cameras/cam1"), rtype, queuesize=queue)
+        for seq in range(n):
+            agent.send("cam1", seq)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not got.events:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+    return got.events
+
+
+class TestOpcUaEventDrops:
+    """Events a slow client's queue cannot hold are counted, not lost without a trace."""
+
+    def test_a_full_queue_is_counted(self, synth: Any, bridges: list[Bridge], tmp_path: Path) -> None:
+        """50 results into a queue of 5 between two publishes: 5 delivered (the newest), 45 dropped, counted in
+        Bridge/EventsDropped and in the report; a fast client meanwhile (the other tests) drops none."""
+        agent = synth()
+        bridge = Bridge(tmp_path, agent.endpoint, "--camera", "cam1", modbus=False)
+        bridges.append(bridge)
+        wait_for(lambda: ua_read(bridge.opcua_url, "Bridge/AgentsUp")["Bridge/AgentsUp"] == 1, 15, "agent seen")
+        assert ua_read(bridge.opcua_url, "Bridge/EventsDropped")["Bridge/EventsDropped"] == 0
+        events = asyncio.run(_slow_client(bridge.opcua_url, agent, 50, 5))
+        assert [e.Seq for e in events] == list(range(45, 50))  # discard-oldest: the newest five remain
+        wait_for(lambda: ua_read(bridge.opcua_url, "Bridge/EventsDropped")["Bridge/EventsDropped"] == 45, 5,
+                 "the drop count")
+        assert bridge.stop()["outputs"]["opcua"]["events_dropped"] == 45
+
+
 class TestMqttReadAhead:
     """The MQTT output reads the broker's packets many to a system call, and loses none of them."""
 
