@@ -387,7 +387,13 @@ class TestMemoryGuard:
                     peer.part(b"frame/bomb/", more=True)
                     peer.part(frame_header("bomb", 0), more=True)
                     for _ in range(64):
-                        peer.part(part, more=True)
+                        try:
+                            peer.part(part, more=True)
+                        except TimeoutError:
+                            # Dropped while its send buffer was full: the agent's shutdown() sent FIN, but the
+                            # peer's data is no longer read until libzmq polls the connection again, so on a busy
+                            # host the send can stall past the socket's 10 s. closed_by_agent() checks the drop.
+                            break
                         if peer.reset:
                             break
                     assert peer.closed_by_agent()
