@@ -70,24 +70,20 @@ class TestEventFieldListEncoder:
         with pytest.raises(ua.UaError, match="Int32"):
             uabinary.variant_bytes(bad)
 
-    def test_install_routes_notifications_and_is_idempotent(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """After install (twice), a PublishResponse's events go through event_field_list and keep asyncua's bytes."""
+    def test_install_routes_event_field_lists_and_is_idempotent(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """After install (twice), asyncua's type lookup gives event_field_list for EventFieldList, its own encoders
+        for other types, and the events keep asyncua's bytes."""
         original = ua_binary.create_type_serializer
         monkeypatch.setattr(ua_binary, "create_type_serializer", original)  # restored after the test
-        resp = ua.PublishResponse()
-        resp.Parameters.NotificationMessage.NotificationData = [
-            ua.EventNotificationList(Events=[result_event(1), result_event(2)])]
-        # Encoders built before install keep theirs (asyncua resolves once): a fresh response type path is used.
-        expected = b"".join(original(ua.EventFieldList)(e) for e in
-                            resp.Parameters.NotificationMessage.NotificationData[0].Events)
+        events = [result_event(1), result_event(2)]
+        expected = b"".join(original(ua.EventFieldList)(e) for e in events)
         uabinary.install()
         first = ua_binary.create_type_serializer
         uabinary.install()
         assert ua_binary.create_type_serializer is first
         assert first(ua.EventFieldList) is uabinary.event_field_list
         assert first(ua.Variant) is original(ua.Variant)
-        assert b"".join(first(ua.EventFieldList)(e) for e in
-                        resp.Parameters.NotificationMessage.NotificationData[0].Events) == expected
+        assert b"".join(first(ua.EventFieldList)(e) for e in events) == expected
 
 
 class TestPubackFastPath:
