@@ -373,6 +373,10 @@ class Line:
         if self.candidate is None or score > self.candidate[0]:
             self.candidate = (score, item, v)
 
+    def reviews_waiting(self) -> int:
+        """How many review verdicts wait for an explanation."""
+        return len(self.to_review)
+
     def take_review(self) -> tuple[InFlight, Verdict] | None:
         """The oldest review verdict not yet explained: these go before the periodic snapshots."""
         return self.to_review.popleft() if self.to_review else None

@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from agent import explain
 from agent.backends.base import Backend, BatchBuffers
 from agent.batcher import BatchPolicy
 from agent.beacon import Beacon
@@ -68,7 +69,7 @@ class Agent:
         self.depth = self.workers + QUEUED_BATCHES
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.depth + self.workers)  # + shutdown sentinels
         self._results: queue.Queue[Inferred] = queue.Queue()
-        self._explain_in: queue.Queue[tuple[InFlight, Verdict] | None] = queue.Queue(maxsize=1)
+        self._explain_in: queue.Queue[tuple[InFlight, Verdict, str] | None] = queue.Queue(maxsize=1)
         self._explain_out: queue.Queue[tuple[Explanation | None, float]] = queue.Queue()
         self._explaining = False
         self._explain_free_at = 0.0  # the explainer's CPU budget: no new task before this (monotonic s)
@@ -208,8 +209,8 @@ class Agent:
             # Review verdicts go first, within the budget; other snapshots come every explain_interval_s.
             review = self.line.take_review()
             if review is not None:
-                self._offer_explanation(review)
-            elif now >= self.next_explain and self._offer_explanation(self.line.take_candidate()):
+                self._offer_explanation(review, explain.method_for(self.line.reviews_waiting()))
+            elif now >= self.next_explain and self._offer_explanation(self.line.take_candidate(), explain.AGENT_METHOD):
                 self.next_explain = now + self.s.explain_interval_s
         wd = self.notifier.watchdog_interval_s()
         # Watchdog pings only while batches make progress: a wedged inference stops them.
@@ -383,10 +384,10 @@ class Agent:
 
     # --- explanations ---
 
-    def _offer_explanation(self, task: tuple[InFlight, Verdict] | None) -> bool:
+    def _offer_explanation(self, task: tuple[InFlight, Verdict] | None, method: str) -> bool:
         if task is None:
             return False
-        self._explain_in.put_nowait(task)  # never full: one task at a time, guarded by _explaining
+        self._explain_in.put_nowait((*task, method))  # never full: one task at a time, guarded by _explaining
         self._explaining = True
         return True
 
@@ -396,13 +397,12 @@ class Agent:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         self._worker(self._explain_in, self._explain_one, self._explain_out)
 
-    def _explain_one(self, task: tuple[InFlight, Verdict]) -> tuple[Explanation | None, float]:
-        from agent import explain
-
+    def _explain_one(self, task: tuple[InFlight, Verdict, str]) -> tuple[Explanation | None, float]:
         t0 = time.perf_counter()  # wall time: it also counts the runtime threads the CAM inference uses
-        item, v = task
+        item, v, method = task
         model = self.loader.model_by_id(v.model_id) or self.loader.require_model()
-        return explain.task(model.runner, item, v, self.s.explain_dir, self.s.explain_keep), time.perf_counter() - t0
+        return (explain.task(model.runner, item, v, self.s.explain_dir, self.s.explain_keep, method),
+                time.perf_counter() - t0)
 
     # --- shutdown ---
 

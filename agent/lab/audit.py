@@ -19,7 +19,17 @@ import numpy as np
 from agent.config import DEFAULT_MODEL
 from agent.decision import pass_mask_of
 from agent.errors import ConfigError, DataError, ModelError
-from agent.explain import BLUR_SIGMA, IMAGE_SIZE, METHODS, blurred, heatmap_u8, overlay, png, to_heatmaps
+from agent.explain import (
+    AGENT_METHOD,
+    BLUR_SIGMA,
+    IMAGE_SIZE,
+    METHODS,
+    blurred,
+    heatmap_u8,
+    overlay,
+    png,
+    to_heatmaps,
+)
 from agent.geometry import InputSpec, frame_picks, tile_origins, to_input
 from agent.lab.data import (
     NEU_CLASSES,
@@ -494,11 +504,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         choices=METHODS,
-        default="cam",
-        help="heatmap method (default: cam, what the agent ships; gradcam gives the same maps "
-        "for the GAP + dense head; cam-ig refines the CAM to pixels with integrated gradients, for defects "
-        "smaller than a feature cell; the report's pointing ceiling is what any map at the method's grid "
-        "could score)",
+        default=AGENT_METHOD,
+        help=f"heatmap method (default: {AGENT_METHOD}, what the agent publishes: the CAMs of the input moved by "
+        "thirds of a feature cell, averaged; cam is one plain CAM, and gradcam gives the same maps for the GAP + "
+        "dense head; cam-ig refines the CAM to pixels with integrated gradients, for defects smaller than a feature "
+        "cell; the report's pointing ceiling is what any map at the method's grid could score)",
     )
     parser.add_argument("--layer", help="conv layer for gradcam/gradcampp (default: the last feature map)")
     parser.add_argument(

@@ -17,6 +17,8 @@ from agent.explain import (
     gradcam_weights,
     gradcampp_weights,
     ig_heatmaps,
+    normalize_maps,
+    shift_cam_raw,
     to_heatmaps,
     weighted_maps,
 )
@@ -56,11 +58,12 @@ def features_model(model: Any) -> Any:
 class Explainer:
     """Batched probabilities and [0,1] heatmaps for a TinyDefectNet Keras model.
 
-    "cam" weights the last feature map by the dense kernel (no gradients); "gradcam" and "gradcampp" use the
-    gradients of the class logit (pre-softmax, so saturated probabilities do not flatten them) w.r.t. `layer`'s
-    output (default: the input of "gap"); "ig" integrates the logit's input gradients from the image blurred
-    (agent.explain.blurred) to the image; "cam-ig" multiplies the CAM by the IG map, so the coarse map's cell is
-    refined to pixels.
+    "cam" weights the last feature map by the dense kernel (no gradients); "shift-cam" (what the agent publishes)
+    averages the CAMs of the input moved by thirds of a cell, moved back (agent.explain.shift_cam_raw); "gradcam"
+    and "gradcampp" use the gradients of the class logit (pre-softmax, so saturated probabilities do not flatten
+    them) w.r.t. `layer`'s output (default: the input of "gap"); "ig" integrates the logit's input gradients from
+    the image blurred (agent.explain.blurred) to the image; "cam-ig" multiplies the CAM by the IG map, so the
+    coarse map's cell is refined to pixels.
 
     With `pass_classes` (the card's, as indices), IG explains a defect class against passing: it integrates the
     gradients of the class logit minus the pass classes' mean logit, so what the defect class and the good parts
@@ -78,7 +81,7 @@ class Explainer:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        if method in ("cam", "cam-ig") and layer is not None:
+        if method in ("cam", "shift-cam", "cam-ig") and layer is not None:
             raise ValueError(f"method {method!r} always uses the input of 'gap'; use 'gradcam' to pick a layer")
         self.model = model
         self.method = method
@@ -94,7 +97,8 @@ class Explainer:
         self.layer = layer or "gap:input"
         # The side of the grid a heatmap is upsampled from (7 for the shipped models' CAM), or None when the
         # method attributes single pixels: the audit's pointing ceiling depends on it.
-        self.grid: int | None = None if method in ("ig", "cam-ig") else int(feats.shape[1])
+        # A shift-averaged map peaks between cell centres too, so it has no grid ceiling either.
+        self.grid: int | None = None if method in ("ig", "cam-ig", "shift-cam") else int(feats.shape[1])
         # One sub-model and one traced function per Explainer; a fixed signature avoids a retrace for the
         # last, smaller batch.
         self._sub = keras.Model(_inputs(model), [probs, logits, feats], name=f"{model.name}_explain")
@@ -176,8 +180,14 @@ class Explainer:
         used = np.where(idx < 0, p.argmax(1), idx).astype(np.int32)
         if self.method == "cam":
             return p, cam(f, self.kernel, used, self.size)
+        if self.method == "shift-cam":
+            return p, normalize_maps(shift_cam_raw(self._features, x, self.kernel, used))
         ig = self._ig_maps(x, used)
         return p, ig if self.method == "ig" else cam_ig_heatmaps(cam(f, self.kernel, used, self.size), ig)
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        """The last feature map [N,h,w,C] of raw inputs [N,size,size,1], batched."""
+        return np.concatenate([self._forward(x[i:i + self.batch])[1].numpy() for i in range(0, len(x), self.batch)])
 
     def target_weights(self, used: np.ndarray) -> np.ndarray:
         """The logit combination IG explains per image [N,K]: one-hot on the class, minus the pass classes' mean

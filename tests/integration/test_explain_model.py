@@ -122,7 +122,7 @@ class TestExplainer:
         assert ex.grid is None and Explainer(model, "cam").grid == feats.shape[1]
         assert np.abs(ex.explain(images[:2])[1] - normalize_maps(c * g)).max() <= 1e-5
 
-    @pytest.mark.parametrize("method", ["cam", "gradcam", "ig", "cam-ig"])
+    @pytest.mark.parametrize("method", ["cam", "shift-cam", "gradcam", "ig", "cam-ig"])
     def test_a_model_of_another_input_size_is_explained_at_its_size(self, method: str) -> None:
         """A model trained with `tdn train --input-size 96` gets 96x96 heatmaps, not a shape error."""
         from agent.lab.model.arch import ArchSpec, Stage, build
@@ -153,6 +153,21 @@ class TestLeanBackendPath:
         assert np.allclose(probs, p, atol=1e-6)
         assert np.abs(cam(feats, kernel, probs.argmax(1)) - h).max() <= 1e-5
 
+    def test_the_agent_publishes_the_audits_shift_cam(self, model: Any, images: np.ndarray) -> None:
+        """The agent's explainer (agent.explain.frame_cam on a loaded backend) draws the map `tdn audit` scores."""
+        from agent.backends import create
+        from agent.explain import AGENT_METHOD, frame_cam
+
+        backend = create("tensorflow", MODEL)
+        backend.load()
+        ex = Explainer(model, AGENT_METHOD)
+        probs, heat = ex.explain(images[:3])
+        for img, p, h in zip(images[:3], probs, heat, strict=True):
+            agent_map = frame_cam(backend, img[:, :, 0].astype(np.uint8), int(p.argmax()))
+            assert agent_map.shape == (200, 200) and np.abs(agent_map - h).max() <= 1e-4
+        _, plain = Explainer(model, "cam").explain(images[:3])
+        assert np.abs(plain - heat).max() > 0.05  # the shifts do change the map
+
 
 class TestSyntheticBlob:
     # The defect is a dark 20x20 spot, like NEU-DET's inclusions and pits. A *bright* blob on flat gray is nothing
@@ -170,7 +185,7 @@ class TestSyntheticBlob:
     def boxes(self, slack: int) -> list[tuple[int, int, int, int]]:
         return [(c + 1 - slack, r + 1 - slack, c + 20 + slack, r + 20 + slack) for r, c in self.CORNERS]
 
-    @pytest.mark.parametrize("method", ["cam", "gradcam", "ig", "cam-ig"])
+    @pytest.mark.parametrize("method", ["cam", "shift-cam", "gradcam", "ig", "cam-ig"])
     def test_pointing_game_finds_a_dark_blob(self, model: Any, method: str) -> None:
         """On mid-gray noise with one dark blob the heatmap maximum lies on the blob (CAM: within 10 px)."""
         # The last feature map is 13x13, so a CAM peak can sit up to about half a ~15 px cell off the blob.
@@ -261,3 +276,20 @@ class TestContrastiveIg:
         """A pass class index the model does not have is a ValueError naming the range."""
         with pytest.raises(ValueError, match=r"0\.\.5"):
             Explainer(model, "ig", pass_classes=[6])
+
+
+class TestExplainBench:
+    def test_times_both_methods_on_held_out_frames(self, tmp_path: Path) -> None:
+        """`tdn bench explain --frames 2` times cam and shift-cam on a loaded backend and writes the JSON."""
+        from agent.lab.bench import explain as bench
+
+        parser = argparse.ArgumentParser()
+        bench.add_arguments(parser)
+        js = tmp_path / "explain.json"
+        args = parser.parse_args(["--model", str(MODEL), "--data", str(data_root()), "--backend", "tensorflow",
+                                  "--frames", "2", "--repeats", "1", "--json", str(js)])
+        assert bench.run(args) == 0
+        r = json.loads(js.read_text())
+        assert r["frames"] == 2 and r["backend"]["backend"] == "tensorflow" and r["tiles_per_frame"] == 1.0
+        assert set(r["median_ms"]) == {"cam", "shift-cam"} and all(v > 0 for v in r["median_ms"].values())
+        assert r["ratio"] == pytest.approx(r["median_ms"]["shift-cam"] / r["median_ms"]["cam"])

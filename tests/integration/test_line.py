@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import psutil
 import pytest
 import zmq
@@ -18,6 +19,7 @@ from protocol import (
     EXPLAIN_PREFIX,
     HEARTBEAT_PREFIX,
     VERDICT_PREFIX,
+    Decision,
     Encoding,
     Explanation,
     Frame,
@@ -226,6 +228,27 @@ class TestExplanations:
         assert ex, "no explanation within 10 s"
         assert ex[0].camera_id == "camE" and 0 <= ex[0].seq < 5
         assert bytes(ex[0].overlay_png[:4]) == b"\x89PNG"
+        assert ex[0].method in ("shift-cam", "cam")
+
+    def test_a_burst_of_reviews_is_explained_plainly_then_with_shifts(self, start_agent: Any,
+                                                                     zctx: zmq.Context[Any]) -> None:
+        """16 noise frames end as review: every one is explained, plain CAM while more than 2 wait, shift-cam last."""
+        agent = start_agent(explain_interval_s=3600, explain_budget=1.0)
+        sub = subscriber(zctx, agent.publish, EXPLAIN_PREFIX, VERDICT_PREFIX, HEARTBEAT_PREFIX)
+        wait_subscribed(sub)
+        push = zctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(agent.frames)
+        noise = np.random.default_rng(5).integers(0, 256, (16, 200, 200), dtype=np.uint8)
+        for seq, img in enumerate(noise):
+            push.send_multipart(gray_frame("camR", seq, img.tobytes()))
+        msgs = collect(sub, lambda m: sum(isinstance(x, Explanation) for x in m) >= 16, 60)
+        verdicts = [m for m in msgs if isinstance(m, Verdict)]
+        ex = [m for m in msgs if isinstance(m, Explanation)]
+        assert len(verdicts) == 16 and all(v.decision is Decision.REVIEW for v in verdicts)
+        assert sorted(e.seq for e in ex) == list(range(16))
+        methods = [e.method for e in ex]
+        assert set(methods) == {"cam", "shift-cam"} and methods[-1] == "shift-cam", methods
 
 
 class TestEveryBackend:

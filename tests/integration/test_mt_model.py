@@ -160,6 +160,7 @@ class TestTiledServing:
         e = next(m for m in msgs if isinstance(m, Explanation))
         heat = cv2.imdecode(np.frombuffer(e.heatmap_png, np.uint8), cv2.IMREAD_UNCHANGED)
         assert heat.shape == to_input(chosen[e.seq], spec).shape and heat.max() == 255
+        assert e.method in ("shift-cam", "cam")
         for v, row in zip(verdicts, want, strict=True):
             assert v.status is Status.OK and v.probs is not None
             np.testing.assert_allclose(np.asarray(v.probs), row, atol=1e-4)

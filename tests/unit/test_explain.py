@@ -24,7 +24,11 @@ from agent.explain import (
     normalize_maps,
     overlay,
     png,
+    shift_cam_raw,
+    shift_offsets,
+    shifted_crops,
     to_heatmaps,
+    unshift_mean,
     weighted_maps,
 )
 from agent.lab import audit
@@ -189,6 +193,74 @@ class TestCamIgHeatmaps:
         """Maps of different shapes are a ValueError, not a broadcast."""
         with pytest.raises(ValueError, match="differ"):
             cam_ig_heatmaps(np.zeros((1, 200, 200)), np.zeros((2, 200, 200)))
+
+
+def block_features(x: np.ndarray) -> np.ndarray:
+    """A stand-in for a network's last feature map: each input averaged over a 7x7 grid of cells, one channel."""
+    return np.stack([cv2.resize(t[..., 0], (7, 7), interpolation=cv2.INTER_AREA) for t in x])[..., None]
+
+
+class TestShiftCam:
+    def test_offsets_are_thirds_of_a_cell_around_zero(self) -> None:
+        """A 7x7 map on 200 px moves the input by -10, 0, +10 px per axis: 9 offsets, (0, 0) among them."""
+        offs = shift_offsets(7, 200)
+        assert len(offs) == 9 and (0, 0) in offs and {dy for dy, _ in offs} == {-10, 0, 10}
+        assert shift_offsets(13, 200)[0] == (-5, -5)
+        with pytest.raises(ValueError):
+            shift_offsets(0, 200)
+
+    def test_crops_moved_back_give_the_image(self) -> None:
+        """Each crop shows the image at its offset, so moving the crops back and averaging is the image itself."""
+        img = np.random.default_rng(0).uniform(0, 255, (60, 80)).astype(np.float32)
+        offs = shift_offsets(7, 60)
+        crops = shifted_crops(img, offs)
+        assert crops.shape == (9, 60, 80)
+        dy, dx = offs[-1]
+        assert np.array_equal(crops[-1][: 60 - dy, : 80 - dx], img[dy:, dx:])
+        assert np.allclose(unshift_mean(crops, offs), img, atol=1e-4)
+
+    def test_rejects_offsets_larger_than_the_image_and_miscounted_maps(self) -> None:
+        """Offsets the mirror cannot fill, or a map count that is not the offset count, are ValueErrors."""
+        with pytest.raises(ValueError, match="larger than"):
+            shifted_crops(np.zeros((5, 5)), [(0, 0), (7, 7)])
+        with pytest.raises(ValueError, match="2 maps for 3 offsets"):
+            unshift_mean(np.zeros((2, 10, 10)), [(0, 0), (1, 1), (-1, -1)])
+
+    def test_peaks_on_a_defect_between_cell_centres_that_one_cam_misses(self) -> None:
+        """A 5x5 spot between a 7x7 map's cell centres: one CAM peaks 11 px away, the shift-averaged map on it."""
+        img = np.zeros((200, 200), np.float32)
+        img[48:53, 48:53] = 255.0
+        kernel = np.ones((1, 1), np.float32)
+        plain = cam(block_features(img[None, :, :, None]), kernel, [0])[0]
+        shifted = shift_cam_raw(block_features, img[None], kernel, [0])[0]
+        spot = [(49, 49, 53, 53)]  # VOC, 1-based inclusive
+        assert not pointing_hit(plain, spot)
+        assert pointing_hit(normalize_maps(shifted[None])[0], spot)
+        assert shifted.shape == (200, 200) and shifted.min() >= 0.0
+
+    def test_without_shifts_it_is_the_plain_cam(self) -> None:
+        """shift=False gives each tile's one CAM, the map `cam` draws, before normalisation."""
+        img = np.random.default_rng(1).uniform(0, 255, (2, 200, 200)).astype(np.float32)
+        kernel = np.ones((1, 1), np.float32)
+        raw = shift_cam_raw(block_features, img, kernel, [0, 0], shift=False)
+        assert np.allclose(normalize_maps(raw), cam(block_features(img[..., None]), kernel, [0, 0]), atol=1e-6)
+
+    def test_falls_back_to_plain_cam_behind_a_queue_of_reviews(self) -> None:
+        """Up to SHIFT_MAX_WAITING reviews waiting the agent explains with shift-cam; more, with plain cam."""
+        from agent.explain import AGENT_METHOD, SHIFT_MAX_WAITING, method_for
+
+        assert method_for(0) == method_for(SHIFT_MAX_WAITING) == AGENT_METHOD == "shift-cam"
+        assert method_for(SHIFT_MAX_WAITING + 1) == "cam"
+
+    def test_uses_the_class_column_of_each_input(self) -> None:
+        """Each input is explained by its own class's kernel column; a negative column gives an all-zero map."""
+        img = np.zeros((2, 200, 200), np.float32)
+        img[:, 90:110, 90:110] = 255.0
+        kernel = np.array([[1.0, -1.0]], np.float32)
+        maps = shift_cam_raw(block_features, img, kernel, [0, 1])
+        assert maps[0].max() > 0 and not maps[1].any()
+        with pytest.raises(ValueError, match="1 class indices for 2 inputs"):
+            shift_cam_raw(block_features, img, kernel, [0])
 
 
 class TestOverlayAndPng:

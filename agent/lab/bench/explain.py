@@ -1,0 +1,91 @@
+"""What one explanation costs the agent's explainer: shift-cam against plain CAM, on a loaded backend.
+
+Loads the model on --backend as the agent does, takes --frames held-out images at their native sizes through the
+card's input geometry, and times agent.explain.snapshot (the map, the overlay and both PNGs: the explainer
+thread's whole work for a verdict) with each method, alternating frame by frame so both see the same host load.
+Prints the median milliseconds a frame, the ratio, and how many explanations a second `explain_budget` allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+METHODS = ("cam", "shift-cam")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from agent.config import DEFAULT_MODEL
+
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the .keras model (its card beside it)")
+    p.add_argument("--data", help="the folder it was trained from (default: the model's shipped dataset)")
+    p.add_argument("--backend", default="auto", help="agent backend (default: auto, the agent's own choice)")
+    p.add_argument("--frames", type=int, default=20, help="held-out frames, spread over the split (default 20)")
+    p.add_argument("--repeats", type=int, default=3, help="timings of each frame and method (default 3)")
+    p.add_argument("--budget", type=float, default=0.05, help="explain_budget to convert into explanations a second")
+    p.add_argument("--json", type=Path)
+
+
+def _verdict(i: int, cls: int, name: str) -> Any:
+    from protocol import Status, Verdict
+
+    now = time.time_ns()
+    return Verdict("bench", i, Status.OK, None, name, cls, 0.9, None, True, "bench", "bench", 1, now, now, now, now)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.backends import from_settings
+    from agent.cli.demo import model_and_data
+    from agent.config import load
+    from agent.explain import snapshot
+    from agent.geometry import InputSpec, tile_origins, to_input
+    from agent.lab.data import check_classes, held_out, load_dataset, read_gray
+
+    if args.frames < 1 or args.repeats < 1 or not 0 < args.budget <= 1:
+        raise SystemExit("--frames and --repeats must be >= 1 and --budget in (0, 1]")
+    model, data = model_and_data(str(args.model), args.data)
+    if data is None:
+        raise SystemExit("--data: no dataset folder given and none found beside the checkout")
+    card = json.loads(model.with_suffix(".json").read_text())
+    ds = load_dataset(data)
+    check_classes(card, ds)
+    val = held_out(card, ds.samples)[1]
+    chosen = [val[int(i)] for i in np.linspace(0, len(val) - 1, min(args.frames, len(val)))]
+    spec = InputSpec.from_card(card.get("input", {}))
+    planes = [to_input(read_gray(s.path), spec) for s in chosen]
+    # The backend the agent would serve this model with (its settings' defaults: profile, artifacts, export).
+    backend = from_settings(load(model_path=model, backend=args.backend))
+    backend.load()
+    backend.warmup((1,))
+    size = int(backend.input_shape[0])
+    tiles = [len(tile_origins(p.shape[:2], size)) for p in planes]
+    ident = backend.identity()
+    print(f"{model.name} on {ident.get('backend')} ({ident.get('precision', '')}), {len(planes)} held-out frames of "
+          f"{data}, {np.mean(tiles):.1f} model inputs a frame", flush=True)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for i, (plane, s) in enumerate(zip(planes, chosen, strict=True)):
+        item, v = SimpleNamespace(image=plane), _verdict(i, s.label, card["classes"][s.label])
+        snapshot(backend, item, v, METHODS[0])  # first touch of this frame's sizes off the clock
+        for r in range(args.repeats):
+            for m in METHODS if (i + r) % 2 == 0 else METHODS[::-1]:
+                t0 = time.perf_counter()
+                snapshot(backend, item, v, m)
+                times[m].append(time.perf_counter() - t0)
+    med = {m: float(np.median(t)) for m, t in times.items()}
+    for m in METHODS:
+        print(f"  {m:10s} median {med[m] * 1e3:7.2f} ms a frame (p90 {np.percentile(times[m], 90) * 1e3:.2f}); "
+              f"at explain_budget {args.budget:g}: {args.budget / med[m]:.1f} explanations a second")
+    ratio = med["shift-cam"] / med["cam"]
+    print(f"  shift-cam / cam: {ratio:.2f}x (same run, alternating)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "model": model.name, "backend": ident, "frames": len(planes), "tiles_per_frame": float(np.mean(tiles)),
+            "median_ms": {m: med[m] * 1e3 for m in METHODS}, "ratio": ratio, "budget": args.budget,
+            "explanations_per_s": {m: args.budget / med[m] for m in METHODS}}, indent=2) + "\n")
+    return 0
