@@ -76,6 +76,21 @@ def held_out(card: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray, n
     return load_frames(val, InputSpec.from_card(card.get("input", {})), progress=True)
 
 
+def model_card_data(model_arg: str, data_arg: str | None) -> tuple[Path, str, dict[str, Any], Any]:
+    """A bench's --model and --data resolved: the model file, its dataset folder (the shipped one when --data is not
+    given), its card, and the scanned dataset, checked against the card's classes."""
+    from agent.cli.demo import model_and_data
+    from agent.lab.data import check_classes, load_dataset
+
+    model, data = model_and_data(model_arg, data_arg)
+    if data is None:
+        raise SystemExit("--data: no dataset folder given and none found beside the checkout")
+    card = json.loads(model.with_suffix(".json").read_text())
+    ds = load_dataset(data)
+    check_classes(card, ds)
+    return model, data, card, ds
+
+
 def time_lanes(backend: Any, x: np.ndarray, seconds: float, min_calls: int = 8) -> tuple[list[float], float]:
     """Every lane of a loaded, warmed `backend` inferring x at once, each in its own thread (the agent's inference
     workers), for `seconds` and at least `min_calls` calls a lane: the seconds of each call, and the wall time."""

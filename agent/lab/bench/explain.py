@@ -41,20 +41,15 @@ def _verdict(i: int, cls: int, name: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from agent.backends import from_settings
-    from agent.cli.demo import model_and_data
     from agent.config import load
     from agent.explain import snapshot
     from agent.geometry import InputSpec, tile_origins, to_input
-    from agent.lab.data import check_classes, held_out, load_dataset, read_gray
+    from agent.lab.bench.common import model_card_data
+    from agent.lab.data import held_out, read_gray
 
     if args.frames < 1 or args.repeats < 1 or not 0 < args.budget <= 1:
         raise SystemExit("--frames and --repeats must be >= 1 and --budget in (0, 1]")
-    model, data = model_and_data(str(args.model), args.data)
-    if data is None:
-        raise SystemExit("--data: no dataset folder given and none found beside the checkout")
-    card = json.loads(model.with_suffix(".json").read_text())
-    ds = load_dataset(data)
-    check_classes(card, ds)
+    model, data, card, ds = model_card_data(str(args.model), args.data)
     val = held_out(card, ds.samples)[1]
     chosen = [val[int(i)] for i in np.linspace(0, len(val) - 1, min(args.frames, len(val)))]
     spec = InputSpec.from_card(card.get("input", {}))

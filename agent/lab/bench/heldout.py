@@ -93,17 +93,12 @@ def run(args: argparse.Namespace) -> int:
     import zmq
     from tqdm import tqdm
 
-    from agent.cli.demo import model_and_data
-    from agent.lab.data import check_classes, held_out, load_dataset
+    from agent.lab.bench.common import model_card_data
+    from agent.lab.data import held_out
     from agent.testing import start_agent
     from protocol import VERDICT_PREFIX
 
-    model, data = model_and_data(str(args.model), args.data)
-    if data is None:
-        raise SystemExit("--data: no dataset folder given and none found beside the checkout")
-    card = json.loads(model.with_suffix(".json").read_text())
-    ds = load_dataset(data)
-    check_classes(card, ds)
+    model, data, card, ds = model_card_data(str(args.model), args.data)
     samples, how = (ds.samples, f"every image ({len(ds.samples)})") if args.split == "all" else \
         held_out(card, ds.samples)[1:]
     y = np.array([s.label for s in samples])
