@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for i, (plane, s) in enumerate(zip(planes, chosen, strict=True)):
         item, v = SimpleNamespace(image=plane), _verdict(i, s.label, card["classes"][s.label])
-        snapshot(backend, item, v, METHODS[0])  # first touch of this frame's sizes off the clock
+        snapshot(backend, item, v, METHODS[0])  # an untimed first run: caches and lazily built runners
         for r in range(args.repeats):
             for m in METHODS if (i + r) % 2 == 0 else METHODS[::-1]:
                 t0 = time.perf_counter()
