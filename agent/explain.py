@@ -140,12 +140,14 @@ def unshift_mean(maps: np.ndarray, offsets: Sequence[tuple[int, int]]) -> np.nda
 
 
 def shift_cam_raw(features_of: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray, dense_kernel: np.ndarray,
-                  class_idx: Sequence[int] | np.ndarray, shift: bool = True) -> np.ndarray:
+                  class_idx: Sequence[int] | np.ndarray, shift: bool = True,
+                  features: np.ndarray | None = None) -> np.ndarray:
     """Shift-averaged class maps [n,S,S] (ReLU'd, upsampled, not yet normalised) of model inputs tiles [n,S,S(,1)];
     with shift=False, each tile's one plain CAM.
 
     `features_of` maps raw float32 inputs [m,S,S,1] to the last feature map [m,h,w,C] with any runtime; the
-    agent's backends and the lab's Keras model both come through here, so they explain alike.
+    agent's backends and the lab's Keras model both come through here, so they explain alike. `features`, the
+    tiles' own (unshifted) feature maps [n,h,w,C], saves their pass when the caller already ran it.
     """
     x = np.asarray(tiles, np.float32)
     x = x.reshape(x.shape[0], x.shape[1], x.shape[2])
@@ -153,11 +155,14 @@ def shift_cam_raw(features_of: Callable[[np.ndarray], np.ndarray], tiles: np.nda
     idx = np.asarray(class_idx, np.int64).reshape(-1)
     if len(idx) != len(x):
         raise ValueError(f"{len(idx)} class indices for {len(x)} inputs")
+    if features is not None and len(features) != len(x):
+        raise ValueError(f"{len(features)} feature maps for {len(x)} inputs")
     size = x.shape[1]
     out = np.zeros(x.shape, np.float32)
     for i, tile in enumerate(x):
         # The unshifted pass comes first: its feature map tells the grid, and it is one of the shifted set.
-        first = np.asarray(features_of(tile[None, :, :, None]), np.float32)
+        first = np.asarray(features_of(tile[None, :, :, None]) if features is None else features[i:i + 1],
+                           np.float32)
         offsets = shift_offsets(first.shape[1], size) if shift else [(0, 0)]
         others = [o for o in offsets if o != (0, 0)]
         feats = first if not others else np.concatenate(

@@ -181,7 +181,8 @@ class Explainer:
         if self.method == "cam":
             return p, cam(f, self.kernel, used, self.size)
         if self.method == "shift-cam":
-            return p, normalize_maps(shift_cam_raw(self._features, x, self.kernel, used))
+            # The forward pass above already gave the unshifted feature maps.
+            return p, normalize_maps(shift_cam_raw(self._features, x, self.kernel, used, features=f))
         ig = self._ig_maps(x, used)
         return p, ig if self.method == "ig" else cam_ig_heatmaps(cam(f, self.kernel, used, self.size), ig)
 
