@@ -44,7 +44,7 @@ from agent.lab.data import (
     load_dataset,
     read_gray,
 )
-from agent.lab.explain import Explainer
+from agent.lab.explain import GRADIENT_FREE, BackendExplainer, Explainer
 from agent.logging import get_logger
 
 log = get_logger("agent.lab.audit")
@@ -53,6 +53,10 @@ FRACS = (0.05, 0.10, 0.20)
 CONFIDENCE_FLOOR = 0.5  # Lin et al.'s impact counts a drop of the original class below this as a change
 GAP = 4  # pixels between panels of a grid row
 CAPTION = 18  # height of a grid row's caption band
+
+
+# The Keras model's explainer (every method), or a serving backend's (cam, shift-cam).
+AnyExplainer = Explainer | BackendExplainer
 
 
 # --- metrics: pure -------------------------------------------------------------------------------------------
@@ -222,7 +226,7 @@ def _key(frac: float) -> str:
 
 
 def measure_batch(
-    explainer: Explainer,
+    explainer: AnyExplainer,
     images: np.ndarray,
     samples: Sequence[Sample],
     first_index: int,
@@ -390,6 +394,9 @@ def _pct(v: float | None) -> str:
 
 def _report_head(s: dict[str, Any]) -> list[str]:
     e = html.escape
+    b = s.get("backend", "keras")
+    runtime = ("the Keras fp32 model" if b == "keras"
+               else f"{b.get('backend')} {b.get('precision')} ({b.get('runtime')})")
     return [
         "<!doctype html><html><head><meta charset='utf-8'><title>TinyDefectNet explanation audit</title><style>",
         "body{font-family:sans-serif;margin:1.5em;max-width:1100px}table{border-collapse:collapse;margin:.5em 0}"
@@ -399,7 +406,8 @@ def _report_head(s: dict[str, Any]) -> list[str]:
         "<h1>TinyDefectNet explanation audit</h1>",
         f"<p>Model <code>{e(str(s['model']))}</code>, data <code>{e(str(s['data']))}</code> "
         f"(split <b>{e(s['split'])}</b>), method <b>{e(s['method'])}</b> on layer <code>{e(s['layer'])}</code>, "
-        f"heatmaps of the <b>{'predicted' if s['target'] == 'pred' else 'true'}</b> class; "
+        f"heatmaps of the <b>{'predicted' if s['target'] == 'pred' else 'true'}</b> class, computed by "
+        f"<b>{e(runtime)}</b>; "
         f"{s['n']} images in {s['seconds']:.1f} s.</p>",
         "<h2>Overall</h2><table><tr><th>metric</th><th>value</th><th>uninformative heatmap</th></tr>",
         f"<tr><td>accuracy</td><td>{_pct(s['accuracy'])}</td><td></td></tr>",
@@ -510,6 +518,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dense head; cam-ig refines the CAM to pixels with integrated gradients, for defects smaller than a feature "
         "cell; the report's pointing ceiling is what any map at the method's grid could score)",
     )
+    parser.add_argument(
+        "--backend",
+        help="audit the maps a serving backend computes (auto, or a name such as litert:int8 or openvino:bf16, as "
+        "the agent's --backend takes; exported variants as `tdn export` left them) instead of the Keras fp32 model: "
+        "the probabilities, the decisions and the heatmaps are then the ones the agent publishes (cam and shift-cam "
+        "only, no gradients)",
+    )
     parser.add_argument("--layer", help="conv layer for gradcam/gradcampp (default: the last feature map)")
     parser.add_argument(
         "--target",
@@ -546,6 +561,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--out", type=Path, default=Path("runs/audit"), help="report folder (default: runs/audit)")
     parser.add_argument("--json", type=Path, help="also write the metrics as JSON to FILE")
+
+
+def serving_explainer(model: Path, name: str, method: str, pass_classes: Sequence[int]
+                      ) -> tuple[BackendExplainer, dict[str, str]]:
+    """The backend `name` loads `model` as the agent would (its settings' defaults), and its explainer and identity."""
+    from agent.backends import from_settings
+    from agent.config import load
+
+    if not model.is_file():
+        raise ModelError(f"model file {model} not found; train one with `tdn train` or pass --model")
+    backend = from_settings(load(model_path=model, backend=name))
+    backend.load()
+    backend.warmup((1,))
+    return BackendExplainer(backend, method, pass_classes), backend.identity()
 
 
 def load_model(path: Path) -> Any:
@@ -596,6 +625,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--limit must be >= 1")
     if args.layer and args.method not in ("gradcam", "gradcampp"):
         raise ConfigError(f"--layer needs --method gradcam or gradcampp ({args.method} has a fixed input)")
+    if args.backend and args.method not in GRADIENT_FREE:
+        raise ConfigError(f"--backend explains with {' or '.join(GRADIENT_FREE)}, not {args.method} (a serving "
+                          "backend has no gradients)")
 
 
 def _select(args: argparse.Namespace) -> tuple[list[Sample], tuple[str, ...], InputSpec, np.ndarray]:
@@ -613,7 +645,7 @@ def _select(args: argparse.Namespace) -> tuple[list[Sample], tuple[str, ...], In
     return samples, classes, spec, pass_mask_of(classes, card.get("pass_classes", ()))
 
 
-def deciding_tiles(explainer: Explainer, chunk: Sequence[Sample], spec: InputSpec, pass_mask: np.ndarray,
+def deciding_tiles(explainer: AnyExplainer, chunk: Sequence[Sample], spec: InputSpec, pass_mask: np.ndarray,
                    use_boxes: bool) -> tuple[np.ndarray, list[np.ndarray | None]]:
     """A tiling model's audit inputs: per image, the tile that decides it in the agent (agent.geometry.frame_picks),
     and the part of its defect region inside that tile (empty when the defect lies in other tiles: a miss)."""
@@ -635,7 +667,7 @@ def deciding_tiles(explainer: Explainer, chunk: Sequence[Sample], spec: InputSpe
 Kept = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]  # index -> (gray, heatmap, region)
 
 
-def _measure_all(args: argparse.Namespace, explainer: Explainer, samples: list[Sample], spec: InputSpec,
+def _measure_all(args: argparse.Namespace, explainer: AnyExplainer, samples: list[Sample], spec: InputSpec,
                  wanted: set[int], pass_mask: np.ndarray) -> tuple[list[ImageResult], Kept]:
     """Every sample measured in batches; the pictures of the wanted ones and of the first errors kept.
 
@@ -685,6 +717,8 @@ def _pictures(args: argparse.Namespace, results: list[ImageResult], keep: Kept, 
 
     class_grids: dict[str, np.ndarray] = {}
     for c, idxs in sorted(shown.items()):
+        if not idxs:  # --per-class 0: no sample grids
+            continue
         grid = stack_rows([row(results[i]) for i in idxs], f"{classes[c]}: {title}")
         class_grids[classes[c]] = grid
         (out / f"samples_{classes[c]}.png").write_bytes(png(grid))
@@ -703,10 +737,16 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     use_boxes = not args.no_boxes
     samples, classes, spec, pass_mask = _select(args)
-    model = load_model(args.model)
-    explainer = Explainer(model, args.method, layer=args.layer, batch=args.batch,
-                          pass_classes=np.flatnonzero(pass_mask).tolist())
-    log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split)
+    pass_classes = np.flatnonzero(pass_mask).tolist()
+    explainer: AnyExplainer
+    backend: dict[str, str] = {}
+    if args.backend:
+        explainer, backend = serving_explainer(args.model, args.backend, args.method, pass_classes)
+    else:
+        explainer = Explainer(load_model(args.model), args.method, layer=args.layer, batch=args.batch,
+                              pass_classes=pass_classes)
+    log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split,
+             backend=backend.get("backend", "keras"), precision=backend.get("precision"))
 
     shown: dict[int, list[int]] = {}  # class -> indices of its first --per-class samples
     for i, s in enumerate(samples):
@@ -726,6 +766,8 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "split": args.split,
         "method": args.method,
+        # Which runtime computed the maps: the Keras fp32 model, or the serving backend's identity.
+        "backend": backend or "keras",
         "layer": explainer.layer,
         "target": args.target,
         # What IG integrates, so a figure says which variant of the method it measured.

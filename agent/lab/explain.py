@@ -23,6 +23,18 @@ from agent.explain import (
     weighted_maps,
 )
 
+# The methods the agent itself can compute: from a backend's probabilities and feature maps, no gradients.
+GRADIENT_FREE = ("cam", "shift-cam")
+
+
+def gradient_free_maps(method: str, x: np.ndarray, features: np.ndarray, kernel: np.ndarray, used: np.ndarray,
+                       features_of: Any) -> np.ndarray:
+    """[N,size,size] heatmaps in [0,1] of a cam or shift-cam method, from a forward pass's feature maps (shift-cam
+    runs `features_of` on the moved inputs; the unshifted maps are the ones given)."""
+    if method == "cam":
+        return cam(features, kernel, used, x.shape[1])
+    return normalize_maps(shift_cam_raw(features_of, x, kernel, used, features=features))
+
 
 def _layer(model: Any, name: str) -> Any:
     try:
@@ -178,11 +190,8 @@ class Explainer:
         # cam, ig and cam-ig share one forward pass: the probabilities, the class explained and the feature map.
         p, f = (t.numpy() for t in self._forward(x))
         used = np.where(idx < 0, p.argmax(1), idx).astype(np.int32)
-        if self.method == "cam":
-            return p, cam(f, self.kernel, used, self.size)
-        if self.method == "shift-cam":
-            # The forward pass above already gave the unshifted feature maps.
-            return p, normalize_maps(shift_cam_raw(self._features, x, self.kernel, used, features=f))
+        if self.method in GRADIENT_FREE:
+            return p, gradient_free_maps(self.method, x, f, self.kernel, used, self._features)
         ig = self._ig_maps(x, used)
         return p, ig if self.method == "ig" else cam_ig_heatmaps(cam(f, self.kernel, used, self.size), ig)
 
@@ -225,3 +234,45 @@ def _check_images(images: np.ndarray, size: int) -> np.ndarray:
     if x.ndim != 4 or x.shape[1:] != (size, size, 1):
         raise ValueError(f"expected images [N,{size},{size},1], got {x.shape}")
     return x
+
+
+class BackendExplainer:
+    """The audit's explainer on a loaded agent backend (any runtime and precision): the maps the agent publishes.
+
+    The Keras Explainer's interface for the gradient-free methods only. Every input runs alone, at batch 1, the
+    size every backend warms, as agent.explain.frame_cam runs it; probabilities and feature maps come from the
+    backend, so an int8 or bf16 variant is audited as it serves, not as its fp32 source.
+    """
+
+    def __init__(self, backend: Any, method: str = "shift-cam", pass_classes: Sequence[int] = ()) -> None:
+        if method not in GRADIENT_FREE:
+            raise ValueError(f"a backend explains with {' or '.join(GRADIENT_FREE)}, not {method!r} (it has no "
+                             "gradients)")
+        self.backend = backend
+        self.method = method
+        self.batch = 1
+        self.kernel = np.asarray(backend.cam_weights(), np.float32)
+        self.pass_classes = tuple(sorted(set(int(c) for c in pass_classes)))
+        self.layer = "gap:input"
+        self.size = int(backend.input_shape[0])
+        grid = self._forward(np.zeros((1, self.size, self.size, 1), np.float32))[1].shape[1]
+        self.grid: int | None = None if method == "shift-cam" else int(grid)
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = [self.backend.features(x[i:i + 1]) for i in range(len(x))]
+        return (np.concatenate([np.asarray(p, np.float32)[:1] for p, _ in outs]),
+                np.concatenate([np.asarray(f, np.float32)[:1] for _, f in outs]))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities [N,K] of raw float32 images [N,size,size,1]."""
+        return self._forward(_check_images(images, self.size))[0]
+
+    def explain(self, images: np.ndarray, class_idx: np.ndarray | list[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """(probs [N,K], heatmaps [N,size,size] in [0,1]) for the given classes, or the predicted ones."""
+        x = _check_images(images, self.size)
+        p, f = self._forward(x)
+        used = p.argmax(1) if class_idx is None else np.asarray(class_idx, np.int64).reshape(-1)
+        if len(used) != len(x) or ((used < 0) | (used >= self.kernel.shape[1])).any():
+            raise ValueError(f"need {len(x)} class indices in 0..{self.kernel.shape[1] - 1}")
+        return p, gradient_free_maps(self.method, x, f, self.kernel, used, lambda t: self._forward(t)[1])

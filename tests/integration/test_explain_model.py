@@ -14,7 +14,7 @@ import pytest
 from agent.explain import cam, normalize_maps
 from agent.lab import audit
 from agent.lab.data import Sample, load_arrays, scan
-from agent.lab.explain import Explainer, cam_weights, features_model
+from agent.lab.explain import BackendExplainer, Explainer, cam_weights, features_model
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +169,35 @@ class TestLeanBackendPath:
         assert np.abs(plain - heat).max() > 0.05  # the shifts do change the map
 
 
+class TestBackendExplainer:
+    @pytest.fixture(scope="class")
+    def tf_backend(self) -> Any:
+        from agent.backends import create
+
+        backend = create("tensorflow", MODEL)
+        backend.load()
+        return backend
+
+    @pytest.mark.parametrize("method", ["cam", "shift-cam"])
+    def test_equals_the_keras_explainer(self, model: Any, tf_backend: Any, images: np.ndarray, method: str) -> None:
+        """On a loaded fp32 backend the audit's backend explainer gives the Keras explainer's probabilities and maps."""
+        keras_ex, backend_ex = Explainer(model, method), BackendExplainer(tf_backend, method)
+        p, h = keras_ex.explain(images[:4])
+        bp, bh = backend_ex.explain(images[:4])
+        assert np.abs(bp - p).max() <= 1e-5 and np.abs(bh - h).max() <= 1e-4
+        assert backend_ex.grid == keras_ex.grid and backend_ex.size == 200
+        assert np.abs(backend_ex.predict(images[:4]) - p).max() <= 1e-5
+        other = (p.argmax(1) + 1) % 6
+        assert np.abs(backend_ex.explain(images[:4], other)[1] - keras_ex.explain(images[:4], other)[1]).max() <= 1e-4
+
+    def test_refuses_what_needs_gradients_and_bad_classes(self, tf_backend: Any, images: np.ndarray) -> None:
+        """A gradient method, or a class index the model lacks, is a ValueError that says why."""
+        with pytest.raises(ValueError, match="no gradients"):
+            BackendExplainer(tf_backend, "cam-ig")
+        with pytest.raises(ValueError, match=r"class indices in 0\.\.5"):
+            BackendExplainer(tf_backend, "cam").explain(images[:2], [0, 6])
+
+
 class TestSyntheticBlob:
     # The defect is a dark 20x20 spot, like NEU-DET's inclusions and pits. A *bright* blob on flat gray is nothing
     # the model was trained on: it then looks at the image borders (where padding breaks the flat texture), and
@@ -245,6 +274,34 @@ class TestAuditRun:
                               verbose=0)
             right += int(p[combine(p, mask)].argmax() == s.label)
         assert report["accuracy"] == pytest.approx(right / 12)
+
+    def test_audits_the_maps_a_serving_backend_computes(self, tmp_path: Path) -> None:
+        """--backend tensorflow scores the same as the Keras audit and says which runtime drew the maps; an int8
+        variant is audited as it serves, and a gradient method on a backend is refused before anything loads."""
+        from agent.errors import ConfigError
+
+        parser = argparse.ArgumentParser()
+        audit.add_arguments(parser)
+        common = ["--data", str(data_root()), "--model", str(MODEL), "--split", "val", "--limit", "12",
+                  "--per-class", "0", "--seeds", "1"]
+        reports = {}
+        for name in ("keras", "tensorflow", "litert:int8"):
+            js = tmp_path / f"{name}.json"
+            extra = [] if name == "keras" else ["--backend", name]
+            args = parser.parse_args([*common, *extra, "--out", str(tmp_path / name), "--json", str(js)])
+            assert audit.run(args) == 0
+            reports[name] = json.loads(js.read_text())
+        k, t, q = reports["keras"], reports["tensorflow"], reports["litert:int8"]
+        assert k["backend"] == "keras" and k["method"] == t["method"] == q["method"] == "shift-cam"
+        assert t["backend"]["backend"] == "tensorflow" and q["backend"]["precision"] == "int8"
+        for key in ("accuracy", "pointing_game", "impact"):
+            assert t[key] == k[key], key
+        assert t["energy_in_boxes"] == pytest.approx(k["energy_in_boxes"], abs=1e-5)
+        assert q["n"] == 12 and abs(q["energy_in_boxes"] - k["energy_in_boxes"]) < 0.05
+        assert "litert int8" in (tmp_path / "litert:int8" / "report.html").read_text()
+        args = parser.parse_args([*common, "--backend", "litert", "--method", "cam-ig"])
+        with pytest.raises(ConfigError, match="no gradients"):
+            audit.run(args)
 
     def test_split_val_is_the_model_cards_hold_out(self) -> None:
         """--split val selects exactly the images the model card says were held out."""
