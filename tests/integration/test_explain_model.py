@@ -153,13 +153,12 @@ class TestLeanBackendPath:
         assert np.allclose(probs, p, atol=1e-6)
         assert np.abs(cam(feats, kernel, probs.argmax(1)) - h).max() <= 1e-5
 
-    def test_the_agent_publishes_the_audits_shift_cam(self, model: Any, images: np.ndarray) -> None:
+    def test_the_agent_publishes_the_audits_shift_cam(self, model: Any, tf_backend: Any, images: np.ndarray
+                                                        ) -> None:
         """The agent's explainer (agent.explain.frame_cam on a loaded backend) draws the map `tdn audit` scores."""
-        from agent.backends import create
         from agent.explain import AGENT_METHOD, frame_cam
 
-        backend = create("tensorflow", MODEL)
-        backend.load()
+        backend = tf_backend
         ex = Explainer(model, AGENT_METHOD)
         probs, heat = ex.explain(images[:3])
         for img, p, h in zip(images[:3], probs, heat, strict=True):
@@ -169,15 +168,16 @@ class TestLeanBackendPath:
         assert np.abs(plain - heat).max() > 0.05  # the shifts do change the map
 
 
+@pytest.fixture(scope="module")
+def tf_backend() -> Any:
+    from agent.backends import create
+
+    backend = create("tensorflow", MODEL)
+    backend.load()
+    return backend
+
+
 class TestBackendExplainer:
-    @pytest.fixture(scope="class")
-    def tf_backend(self) -> Any:
-        from agent.backends import create
-
-        backend = create("tensorflow", MODEL)
-        backend.load()
-        return backend
-
     @pytest.mark.parametrize("method", ["cam", "shift-cam"])
     def test_equals_the_keras_explainer(self, model: Any, tf_backend: Any, images: np.ndarray, method: str) -> None:
         """On a loaded fp32 backend the audit's backend explainer gives the Keras explainer's probabilities and maps."""
