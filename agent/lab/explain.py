@@ -1,4 +1,4 @@
-"""Gradient explanations of a Keras TinyDefectNet (Grad-CAM, Grad-CAM++, integrated gradients), for the audit."""
+"""Explanations for the audit: gradient methods on a Keras model, gradient-free ones on a serving backend."""
 
 from __future__ import annotations
 
