@@ -158,11 +158,10 @@ class TestLeanBackendPath:
         """The agent's explainer (agent.explain.frame_cam on a loaded backend) draws the map `tdn audit` scores."""
         from agent.explain import AGENT_METHOD, frame_cam
 
-        backend = tf_backend
         ex = Explainer(model, AGENT_METHOD)
         probs, heat = ex.explain(images[:3])
         for img, p, h in zip(images[:3], probs, heat, strict=True):
-            agent_map = frame_cam(backend, img[:, :, 0].astype(np.uint8), int(p.argmax()))
+            agent_map = frame_cam(tf_backend, img[:, :, 0].astype(np.uint8), int(p.argmax()))
             assert agent_map.shape == (200, 200) and np.abs(agent_map - h).max() <= 1e-4
         _, plain = Explainer(model, "cam").explain(images[:3])
         assert np.abs(plain - heat).max() > 0.05  # the shifts do change the map
