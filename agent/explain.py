@@ -262,6 +262,14 @@ def heatmap_png(heatmap: np.ndarray) -> bytes:
     return png(heatmap_u8(heatmap))
 
 
+def features_one_by_one(backend: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded backend's probabilities [n,K] and last feature maps [n,h,w,C] of raw inputs [n,S,S,1], one input a
+    call: batch 1 is the size every backend warmed, and explaining runs off the hot path."""
+    outs = [backend.features(x[i:i + 1]) for i in range(len(x))]
+    return (np.concatenate([np.asarray(p, np.float32)[:1] for p, _ in outs]),
+            np.concatenate([np.asarray(f, np.float32)[:1] for _, f in outs]))
+
+
 def frame_cam(backend: Any, image: np.ndarray, class_idx: int, method: str = AGENT_METHOD) -> np.ndarray:
     """The shift-averaged (method "cam": the plain) CAM of one frame's model input in [0,1], the input's own shape:
     [size,size], or a tiling model's whole plane with each tile's map put back where it came from (geometry.stitch).
@@ -273,13 +281,9 @@ def frame_cam(backend: Any, image: np.ndarray, class_idx: int, method: str = AGE
     if method not in ("cam", "shift-cam"):
         raise ValueError(f"the agent explains with cam or shift-cam, not {method!r}")
     size = int(backend.input_shape[0])
-
-    def features_of(x: np.ndarray) -> np.ndarray:
-        # One input a call: batch 1 is the size every backend warmed, and this runs off the hot path.
-        return np.concatenate([backend.features(x[i:i + 1])[1] for i in range(len(x))])
-
     parts = np.stack(tiles(image, size))
-    raw = shift_cam_raw(features_of, parts, backend.cam_weights(), [class_idx] * len(parts),
+    raw = shift_cam_raw(lambda x: features_one_by_one(backend, x)[1], parts, backend.cam_weights(),
+                        [class_idx] * len(parts),
                         shift=method == "shift-cam")
     plane = raw[0] if image.shape[:2] == (size, size) else stitch(raw, image.shape[:2])
     return normalize_maps(plane[None])[0]

@@ -14,6 +14,7 @@ from agent.explain import (
     blurred,
     cam,
     cam_ig_heatmaps,
+    features_one_by_one,
     gradcam_weights,
     gradcampp_weights,
     ig_heatmaps,
@@ -255,13 +256,12 @@ class BackendExplainer:
         self.pass_classes = tuple(sorted(set(int(c) for c in pass_classes)))
         self.layer = "gap:input"
         self.size = int(backend.input_shape[0])
-        grid = self._forward(np.zeros((1, self.size, self.size, 1), np.float32))[1].shape[1]
-        self.grid: int | None = None if method == "shift-cam" else int(grid)
+        # The plain CAM's grid (for the pointing ceiling) is its feature map's side: one probe pass tells it.
+        self.grid: int | None = None if method == "shift-cam" else int(
+            self._forward(np.zeros((1, self.size, self.size, 1), np.float32))[1].shape[1])
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outs = [self.backend.features(x[i:i + 1]) for i in range(len(x))]
-        return (np.concatenate([np.asarray(p, np.float32)[:1] for p, _ in outs]),
-                np.concatenate([np.asarray(f, np.float32)[:1] for _, f in outs]))
+        return features_one_by_one(self.backend, x)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [N,K] of raw float32 images [N,size,size,1]."""
