@@ -35,6 +35,8 @@ SHIFT_DIVISIONS = 3
 # waiting, it explains with one plain CAM (a ninth of the forward passes; with the PNGs, about a quarter of the
 # time, `tdn bench explain`), so a burst of reviews is explained, not dropped.
 SHIFT_MAX_WAITING = 2
+# The methods a serving backend can compute (from its probabilities and feature maps; no gradients).
+GRADIENT_FREE = ("cam", "shift-cam")
 IG_STEPS = 32
 # The image without its fine structure: wide enough to wipe a scratch, a pit or a crack, narrow enough to keep the
 # shading. It is the audit's neutral fill and the integrated-gradients baseline: the IG path then adds only the
@@ -278,13 +280,12 @@ def frame_cam(backend: Any, image: np.ndarray, class_idx: int, method: str = AGE
     """
     from agent.geometry import stitch, tiles
 
-    if method not in ("cam", "shift-cam"):
+    if method not in GRADIENT_FREE:
         raise ValueError(f"the agent explains with cam or shift-cam, not {method!r}")
     size = int(backend.input_shape[0])
     parts = np.stack(tiles(image, size))
     raw = shift_cam_raw(lambda x: features_one_by_one(backend, x)[1], parts, backend.cam_weights(),
-                        [class_idx] * len(parts),
-                        shift=method == "shift-cam")
+                        [class_idx] * len(parts), shift=method == "shift-cam")
     plane = raw[0] if image.shape[:2] == (size, size) else stitch(raw, image.shape[:2])
     return normalize_maps(plane[None])[0]
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from agent.errors import ModelError
 from agent.explain import (
+    GRADIENT_FREE,
     IG_STEPS,
     METHODS,
     blurred,
@@ -23,9 +24,6 @@ from agent.explain import (
     to_heatmaps,
     weighted_maps,
 )
-
-# The methods the agent itself can compute: from a backend's probabilities and feature maps, no gradients.
-GRADIENT_FREE = ("cam", "shift-cam")
 
 
 def gradient_free_maps(method: str, x: np.ndarray, features: np.ndarray, kernel: np.ndarray, used: np.ndarray,
