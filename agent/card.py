@@ -1,4 +1,4 @@
-"""The model card: the one reader of a model's JSON card (classes, pass classes, input geometry, hashes, self-test)."""
+"""The model card: the one reader of a model's JSON card (classes, pass classes, input, self-test, explanation)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ModelError
+from agent.explain import AGENT_METHOD, GRADIENT_FREE
 from agent.geometry import InputSpec, self_test_inputs
 
 # How far a runtime's probabilities may stray from the card's on the self-test inputs: int8 and bf16 variants
@@ -56,6 +57,12 @@ class ModelCard:
     def variant_id(self, backend: str, precision: str) -> str:
         """The model and the variant that decides, e.g. magnetic-tile-3f2a9c1d2e4f/litert-int8."""
         return f"{self.model_id}/{backend}-{precision}"
+
+    @property
+    def explain_method(self) -> str:
+        """How the agent explains this model's verdicts: the card's `explanation.method` (`tdn audit
+        --choose-method` writes it), shift-cam for a card without one."""
+        return str((self.raw.get("explanation") or {}).get("method", AGENT_METHOD))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -117,6 +124,9 @@ def from_dict(raw: dict[str, Any], model_path: Path) -> ModelCard:
         spec = InputSpec.from_card(raw.get("input") or {})
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model card {where}: bad 'input': {exc}") from None
+    explanation = raw.get("explanation", {})
+    if not isinstance(explanation, dict) or explanation.get("method", AGENT_METHOD) not in GRADIENT_FREE:
+        raise ModelError(f"model card {where}: 'explanation.method' must be one of {', '.join(GRADIENT_FREE)}")
     return ModelCard(model_path=model_path, sha256=file_sha256(model_path), classes=tuple(classes),
                      pass_classes=tuple(passes), input=spec, raw=raw)
 

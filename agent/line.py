@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.batcher import BatchPolicy, MicroBatcher
+from agent.explain import AGENT_METHOD
 from agent.logging import RateLimited
 from agent.sequencer import Sequencer
 from protocol import Decision, Reason, Status, Verdict
@@ -61,6 +62,8 @@ class ServingModel:
     input: Any = None  # its input geometry (agent.geometry.InputSpec), for intake
     # The rule before run-time commands (card, then settings): what a control command's thresholds apply to.
     base_rule: Any = field(default=None, compare=False)
+    # How its verdicts are explained (agent.explain.GRADIENT_FREE; the card's, see card.ModelCard.explain_method).
+    explain_method: str = AGENT_METHOD
 
 
 @dataclass(slots=True, eq=False)

@@ -69,7 +69,7 @@ class Agent:
         self.depth = self.workers + QUEUED_BATCHES
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.depth + self.workers)  # + shutdown sentinels
         self._results: queue.Queue[Inferred] = queue.Queue()
-        self._explain_in: queue.Queue[tuple[InFlight, Verdict, str] | None] = queue.Queue(maxsize=1)
+        self._explain_in: queue.Queue[tuple[InFlight, Verdict, int] | None] = queue.Queue(maxsize=1)
         self._explain_out: queue.Queue[tuple[Explanation | None, float]] = queue.Queue()
         self._explaining = False
         self._explain_free_at = 0.0  # the explainer's CPU budget: no new task before this (monotonic s)
@@ -209,8 +209,8 @@ class Agent:
             # Review verdicts go first, within the budget; other snapshots come every explain_interval_s.
             review = self.line.take_review()
             if review is not None:
-                self._offer_explanation(review, explain.method_for(self.line.reviews_waiting()))
-            elif now >= self.next_explain and self._offer_explanation(self.line.take_candidate(), explain.AGENT_METHOD):
+                self._offer_explanation(review, self.line.reviews_waiting())
+            elif now >= self.next_explain and self._offer_explanation(self.line.take_candidate(), 0):
                 self.next_explain = now + self.s.explain_interval_s
         wd = self.notifier.watchdog_interval_s()
         # Watchdog pings only while batches make progress: a wedged inference stops them.
@@ -384,10 +384,11 @@ class Agent:
 
     # --- explanations ---
 
-    def _offer_explanation(self, task: tuple[InFlight, Verdict] | None, method: str) -> bool:
+    def _offer_explanation(self, task: tuple[InFlight, Verdict] | None, waiting: int) -> bool:
+        """Hand one verdict to the explainer; `waiting`, the reviews queued behind it, picks the method there."""
         if task is None:
             return False
-        self._explain_in.put_nowait((*task, method))  # never full: one task at a time, guarded by _explaining
+        self._explain_in.put_nowait((*task, waiting))  # never full: one task at a time, guarded by _explaining
         self._explaining = True
         return True
 
@@ -397,10 +398,12 @@ class Agent:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         self._worker(self._explain_in, self._explain_one, self._explain_out)
 
-    def _explain_one(self, task: tuple[InFlight, Verdict, str]) -> tuple[Explanation | None, float]:
+    def _explain_one(self, task: tuple[InFlight, Verdict, int]) -> tuple[Explanation | None, float]:
         t0 = time.perf_counter()  # wall time: it also counts the runtime threads the CAM inference uses
-        item, v, method = task
+        item, v, waiting = task
+        # The model that decided explains it, with its card's method (a swap may have happened since).
         model = self.loader.model_by_id(v.model_id) or self.loader.require_model()
+        method = explain.method_for(waiting, model.explain_method)
         return (explain.task(model.runner, item, v, self.s.explain_dir, self.s.explain_keep, method),
                 time.perf_counter() - t0)
 

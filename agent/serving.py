@@ -85,7 +85,8 @@ def prepare(backend: Backend, settings: AgentSettings, model_path: Path) -> Serv
     if problem is not None:
         raise ModelError(f"model {model_path} fails its self-test: {problem}")
     return ServingModel(card.variant_id(backend.name, backend.precision), card.classes, rule.pass_classes, rule,
-                        rule_thresholds(rule), rule.needs_pooled, runner=backend, input=card.input, base_rule=rule)
+                        rule_thresholds(rule), rule.needs_pooled, runner=backend, input=card.input, base_rule=rule,
+                        explain_method=card.explain_method)
 
 
 def _can_undo_nice() -> bool:

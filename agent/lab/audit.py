@@ -55,8 +55,11 @@ GAP = 4  # pixels between panels of a grid row
 CAPTION = 18  # height of a grid row's caption band
 
 
-# The Keras model's explainer (every method), or a serving backend's (cam, shift-cam).
+# The Keras model's explainer (every method), or a serving backend's (the gradient-free ones).
 AnyExplainer = Explainer | BackendExplainer
+# What a card may name for the agent to publish (`--choose-method` picks among them); plain cam is the agent's
+# fallback under a backlog, not a choice.
+PUBLISHABLE = ("shift-cam", "shift-cam-detail")
 
 
 # --- metrics: pure -------------------------------------------------------------------------------------------
@@ -512,12 +515,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         choices=METHODS,
-        default=AGENT_METHOD,
-        help=f"heatmap method (default: {AGENT_METHOD}, what the agent publishes: the CAMs of the input moved by "
-        "thirds of a feature cell, averaged; cam is one plain CAM, and gradcam gives the same maps for the GAP + "
-        "dense head; cam-ig refines the CAM to pixels with integrated gradients, for defects smaller than a feature "
-        "cell; the report's pointing ceiling is what any map at the method's grid could score)",
+        help="heatmap method (default: what the agent publishes for this model, its card's explanation.method, else "
+        f"{AGENT_METHOD}: the CAMs of the input moved by thirds of a feature cell, averaged; shift-cam-detail puts "
+        "that map's peak on the image's fine structure; cam is one plain CAM, and gradcam gives the same maps for "
+        "the GAP + dense head; cam-ig refines the CAM to pixels with integrated gradients; the report's pointing "
+        "ceiling is what any map at the method's grid could score)",
     )
+    parser.add_argument(
+        "--choose-method",
+        action="store_true",
+        help=f"score each method the agent can publish ({', '.join(PUBLISHABLE)}) by the pointing game on --split "
+        "(use val) and print them; with --write-card, record the best in the model card's explanation block, which "
+        "the agent reads at its next start or reload",
+    )
+    parser.add_argument("--write-card", action="store_true",
+                        help="with --choose-method: write the choice and its figures into the model card")
     parser.add_argument(
         "--backend",
         help="audit the maps a serving backend computes (auto, or a name such as litert:int8 or openvino:bf16, as "
@@ -625,8 +637,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--limit must be >= 1")
     if args.layer and args.method not in ("gradcam", "gradcampp"):
         raise ConfigError(f"--layer needs --method gradcam or gradcampp ({args.method} has a fixed input)")
+    if args.write_card and not args.choose_method:
+        raise ConfigError("--write-card records what --choose-method chose; pass both")
+    if args.choose_method and args.no_boxes:
+        raise ConfigError("--choose-method scores the pointing game: it needs the boxes or masks --no-boxes drops")
     if args.backend and args.method not in GRADIENT_FREE:
-        raise ConfigError(f"--backend explains with {' or '.join(GRADIENT_FREE)}, not {args.method} (a serving "
+        raise ConfigError(f"--backend explains with {', '.join(GRADIENT_FREE)}, not {args.method} (a serving "
                           "backend has no gradients)")
 
 
@@ -731,20 +747,85 @@ def _pictures(args: argparse.Namespace, results: list[ImageResult], keep: Kept, 
     return class_grids, error_rows
 
 
+def published_method(model: Path) -> str:
+    """The method the agent publishes for `model`: its card's (agent.card), shift-cam for a model without a card."""
+    from agent import card as cards
+
+    return cards.read(model).explain_method if cards.card_path(model).is_file() else AGENT_METHOD
+
+
+def _explainer(args: argparse.Namespace, pass_classes: Sequence[int]) -> tuple[AnyExplainer, dict[str, str]]:
+    """The Keras model's explainer for args.method, or the serving backend's (with its identity) under --backend."""
+    if args.backend:
+        return serving_explainer(args.model, args.backend, args.method, pass_classes)
+    return Explainer(load_model(args.model), args.method, layer=args.layer, batch=args.batch,
+                     pass_classes=pass_classes), {}
+
+
+def choose_method(args: argparse.Namespace) -> dict[str, Any]:
+    """`--choose-method`: the pointing game of each method the agent can publish, and the card's explanation block
+    naming the best (the first listed on a tie: shift-cam, the one a card without a block gets)."""
+    samples, classes, spec, pass_mask = _select(args)
+    pass_classes = np.flatnonzero(pass_mask).tolist()
+    scores: dict[str, dict[str, Any]] = {}
+    n = 0
+    for method in PUBLISHABLE:
+        # Pointing only: no random masks, no pictures.
+        margs = argparse.Namespace(**{**vars(args), "method": method, "seeds": 0})
+        explainer, _ = _explainer(margs, pass_classes)
+        results, _ = _measure_all(margs, explainer, samples, spec, set(), pass_mask)
+        s = summarize(results, 0, True, classes)
+        n = s["n_with_boxes"]
+        scores[method] = {"pointing_game": s["pointing_game"],
+                          "per_class": {c: b["pointing_game"] for c, b in s["per_class"].items() if b["n_with_boxes"]}}
+    if not n:
+        raise DataError(f"{args.data}: no image of --split {args.split} has a defect box or mask to point at")
+    best = max(PUBLISHABLE, key=lambda m: (scores[m]["pointing_game"], -PUBLISHABLE.index(m)))
+    return {
+        "method": best,
+        "how_chosen": f"the highest pointing game over {n} localised images of the {args.split} split "
+                      f"(`tdn audit --choose-method`, tolerance {args.tolerance} px, "
+                      f"{args.backend or 'the Keras fp32 model'}); {PUBLISHABLE[0]} on a tie",
+        "pointing_game": scores,
+    }
+
+
+def write_explanation(model: Path, block: dict[str, Any]) -> Path:
+    """Put `block` into the model card as its "explanation", replacing the card in one rename."""
+    from agent.card import card_path
+    from agent.lab.model.train import card_json
+
+    path = card_path(model)
+    raw = json.loads(path.read_text())
+    raw["explanation"] = block
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(card_json(raw))
+    tmp.replace(path)
+    return path
+
+
+def _choose(args: argparse.Namespace) -> int:
+    block = choose_method(args)
+    for method, score in block["pointing_game"].items():
+        per = ", ".join(f"{c} {v:.1%}" for c, v in score["per_class"].items())
+        mark = "  <- chosen" if method == block["method"] else ""
+        print(f"{method:18s} {score['pointing_game']:.1%}  ({per}){mark}")
+    if args.write_card:
+        log.info("card written", card=str(write_explanation(args.model, block)), method=block["method"])
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Audit the heatmaps of every labelled image in --data and write the report (and --json)."""
     t0 = time.monotonic()
+    if args.method is None:
+        args.method = published_method(args.model)
     _check_args(args)
+    if args.choose_method:
+        return _choose(args)
     use_boxes = not args.no_boxes
     samples, classes, spec, pass_mask = _select(args)
-    pass_classes = np.flatnonzero(pass_mask).tolist()
-    explainer: AnyExplainer
-    backend: dict[str, str] = {}
-    if args.backend:
-        explainer, backend = serving_explainer(args.model, args.backend, args.method, pass_classes)
-    else:
-        explainer = Explainer(load_model(args.model), args.method, layer=args.layer, batch=args.batch,
-                              pass_classes=pass_classes)
+    explainer, backend = _explainer(args, np.flatnonzero(pass_mask).tolist())
     log.info("audit", data=str(args.data), images=len(samples), method=args.method, split=args.split,
              backend=backend.get("backend", "keras"), precision=backend.get("precision"))
 

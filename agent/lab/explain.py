@@ -15,6 +15,7 @@ from agent.explain import (
     blurred,
     cam,
     cam_ig_heatmaps,
+    detail_refined,
     features_one_by_one,
     gradcam_weights,
     gradcampp_weights,
@@ -28,11 +29,12 @@ from agent.explain import (
 
 def gradient_free_maps(method: str, x: np.ndarray, features: np.ndarray, kernel: np.ndarray, used: np.ndarray,
                        features_of: Any) -> np.ndarray:
-    """[N,size,size] heatmaps in [0,1] of a cam or shift-cam method, from a forward pass's feature maps (shift-cam
-    runs `features_of` on the moved inputs; the unshifted maps are the ones given)."""
+    """[N,size,size] heatmaps in [0,1] of a gradient-free method (agent.explain.GRADIENT_FREE), from a forward
+    pass's feature maps (shift-cam runs `features_of` on the moved inputs; the unshifted maps are the ones given)."""
     if method == "cam":
         return cam(features, kernel, used, x.shape[1])
-    return normalize_maps(shift_cam_raw(features_of, x, kernel, used, features=features))
+    heat = normalize_maps(shift_cam_raw(features_of, x, kernel, used, features=features))
+    return detail_refined(heat, x) if method == "shift-cam-detail" else heat
 
 
 def _layer(model: Any, name: str) -> Any:
@@ -109,7 +111,8 @@ class Explainer:
         # The side of the grid a heatmap is upsampled from (7 for the shipped models' CAM), or None when the
         # method attributes single pixels: the audit's pointing ceiling depends on it.
         # A shift-averaged map peaks between cell centres too, so it has no grid ceiling either.
-        self.grid: int | None = None if method in ("ig", "cam-ig", "shift-cam") else int(feats.shape[1])
+        self.grid: int | None = None if method in ("ig", "cam-ig", "shift-cam", "shift-cam-detail") else int(
+            feats.shape[1])
         # One sub-model and one traced function per Explainer; a fixed signature avoids a retrace for the
         # last, smaller batch.
         self._sub = keras.Model(_inputs(model), [probs, logits, feats], name=f"{model.name}_explain")
@@ -245,7 +248,7 @@ class BackendExplainer:
 
     def __init__(self, backend: Any, method: str = "shift-cam", pass_classes: Sequence[int] = ()) -> None:
         if method not in GRADIENT_FREE:
-            raise ValueError(f"a backend explains with {' or '.join(GRADIENT_FREE)}, not {method!r} (it has no "
+            raise ValueError(f"a backend explains with {', '.join(GRADIENT_FREE)}, not {method!r} (it has no "
                              "gradients)")
         self.backend = backend
         self.method = method
@@ -255,7 +258,7 @@ class BackendExplainer:
         self.layer = "gap:input"
         self.size = int(backend.input_shape[0])
         # The plain CAM's grid (for the pointing ceiling) is its feature map's side: one probe pass tells it.
-        self.grid: int | None = None if method == "shift-cam" else int(
+        self.grid: int | None = None if method != "cam" else int(
             self._forward(np.zeros((1, self.size, self.size, 1), np.float32))[1].shape[1])
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -166,6 +166,18 @@ class TestLeanBackendPath:
         _, plain = Explainer(model, "cam").explain(images[:3])
         assert np.abs(plain - heat).max() > 0.05  # the shifts do change the map
 
+    def test_the_agent_publishes_the_audits_shift_cam_detail(self, model: Any, tf_backend: Any,
+                                                              images: np.ndarray) -> None:
+        """frame_cam's shift-cam-detail is the audit's, and the refinement moves the maps' peaks."""
+        from agent.explain import frame_cam
+
+        probs, heat = Explainer(model, "shift-cam-detail").explain(images[:3])
+        _, coarse = Explainer(model, "shift-cam").explain(images[:3])
+        for img, p, h in zip(images[:3], probs, heat, strict=True):
+            agent_map = frame_cam(tf_backend, img[:, :, 0].astype(np.uint8), int(p.argmax()), "shift-cam-detail")
+            assert np.abs(agent_map - h).max() <= 1e-4
+        assert any(h.argmax() != c.argmax() for h, c in zip(heat, coarse, strict=True))
+
 
 @pytest.fixture(scope="module")
 def tf_backend() -> Any:
@@ -177,7 +189,7 @@ def tf_backend() -> Any:
 
 
 class TestBackendExplainer:
-    @pytest.mark.parametrize("method", ["cam", "shift-cam"])
+    @pytest.mark.parametrize("method", ["cam", "shift-cam", "shift-cam-detail"])
     def test_equals_the_keras_explainer(self, model: Any, tf_backend: Any, images: np.ndarray, method: str) -> None:
         """On a loaded fp32 backend the audit's backend explainer gives the Keras explainer's probabilities and maps."""
         keras_ex, backend_ex = Explainer(model, method), BackendExplainer(tf_backend, method)
@@ -273,6 +285,41 @@ class TestAuditRun:
                               verbose=0)
             right += int(p[combine(p, mask)].argmax() == s.label)
         assert report["accuracy"] == pytest.approx(right / 12)
+
+    def test_choose_method_writes_what_the_agent_publishes(self, tmp_path: Path, magnetic_tile: Path) -> None:
+        """--choose-method --write-card scores each publishable method as a plain audit of it does, records the best
+        in a copy of the tile model's card, and from then on the agent and the audit's default use it."""
+        import shutil
+
+        from agent import card as cards
+        from agent.errors import ConfigError
+
+        src = MODEL.parent / "magnetic-tile.keras"
+        mt = tmp_path / "mt.keras"
+        shutil.copy(src, mt)
+        raw = json.loads(src.with_suffix(".json").read_text())
+        raw.pop("explanation", None)
+        mt.with_suffix(".json").write_text(json.dumps(raw))
+        parser = argparse.ArgumentParser()
+        audit.add_arguments(parser)
+        common = ["--data", str(magnetic_tile), "--model", str(mt), "--split", "val", "--limit", "24",
+                  "--per-class", "0", "--seeds", "0"]
+        assert cards.read(mt).explain_method == "shift-cam"
+        with pytest.raises(ConfigError, match="--choose-method"):
+            audit.run(parser.parse_args([*common, "--write-card"]))
+        assert audit.run(parser.parse_args([*common, "--choose-method", "--write-card"])) == 0
+        block = json.loads(mt.with_suffix(".json").read_text())["explanation"]
+        scores = {m: v["pointing_game"] for m, v in block["pointing_game"].items()}
+        assert set(scores) == set(audit.PUBLISHABLE) and block["method"] == max(scores, key=scores.__getitem__)
+        for method, score in scores.items():
+            js = tmp_path / f"{method}.json"
+            audit.run(parser.parse_args([*common, "--method", method, "--out", str(tmp_path / method),
+                                         "--json", str(js)]))
+            assert json.loads(js.read_text())["pointing_game"] == score, method
+        assert cards.read(mt).explain_method == block["method"]
+        js = tmp_path / "default.json"
+        audit.run(parser.parse_args([*common, "--out", str(tmp_path / "default"), "--json", str(js)]))
+        assert json.loads(js.read_text())["method"] == block["method"]
 
     def test_audits_the_maps_a_serving_backend_computes(self, tmp_path: Path) -> None:
         """--backend tensorflow scores the same as the Keras audit and says which runtime drew the maps; an int8

@@ -16,6 +16,8 @@ from agent.explain import (
     blurred,
     cam,
     cam_ig_heatmaps,
+    detail_maps,
+    detail_refined,
     gradcam_weights,
     gradcampp_weights,
     heatmap_png,
@@ -195,6 +197,53 @@ class TestCamIgHeatmaps:
             cam_ig_heatmaps(np.zeros((1, 200, 200)), np.zeros((2, 200, 200)))
 
 
+class TestDetailRefined:
+    @staticmethod
+    def scene(spots: list[tuple[int, int, float]]) -> np.ndarray:
+        """A flat gray tile (120) with light noise and a 4x4 spot of the given gray at each (row, col, gray)."""
+        img = np.clip(np.random.default_rng(0).normal(120.0, 2.0, (1, 200, 200)), 0, 255).astype(np.float32)
+        for r, c, gray in spots:
+            img[0, r:r + 4, c:c + 4] = gray
+        return img
+
+    @staticmethod
+    def blob(r: int, c: int, sigma: float = 20.0) -> np.ndarray:
+        """A broad class map peaking at (r, c), the shape an upsampled 7x7 CAM has."""
+        yy, xx = np.mgrid[:200, :200]
+        return np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * sigma**2)).astype(np.float32)[None]
+
+    def test_moves_the_peak_onto_the_small_defect_the_class_map_points_near(self) -> None:
+        """A spot 14 px from the class map's peak: the refined map peaks on the spot, the class map beside it."""
+        img, heat = self.scene([(60, 70, 40.0)]), self.blob(70, 80)
+        refined = detail_refined(heat, img)
+        spot = [(71, 61, 74, 64)]  # VOC, 1-based inclusive
+        assert not pointing_hit(heat[0], spot) and pointing_hit(refined[0], spot)
+        assert refined.shape == (1, 200, 200) and refined.min() >= 0.0 and refined.max() == pytest.approx(1.0)
+
+    def test_keeps_the_class_maps_choice_of_region(self) -> None:
+        """A spot twice as strong, 25 px from the class map's peak, does not take the maximum from the weaker spot
+        14 px from it (it would with the map to the first power): the class map picks where, the detail the point."""
+        img, heat = self.scene([(60, 70, 80.0), (92, 90, 40.0)]), self.blob(70, 80)
+        r, c = np.unravel_index(detail_refined(heat, img)[0].argmax(), (200, 200))
+        assert abs(r - 62) <= 3 and abs(c - 72) <= 3
+        r1, c1 = np.unravel_index(normalize_maps(heat * detail_maps(img))[0].argmax(), (200, 200))
+        assert abs(r1 - 94) <= 3 and abs(c1 - 92) <= 3
+
+    def test_detail_is_the_fine_structure_not_the_shading(self) -> None:
+        """A smooth ramp has almost no detail; a spot on it has, in [0,1] with the maximum at the spot."""
+        ramp = np.tile(np.linspace(40, 200, 200, dtype=np.float32), (200, 1))[None]
+        spotted = ramp.copy()
+        spotted[0, 100:104, 100:104] = 0.0
+        d = detail_maps(spotted)
+        assert d.max() == pytest.approx(1.0) and abs(np.unravel_index(d.argmax(), d.shape[1:])[0] - 101) <= 3
+        assert d[0, 20:60, 20:60].max() < 0.1  # the ramp away from the spot (and away from the border)
+
+    def test_rejects_mismatched_shapes(self) -> None:
+        """Heatmaps and images of different shapes are a ValueError."""
+        with pytest.raises(ValueError, match="differ"):
+            detail_refined(np.zeros((1, 200, 200)), np.zeros((1, 100, 100)))
+
+
 def block_features(x: np.ndarray) -> np.ndarray:
     """A stand-in for a network's last feature map: each input averaged over a 7x7 grid of cells, one channel."""
     return np.stack([cv2.resize(t[..., 0], (7, 7), interpolation=cv2.INTER_AREA) for t in x])[..., None]
@@ -246,11 +295,12 @@ class TestShiftCam:
         assert np.allclose(normalize_maps(raw), cam(block_features(img[..., None]), kernel, [0, 0]), atol=1e-6)
 
     def test_falls_back_to_plain_cam_behind_a_queue_of_reviews(self) -> None:
-        """Up to SHIFT_MAX_WAITING reviews waiting the agent explains with shift-cam; more, with plain cam."""
+        """Up to SHIFT_MAX_WAITING reviews waiting the agent explains with the card's method; more, with plain cam."""
         from agent.explain import AGENT_METHOD, SHIFT_MAX_WAITING, method_for
 
         assert method_for(0) == method_for(SHIFT_MAX_WAITING) == AGENT_METHOD == "shift-cam"
-        assert method_for(SHIFT_MAX_WAITING + 1) == "cam"
+        assert method_for(SHIFT_MAX_WAITING, "shift-cam-detail") == "shift-cam-detail"
+        assert method_for(SHIFT_MAX_WAITING + 1) == method_for(SHIFT_MAX_WAITING + 1, "shift-cam-detail") == "cam"
 
     def test_uses_the_class_column_of_each_input(self) -> None:
         """Each input is explained by its own class's kernel column; a negative column gives an all-zero map."""
