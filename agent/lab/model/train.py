@@ -647,6 +647,10 @@ def train_command(args: Any) -> int:
     print(f"validation accuracy {v['accuracy']:.4f} on {v['n']} held-out images; params {card['params']:,}; "
           f"FLOPs {card['flops'] / 1e6:.1f}M; ECE {card['calibration']['ece_before']:.4f} -> "
           f"{card['calibration']['ece_after']:.4f}; wrote {Path(args.out) / (args.name + '.keras')}")
+    if any(s.localised for s in ds.samples):
+        # The heatmap method is chosen on the held-out defects' boxes or masks, by the audit that scores them.
+        print(f"explanations: shift-cam until `tdn audit --model {Path(args.out) / (args.name + '.keras')} --data "
+              f"{args.data} --split val --choose-method --write-card` picks the method for this model's defects")
     return 0
 
 
