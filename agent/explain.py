@@ -21,7 +21,7 @@ log = get_logger("agent.explain")
 
 # The side of the heatmaps: the default model input (agent/geometry.py is its one home).
 IMAGE_SIZE = InputSpec().size
-METHODS = ("shift-cam", "shift-cam-detail", "cam", "gradcam", "gradcampp", "ig", "cam-ig")
+METHODS = ("shift-cam", "shift-cam-detail", "cam", "cam-detail", "gradcam", "gradcampp", "ig", "cam-ig")
 # What the agent publishes for a model whose card names no method (card.explain_method); `tdn audit` measures the
 # card's method by default, so the audit scores what operators see.
 AGENT_METHOD = "shift-cam"
@@ -33,18 +33,24 @@ AGENT_METHOD = "shift-cam"
 SHIFT_STEPS = (-1, 0, 1)
 SHIFT_DIVISIONS = 3
 # The explainer works within a CPU budget (explain_budget) and queues review verdicts: with more than this many
-# waiting, it explains with one plain CAM (a ninth of the forward passes; with the PNGs, about a quarter of the
-# time, `tdn bench explain`), so a burst of reviews is explained, not dropped.
+# waiting, it explains with one CAM (a ninth of the forward passes; with the PNGs, about a quarter of the time,
+# `tdn bench explain`), so a burst of reviews is explained, not dropped.
 SHIFT_MAX_WAITING = 2
-# The methods a serving backend can compute (from its probabilities and feature maps; no gradients).
-GRADIENT_FREE = ("cam", "shift-cam", "shift-cam-detail")
+# The methods a serving backend can compute (from its probabilities and feature maps; no gradients), each as
+# (shifted, refined by detail): shift-cam averages nine shifted CAMs, "-detail" applies detail_refined.
+GRADIENT_FREE_FORMS = {"cam": (False, False), "cam-detail": (False, True), "shift-cam": (True, False),
+                       "shift-cam-detail": (True, True)}
+GRADIENT_FREE = tuple(GRADIENT_FREE_FORMS)
+# What a method falls back to behind a queue of reviews (method_for): its one-pass form.
+ONE_PASS = {"shift-cam": "cam", "shift-cam-detail": "cam-detail"}
 # "shift-cam-detail" puts shift-cam's peak on the image's own fine structure: shift-cam raised to this power, times
 # the detail map (detail_maps), min-max normalised. The class map still picks the region (a high power keeps its
 # choice), the detail inside it picks the point: a blowhole or a crack thinner than a feature cell, which a 7x7 map
 # can only point near. This is cam-ig's idea (the class map picks the cell, a pixel map the place) without the
 # gradients, so every backend computes it. On the Magnetic-tile held-out split the power 4, 8, 12, 16 gave 80.6,
 # 83.9, 83.9, 82.3% (shift-cam 66.1%); on NEU-DET's texture classes it points worse than shift-cam (crazing 85.4%
-# vs 91.7%), so the card says which a model uses (`tdn audit --choose-method`).
+# vs 91.7%), so the card says which a model uses (`tdn audit --choose-method`). Its one-pass form, cam-detail
+# (the plain CAM refined alike), is what the agent falls back to: 61.3% there, against the plain CAM's 45.2%.
 DETAIL_SHARPEN = 8
 IG_STEPS = 32
 # The image without its fine structure: wide enough to wipe a scratch, a pit or a crack, narrow enough to keep the
@@ -107,8 +113,8 @@ def cam(features: np.ndarray, dense_kernel: np.ndarray, class_idx: np.ndarray | 
 
 def method_for(waiting: int, preferred: str = AGENT_METHOD) -> str:
     """The explanation method for a verdict with `waiting` more reviews queued behind it: the model's `preferred`
-    one (its card's), or plain cam beyond SHIFT_MAX_WAITING."""
-    return preferred if waiting <= SHIFT_MAX_WAITING else "cam"
+    one (its card's), or beyond SHIFT_MAX_WAITING its one-pass form (cam, or cam-detail for shift-cam-detail)."""
+    return preferred if waiting <= SHIFT_MAX_WAITING else ONE_PASS.get(preferred, preferred)
 
 
 def shift_offsets(grid: int, size: int = IMAGE_SIZE) -> list[tuple[int, int]]:
@@ -232,7 +238,7 @@ def detail_maps(images: np.ndarray) -> np.ndarray:
 
 def detail_refined(heat: np.ndarray, images: np.ndarray) -> np.ndarray:
     """Heatmaps [N,h,w] in [0,1] refined to the images' own detail: heat^DETAIL_SHARPEN x detail_maps(images),
-    min-max normalised ("shift-cam-detail" on a shift-cam map)."""
+    min-max normalised (the "-detail" methods: shift-cam-detail on a shift-cam map, cam-detail on a CAM)."""
     h = np.asarray(heat, np.float32)
     d = detail_maps(images)
     if h.shape != d.shape:
@@ -303,7 +309,7 @@ def features_one_by_one(backend: Any, x: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def frame_cam(backend: Any, image: np.ndarray, class_idx: int, method: str = AGENT_METHOD) -> np.ndarray:
-    """The shift-averaged (method "cam": the plain; "shift-cam-detail": refined by detail_refined) CAM of one frame's
+    """The shift-averaged (method "cam": the plain; a "-detail" method: refined by detail_refined) CAM of one frame's
     model input in [0,1], the input's own shape: [size,size], or a tiling model's whole plane with each tile's map
     put back where it came from (geometry.stitch).
 
@@ -313,13 +319,14 @@ def frame_cam(backend: Any, image: np.ndarray, class_idx: int, method: str = AGE
 
     if method not in GRADIENT_FREE:
         raise ValueError(f"the agent explains with {', '.join(GRADIENT_FREE)}, not {method!r}")
+    shifted, detailed = GRADIENT_FREE_FORMS[method]
     size = int(backend.input_shape[0])
     parts = np.stack(tiles(image, size))
     raw = shift_cam_raw(lambda x: features_one_by_one(backend, x)[1], parts, backend.cam_weights(),
-                        [class_idx] * len(parts), shift=method != "cam")
+                        [class_idx] * len(parts), shift=shifted)
     plane = raw[0] if image.shape[:2] == (size, size) else stitch(raw, image.shape[:2])
     heat = normalize_maps(plane[None])
-    return (detail_refined(heat, image[None]) if method == "shift-cam-detail" else heat)[0]
+    return (detail_refined(heat, image[None]) if detailed else heat)[0]
 
 
 def snapshot(backend: Any, item: Any, v: Verdict, method: str = AGENT_METHOD) -> Explanation:

@@ -535,7 +535,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="audit the maps a serving backend computes (auto, or a name such as litert:int8 or openvino:bf16, as "
         "the agent's --backend takes; missing lean variants are exported and gated first, as at the agent's first "
         "start) instead of the Keras fp32 model: the probabilities, the decisions and the heatmaps are then the ones "
-        "the agent publishes (cam and shift-cam only, no gradients)",
+        "the agent publishes (the gradient-free methods only)",
     )
     parser.add_argument("--layer", help="conv layer for gradcam/gradcampp (default: the last feature map)")
     parser.add_argument(

@@ -10,6 +10,7 @@ import numpy as np
 from agent.errors import ModelError
 from agent.explain import (
     GRADIENT_FREE,
+    GRADIENT_FREE_FORMS,
     IG_STEPS,
     METHODS,
     blurred,
@@ -31,10 +32,10 @@ def gradient_free_maps(method: str, x: np.ndarray, features: np.ndarray, kernel:
                        features_of: Any) -> np.ndarray:
     """[N,size,size] heatmaps in [0,1] of a gradient-free method (agent.explain.GRADIENT_FREE), from a forward
     pass's feature maps (shift-cam runs `features_of` on the moved inputs; the unshifted maps are the ones given)."""
-    if method == "cam":
-        return cam(features, kernel, used, x.shape[1])
-    heat = normalize_maps(shift_cam_raw(features_of, x, kernel, used, features=features))
-    return detail_refined(heat, x) if method == "shift-cam-detail" else heat
+    shifted, detailed = GRADIENT_FREE_FORMS[method]
+    heat = (normalize_maps(shift_cam_raw(features_of, x, kernel, used, features=features)) if shifted
+            else cam(features, kernel, used, x.shape[1]))
+    return detail_refined(heat, x) if detailed else heat
 
 
 def _layer(model: Any, name: str) -> Any:
@@ -94,7 +95,7 @@ class Explainer:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        if method in ("cam", "shift-cam", "cam-ig") and layer is not None:
+        if (method in GRADIENT_FREE or method == "cam-ig") and layer is not None:
             raise ValueError(f"method {method!r} always uses the input of 'gap'; use 'gradcam' to pick a layer")
         self.model = model
         self.method = method
@@ -110,9 +111,8 @@ class Explainer:
         self.layer = layer or "gap:input"
         # The side of the grid a heatmap is upsampled from (7 for the shipped models' CAM), or None when the
         # method attributes single pixels: the audit's pointing ceiling depends on it.
-        # A shift-averaged map peaks between cell centres too, so it has no grid ceiling either.
-        self.grid: int | None = None if method in ("ig", "cam-ig", "shift-cam", "shift-cam-detail") else int(
-            feats.shape[1])
+        # A shift-averaged or detail-refined map peaks between cell centres too, so it has no grid ceiling either.
+        self.grid: int | None = int(feats.shape[1]) if method in ("cam", "gradcam", "gradcampp") else None
         # One sub-model and one traced function per Explainer; a fixed signature avoids a retrace for the
         # last, smaller batch.
         self._sub = keras.Model(_inputs(model), [probs, logits, feats], name=f"{model.name}_explain")

@@ -168,15 +168,17 @@ class TestLeanBackendPath:
 
     def test_the_agent_publishes_the_audits_shift_cam_detail(self, model: Any, tf_backend: Any,
                                                               images: np.ndarray) -> None:
-        """frame_cam's shift-cam-detail is the audit's, and the refinement moves the maps' peaks."""
+        """frame_cam's shift-cam-detail and its one-pass fallback cam-detail are the audit's, and the refinement moves
+        the maps' peaks."""
         from agent.explain import frame_cam
 
-        probs, heat = Explainer(model, "shift-cam-detail").explain(images[:3])
-        _, coarse = Explainer(model, "shift-cam").explain(images[:3])
-        for img, p, h in zip(images[:3], probs, heat, strict=True):
-            agent_map = frame_cam(tf_backend, img[:, :, 0].astype(np.uint8), int(p.argmax()), "shift-cam-detail")
-            assert np.abs(agent_map - h).max() <= 1e-4
-        assert any(h.argmax() != c.argmax() for h, c in zip(heat, coarse, strict=True))
+        for method, coarse_method in (("shift-cam-detail", "shift-cam"), ("cam-detail", "cam")):
+            probs, heat = Explainer(model, method).explain(images[:3])
+            _, coarse = Explainer(model, coarse_method).explain(images[:3])
+            for img, p, h in zip(images[:3], probs, heat, strict=True):
+                agent_map = frame_cam(tf_backend, img[:, :, 0].astype(np.uint8), int(p.argmax()), method)
+                assert np.abs(agent_map - h).max() <= 1e-4, method
+            assert any(h.argmax() != c.argmax() for h, c in zip(heat, coarse, strict=True)), method
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ def tf_backend() -> Any:
 
 
 class TestBackendExplainer:
-    @pytest.mark.parametrize("method", ["cam", "shift-cam", "shift-cam-detail"])
+    @pytest.mark.parametrize("method", ["cam", "cam-detail", "shift-cam", "shift-cam-detail"])
     def test_equals_the_keras_explainer(self, model: Any, tf_backend: Any, images: np.ndarray, method: str) -> None:
         """On a loaded fp32 backend the audit's backend explainer gives the Keras explainer's probabilities and maps."""
         keras_ex, backend_ex = Explainer(model, method), BackendExplainer(tf_backend, method)

@@ -295,12 +295,14 @@ class TestShiftCam:
         assert np.allclose(normalize_maps(raw), cam(block_features(img[..., None]), kernel, [0, 0]), atol=1e-6)
 
     def test_falls_back_to_plain_cam_behind_a_queue_of_reviews(self) -> None:
-        """Up to SHIFT_MAX_WAITING reviews waiting the agent explains with the card's method; more, with plain cam."""
+        """Up to SHIFT_MAX_WAITING reviews waiting the agent explains with the card's method; more, with its one-pass
+        form (plain cam, or cam-detail for shift-cam-detail)."""
         from agent.explain import AGENT_METHOD, SHIFT_MAX_WAITING, method_for
 
         assert method_for(0) == method_for(SHIFT_MAX_WAITING) == AGENT_METHOD == "shift-cam"
         assert method_for(SHIFT_MAX_WAITING, "shift-cam-detail") == "shift-cam-detail"
-        assert method_for(SHIFT_MAX_WAITING + 1) == method_for(SHIFT_MAX_WAITING + 1, "shift-cam-detail") == "cam"
+        assert method_for(SHIFT_MAX_WAITING + 1) == "cam"
+        assert method_for(SHIFT_MAX_WAITING + 1, "shift-cam-detail") == "cam-detail"
 
     def test_uses_the_class_column_of_each_input(self) -> None:
         """Each input is explained by its own class's kernel column; a negative column gives an all-zero map."""
