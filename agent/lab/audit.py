@@ -57,8 +57,8 @@ CAPTION = 18  # height of a grid row's caption band
 
 # The Keras model's explainer (every method), or a serving backend's (the gradient-free ones).
 AnyExplainer = Explainer | BackendExplainer
-# What a card may name for the agent to publish (`--choose-method` picks among them); plain cam is the agent's
-# fallback under a backlog, not a choice.
+# What `--choose-method` picks among for a card; cam and cam-detail are their one-pass fallbacks under a backlog
+# (agent.explain.ONE_PASS), not choices.
 PUBLISHABLE = ("shift-cam", "shift-cam-detail")
 
 
