@@ -33,5 +33,5 @@ class TestExplainMethod:
     @pytest.mark.parametrize("block", [{"method": "cam-ig"}, {"method": "magic"}, ["shift-cam"]])
     def test_a_method_no_backend_computes_is_one_clear_error(self, tmp_path: Path, block: Any) -> None:
         """A gradient method, an unknown name or a malformed block stops the load, naming the card and the key."""
-        with pytest.raises(ModelError, match=r"m\.json: 'explanation\.method' must be one of cam, cam-detail, shift-cam"):
+        with pytest.raises(ModelError, match=r"m\.json: 'explanation\.method' must be one of cam, cam-detail, shift"):
             cards.read(write(tmp_path, explanation=block))

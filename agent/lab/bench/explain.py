@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "model": model.name, "backend": ident, "frames": len(planes), "tiles_per_frame": float(np.mean(tiles)),
-            "published": published, "fallback": fallback, "median_ms": {m: med[m] * 1e3 for m in methods}, "ratio": ratio,
-            "budget": args.budget, "explanations_per_s": {m: args.budget / med[m] for m in methods}}, indent=2) + "\n")
+            "published": published, "fallback": fallback, "median_ms": {m: med[m] * 1e3 for m in methods},
+            "ratio": ratio, "budget": args.budget, "explanations_per_s": {m: args.budget / med[m] for m in methods}},
+            indent=2) + "\n")
     return 0
