@@ -555,3 +555,17 @@ class TestRunInputErrors:
         """A missing dataset folder is a DataError."""
         with pytest.raises(DataError, match="not found"):
             audit.run(self.args(tmp_path / "nope"))
+
+
+class TestTileWeighted:
+    def test_a_tile_counts_as_much_as_it_holds_the_class(self) -> None:
+        """A strong map in a tile the model calls good (p 0.1) ends below a weaker one in the deciding tile (p 0.9)."""
+        from agent.explain import tile_weighted
+
+        raw = np.zeros((2, 4, 4), np.float32)
+        raw[0, 1, 1], raw[1, 2, 2] = 5.0, 1.0
+        probs = np.array([[0.9, 0.1], [0.1, 0.9]], np.float32)  # class 1: tile 0 good, tile 1 the defect
+        w = tile_weighted(raw, probs, 1)
+        assert w[0, 1, 1] == pytest.approx(0.5) and w[1, 2, 2] == pytest.approx(0.9)
+        assert np.unravel_index(w.argmax(), w.shape) == (1, 2, 2)
+        assert np.array_equal(tile_weighted(raw, probs, 0) > 0, raw > 0)  # only scaled, never moved
