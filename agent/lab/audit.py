@@ -531,6 +531,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-card", action="store_true",
                         help="with --choose-method: write the choice and its figures into the model card")
     parser.add_argument(
+        "--whole-frame",
+        action="store_true",
+        help="a tiling model's pointing game on the map the agent publishes for the whole frame (agent.explain."
+        "frame_cam over every tile, on --backend, default tensorflow) against the frame's whole mask, instead of "
+        "the deciding tile's map against the mask inside it; pointing only",
+    )
+    parser.add_argument(
         "--backend",
         help="audit the maps a serving backend computes (auto, or a name such as litert:int8 or openvino:bf16, as "
         "the agent's --backend takes; missing lean variants are exported and gated first, as at the agent's first "
@@ -639,8 +646,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--layer needs --method gradcam or gradcampp ({args.method} has a fixed input)")
     if args.write_card and not args.choose_method:
         raise ConfigError("--write-card records what --choose-method chose; pass both")
-    if args.choose_method and args.no_boxes:
-        raise ConfigError("--choose-method scores the pointing game: it needs the boxes or masks --no-boxes drops")
+    if (args.choose_method or args.whole_frame) and args.no_boxes:
+        raise ConfigError("--choose-method and --whole-frame score the pointing game: they need the boxes or masks "
+                          "--no-boxes drops")
+    if args.whole_frame and args.choose_method:
+        raise ConfigError("--whole-frame scores one method; --choose-method compares them on the deciding tiles")
+    if args.whole_frame and args.method not in GRADIENT_FREE:
+        raise ConfigError(f"--whole-frame scores what the agent publishes: {', '.join(GRADIENT_FREE)}, not "
+                          f"{args.method}")
     if args.backend and args.method not in GRADIENT_FREE:
         raise ConfigError(f"--backend explains with {', '.join(GRADIENT_FREE)}, not {args.method} (a serving "
                           "backend has no gradients)")
@@ -804,6 +817,41 @@ def write_explanation(model: Path, block: dict[str, Any]) -> Path:
     return path
 
 
+def whole_frame(args: argparse.Namespace) -> dict[str, Any]:
+    """`--whole-frame`: the pointing game of the maps the agent publishes for whole frames (agent.explain.frame_cam
+    on a serving backend, for the class of the frame's deciding tile) against each frame's whole defect mask."""
+    from tqdm import tqdm
+
+    from agent.explain import features_one_by_one, frame_cam
+    from agent.geometry import combine, tiles
+
+    samples, classes, spec, pass_mask = _select(args)
+    if spec.method != "tile":
+        raise ConfigError(f"--whole-frame is for a tiling model; {args.model} takes one {spec.method} input a frame, "
+                          "which the plain audit already scores whole")
+    explainer, ident = serving_explainer(args.model, args.backend or "tensorflow", args.method, [])
+    hits: dict[int, list[bool]] = {}
+    for s in tqdm([s for s in samples if s.localised], desc="whole frames", unit="frame", disable=None):
+        gray = read_gray(s.path)
+        region = defect_mask(s, spec, (gray.shape[0], gray.shape[1]))
+        if region is None:  # a good part's empty mask: nothing to point at
+            continue
+        plane = to_input(gray, spec)
+        probs, _ = features_one_by_one(explainer.backend, np.stack(tiles(plane, spec.size))[..., None].astype(
+            np.float32))
+        cls = int(probs[combine(probs, pass_mask)].argmax())
+        heat = frame_cam(explainer.backend, plane, cls, args.method)
+        hits.setdefault(s.label, []).append(pointing_hit_region(heat, region, args.tolerance))
+    every = [h for v in hits.values() for h in v]
+    if not every:
+        raise DataError(f"{args.data}: no image of --split {args.split} has a defect mask to point at")
+    return {"model": str(args.model), "split": args.split, "method": args.method, "whole_frame": True,
+            "backend": ident, "pointing_tolerance_px": args.tolerance, "n_with_boxes": len(every),
+            "pointing_game": _mean(every),
+            "per_class": {classes[c]: {"n_with_boxes": len(v), "pointing_game": _mean(v)}
+                          for c, v in sorted(hits.items())}}
+
+
 def _choose(args: argparse.Namespace) -> int:
     block = choose_method(args)
     for method, score in block["pointing_game"].items():
@@ -823,6 +871,14 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.choose_method:
         return _choose(args)
+    if args.whole_frame:
+        summary = whole_frame(args)
+        per = ", ".join(f"{c} {v['pointing_game']:.1%}" for c, v in summary["per_class"].items())
+        print(f"{args.method} on whole frames: {summary['pointing_game']:.1%} of {summary['n_with_boxes']} ({per})")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return 0
     use_boxes = not args.no_boxes
     samples, classes, spec, pass_mask = _select(args)
     explainer, backend = _explainer(args, np.flatnonzero(pass_mask).tolist())

@@ -323,6 +323,28 @@ class TestAuditRun:
         audit.run(parser.parse_args([*common, "--out", str(tmp_path / "default"), "--json", str(js)]))
         assert json.loads(js.read_text())["method"] == block["method"]
 
+    def test_whole_frame_scores_the_published_map_of_every_defective_frame(self, tmp_path: Path,
+                                                                          magnetic_tile: Path) -> None:
+        """--whole-frame scores the agent's own frame_cam over each frame's whole mask: the same defective frames the
+        deciding-tile audit counts, with the card's method; a one-input model and a method mix are refused."""
+        from agent.errors import ConfigError
+
+        mt = MODEL.parent / "magnetic-tile.keras"
+        parser = argparse.ArgumentParser()
+        audit.add_arguments(parser)
+        common = ["--data", str(magnetic_tile), "--model", str(mt), "--split", "val", "--limit", "12"]
+        js = tmp_path / "frames.json"
+        assert audit.run(parser.parse_args([*common, "--whole-frame", "--json", str(js)])) == 0
+        report = json.loads(js.read_text())
+        assert report["whole_frame"] and report["n_with_boxes"] == 10 and 0.0 <= report["pointing_game"] <= 1.0
+        assert report["method"] == json.loads(mt.with_suffix(".json").read_text())["explanation"]["method"]
+        assert report["backend"]["backend"] == "tensorflow"
+        assert sum(v["n_with_boxes"] for v in report["per_class"].values()) == 10
+        with pytest.raises(ConfigError, match="tiling model"):
+            audit.run(parser.parse_args(["--data", str(data_root()), "--model", str(MODEL), "--whole-frame"]))
+        with pytest.raises(ConfigError, match="--choose-method"):
+            audit.run(parser.parse_args([*common, "--whole-frame", "--choose-method"]))
+
     def test_audits_the_maps_a_serving_backend_computes(self, tmp_path: Path) -> None:
         """--backend tensorflow scores the same as the Keras audit and says which runtime drew the maps; an int8
         variant is audited as it serves, and a gradient method on a backend is refused before anything loads."""
