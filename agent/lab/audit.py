@@ -57,9 +57,9 @@ CAPTION = 18  # height of a grid row's caption band
 
 # The Keras model's explainer (every method), or a serving backend's (the gradient-free ones).
 AnyExplainer = Explainer | BackendExplainer
-# What `--choose-method` picks among for a card; cam and cam-detail are their one-pass fallbacks under a backlog
+# What `--choose-method` picks among for a card; the cam forms are their one-pass fallbacks under a backlog
 # (agent.explain.ONE_PASS), not choices.
-PUBLISHABLE = ("shift-cam", "shift-cam-detail")
+PUBLISHABLE = ("shift-cam", "shift-cam-detail", "shift-cam-smooth")
 
 
 # --- metrics: pure -------------------------------------------------------------------------------------------

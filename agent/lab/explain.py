@@ -16,12 +16,12 @@ from agent.explain import (
     blurred,
     cam,
     cam_ig_heatmaps,
-    detail_refined,
     features_one_by_one,
     gradcam_weights,
     gradcampp_weights,
     ig_heatmaps,
     normalize_maps,
+    refined,
     shift_cam_raw,
     to_heatmaps,
     weighted_maps,
@@ -32,10 +32,10 @@ def gradient_free_maps(method: str, x: np.ndarray, features: np.ndarray, kernel:
                        features_of: Any) -> np.ndarray:
     """[N,size,size] heatmaps in [0,1] of a gradient-free method (agent.explain.GRADIENT_FREE), from a forward
     pass's feature maps (shift-cam runs `features_of` on the moved inputs; the unshifted maps are the ones given)."""
-    shifted, detailed = GRADIENT_FREE_FORMS[method]
+    shifted, how = GRADIENT_FREE_FORMS[method]
     heat = (normalize_maps(shift_cam_raw(features_of, x, kernel, used, features=features)) if shifted
             else cam(features, kernel, used, x.shape[1]))
-    return detail_refined(heat, x) if detailed else heat
+    return refined(heat, x, how, x.shape[1] / features.shape[1])
 
 
 def _layer(model: Any, name: str) -> Any:

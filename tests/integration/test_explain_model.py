@@ -166,19 +166,23 @@ class TestLeanBackendPath:
         _, plain = Explainer(model, "cam").explain(images[:3])
         assert np.abs(plain - heat).max() > 0.05  # the shifts do change the map
 
-    def test_the_agent_publishes_the_audits_shift_cam_detail(self, model: Any, tf_backend: Any,
-                                                              images: np.ndarray) -> None:
-        """frame_cam's shift-cam-detail and its one-pass fallback cam-detail are the audit's, and the refinement moves
-        the maps' peaks."""
-        from agent.explain import frame_cam
+    @pytest.mark.parametrize("method", ["shift-cam-detail", "cam-detail", "shift-cam-smooth", "cam-smooth"])
+    def test_the_agent_publishes_the_audits_refined_maps(self, model: Any, tf_backend: Any, images: np.ndarray,
+                                                         method: str) -> None:
+        """frame_cam's refined methods and their one-pass fallbacks are the audit's, and the refinement changes the
+        maps (the detail moves their peaks)."""
+        from agent.explain import ONE_PASS, frame_cam
 
-        for method, coarse_method in (("shift-cam-detail", "shift-cam"), ("cam-detail", "cam")):
-            probs, heat = Explainer(model, method).explain(images[:3])
-            _, coarse = Explainer(model, coarse_method).explain(images[:3])
-            for img, p, h in zip(images[:3], probs, heat, strict=True):
-                agent_map = frame_cam(tf_backend, img[:, :, 0].astype(np.uint8), int(p.argmax()), method)
-                assert np.abs(agent_map - h).max() <= 1e-4, method
-            assert any(h.argmax() != c.argmax() for h, c in zip(heat, coarse, strict=True)), method
+        coarse_method = method.rsplit("-", 1)[0]
+        probs, heat = Explainer(model, method).explain(images[:3])
+        _, coarse = Explainer(model, coarse_method).explain(images[:3])
+        for img, p, h in zip(images[:3], probs, heat, strict=True):
+            agent_map = frame_cam(tf_backend, img[:, :, 0].astype(np.uint8), int(p.argmax()), method)
+            assert np.abs(agent_map - h).max() <= 1e-4
+        assert np.abs(heat - coarse).max() > 0.05
+        if "detail" in method:
+            assert any(h.argmax() != c.argmax() for h, c in zip(heat, coarse, strict=True))
+        assert method in ONE_PASS or method in ONE_PASS.values()
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +195,8 @@ def tf_backend() -> Any:
 
 
 class TestBackendExplainer:
-    @pytest.mark.parametrize("method", ["cam", "cam-detail", "shift-cam", "shift-cam-detail"])
+    @pytest.mark.parametrize("method", ["cam", "cam-detail", "cam-smooth", "shift-cam", "shift-cam-detail",
+                                        "shift-cam-smooth"])
     def test_equals_the_keras_explainer(self, model: Any, tf_backend: Any, images: np.ndarray, method: str) -> None:
         """On a loaded fp32 backend the audit's backend explainer gives the Keras explainer's probabilities and maps."""
         keras_ex, backend_ex = Explainer(model, method), BackendExplainer(tf_backend, method)

@@ -25,7 +25,7 @@ class TestExplainMethod:
         """Cards written before `tdn audit --choose-method` keep what the agent always published."""
         assert cards.read(write(tmp_path)).explain_method == "shift-cam"
 
-    @pytest.mark.parametrize("method", ["shift-cam-detail", "shift-cam", "cam", "cam-detail"])
+    @pytest.mark.parametrize("method", ["shift-cam-detail", "shift-cam-smooth", "shift-cam", "cam", "cam-detail"])
     def test_the_cards_method_is_the_agents(self, tmp_path: Path, method: str) -> None:
         """explanation.method names how the agent explains this model."""
         assert cards.read(write(tmp_path, explanation={"method": method})).explain_method == method
@@ -33,5 +33,5 @@ class TestExplainMethod:
     @pytest.mark.parametrize("block", [{"method": "cam-ig"}, {"method": "magic"}, ["shift-cam"]])
     def test_a_method_no_backend_computes_is_one_clear_error(self, tmp_path: Path, block: Any) -> None:
         """A gradient method, an unknown name or a malformed block stops the load, naming the card and the key."""
-        with pytest.raises(ModelError, match=r"m\.json: 'explanation\.method' must be one of cam, cam-detail, shift"):
+        with pytest.raises(ModelError, match=r"m\.json: 'explanation\.method' must be one of cam, cam-detail"):
             cards.read(write(tmp_path, explanation=block))

@@ -303,6 +303,7 @@ class TestShiftCam:
         assert method_for(SHIFT_MAX_WAITING, "shift-cam-detail") == "shift-cam-detail"
         assert method_for(SHIFT_MAX_WAITING + 1) == "cam"
         assert method_for(SHIFT_MAX_WAITING + 1, "shift-cam-detail") == "cam-detail"
+        assert method_for(SHIFT_MAX_WAITING + 1, "shift-cam-smooth") == "cam-smooth"
 
     def test_uses_the_class_column_of_each_input(self) -> None:
         """Each input is explained by its own class's kernel column; a negative column gives an all-zero map."""
@@ -555,6 +556,22 @@ class TestRunInputErrors:
         """A missing dataset folder is a DataError."""
         with pytest.raises(DataError, match="not found"):
             audit.run(self.args(tmp_path / "nope"))
+
+
+class TestSmoothed:
+    def test_moves_the_maximum_to_the_middle_of_the_evidence(self) -> None:
+        """A one-pixel spike beats a broad plateau before the blur and loses to it after: a texture's map points at
+        the middle of where the class is, not at its single strongest cell."""
+        from agent.explain import smoothed
+
+        heat = np.zeros((1, 200, 200), np.float32)
+        heat[0, 100:140, 100:140] = 0.9
+        heat[0, 30, 30] = 1.0
+        s = smoothed(heat, 200 / 13)
+        r, c = np.unravel_index(s[0].argmax(), (200, 200))
+        assert 110 <= r <= 130 and 110 <= c <= 130 and s.max() == pytest.approx(1.0)
+        with pytest.raises(ValueError, match="cell"):
+            smoothed(heat, 0)
 
 
 class TestTileWeighted:
