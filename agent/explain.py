@@ -1,4 +1,4 @@
-"""Explanation heatmaps without gradients (CAM and shift-averaged CAM), and the snapshots the agent publishes."""
+"""Gradient-free explanation heatmaps (CAM, shifted, refined or smoothed) and the snapshots the agent publishes."""
 
 from __future__ import annotations
 
@@ -53,14 +53,15 @@ ONE_PASS = {"shift-cam": "cam", "shift-cam-detail": "cam-detail", "shift-cam-smo
 # can only point near. This is cam-ig's idea (the class map picks the cell, a pixel map the place) without the
 # gradients, so every backend computes it. On the Magnetic-tile held-out split the power 4, 8, 12, 16 gave 80.6,
 # 83.9, 83.9, 82.3% (shift-cam 66.1%); on NEU-DET's texture classes it points worse than shift-cam (crazing 85.4%
-# vs 91.7%), so the card says which a model uses (`tdn audit --choose-method`). Its one-pass form, cam-detail
-# (the plain CAM refined alike), is what the agent falls back to: 61.3% there, against the plain CAM's 45.2%.
+# vs 91.7% on the previous model), so the card says which a model uses (`tdn audit --choose-method`). Its one-pass
+# form, cam-detail (the plain CAM refined alike), is what the agent falls back to: 61.3% there, against the plain
+# CAM's 45.2%.
 DETAIL_SHARPEN = 8
 # "shift-cam-smooth" blurs the map with a Gaussian of this many feature cells (sigma): a texture defect (crazing, a
 # rolled-in scale) lights many cells, and a sharp map's maximum falls on whichever of them is a little stronger,
-# often outside the annotated box; blurred, the maximum moves to the middle of the evidence. On NEU-DET runs trained
-# with a light attention loss it took crazing's pointing game from 83.3% to 91.7% (sigma 6-12 px all the same; 0.5
-# cell = 7.7 px on the 13x13 map); on the model trained with a heavy one it lowers it (91.7% -> 89.6%).
+# often outside the annotated box; blurred, the maximum moves to the middle of the evidence. On the shipped NEU-DET
+# model it took crazing's pointing game from 83.3% to 91.7% (sigma 6-12 px all the same; 0.5 cell = 7.7 px on the
+# 13x13 map); on the previous one it lowered it (91.7% -> 89.6%), so this too is the card's choice.
 SMOOTH_CELLS = 0.5
 IG_STEPS = 32
 # The image without its fine structure: wide enough to wipe a scratch, a pit or a crack, narrow enough to keep the
