@@ -45,8 +45,9 @@ GRADIENT_FREE_FORMS: dict[str, tuple[bool, str | None]] = {
     "shift-cam": (True, None), "shift-cam-detail": (True, "detail"), "shift-cam-smooth": (True, "smooth"),
 }
 GRADIENT_FREE = tuple(GRADIENT_FREE_FORMS)
-# What a method falls back to behind a queue of reviews (method_for): its one-pass form.
-ONE_PASS = {"shift-cam": "cam", "shift-cam-detail": "cam-detail", "shift-cam-smooth": "cam-smooth"}
+# What a shifted method falls back to behind a queue of reviews (method_for): its one-pass form, the same refinement.
+ONE_PASS = {m: next(n for n, (s, r) in GRADIENT_FREE_FORMS.items() if not s and r == how)
+            for m, (shifted, how) in GRADIENT_FREE_FORMS.items() if shifted}
 # "shift-cam-detail" puts shift-cam's peak on the image's own fine structure: shift-cam raised to this power, times
 # the detail map (detail_maps), min-max normalised. The class map still picks the region (a high power keeps its
 # choice), the detail inside it picks the point: a blowhole or a crack thinner than a feature cell, which a 7x7 map

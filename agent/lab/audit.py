@@ -22,8 +22,10 @@ from agent.errors import ConfigError, DataError, ModelError
 from agent.explain import (
     AGENT_METHOD,
     BLUR_SIGMA,
+    GRADIENT_FREE,
     IMAGE_SIZE,
     METHODS,
+    ONE_PASS,
     blurred,
     heatmap_u8,
     overlay,
@@ -44,7 +46,7 @@ from agent.lab.data import (
     load_dataset,
     read_gray,
 )
-from agent.lab.explain import GRADIENT_FREE, BackendExplainer, Explainer
+from agent.lab.explain import BackendExplainer, Explainer
 from agent.logging import get_logger
 
 log = get_logger("agent.lab.audit")
@@ -57,9 +59,9 @@ CAPTION = 18  # height of a grid row's caption band
 
 # The Keras model's explainer (every method), or a serving backend's (the gradient-free ones).
 AnyExplainer = Explainer | BackendExplainer
-# What `--choose-method` picks among for a card; the cam forms are their one-pass fallbacks under a backlog
-# (agent.explain.ONE_PASS), not choices.
-PUBLISHABLE = ("shift-cam", "shift-cam-detail", "shift-cam-smooth")
+# What `--choose-method` picks among for a card: the shifted methods (shift-cam first, so it wins a tie); their
+# one-pass forms are the fallbacks under a backlog (agent.explain.ONE_PASS), not choices.
+PUBLISHABLE = tuple(ONE_PASS)
 
 
 # --- metrics: pure -------------------------------------------------------------------------------------------

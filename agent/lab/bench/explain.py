@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.backends import from_settings
     from agent.card import read
     from agent.config import load
-    from agent.explain import ONE_PASS, snapshot
+    from agent.explain import SHIFT_MAX_WAITING, method_for, snapshot
     from agent.geometry import InputSpec, tile_origins, to_input
     from agent.lab.bench.common import model_card_data
     from agent.lab.data import held_out, read_gray
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--frames and --repeats must be >= 1 and --budget in (0, 1]")
     model, data, card, ds = model_card_data(str(args.model), args.data)
     published = read(model).explain_method
-    fallback = ONE_PASS.get(published, published)
+    fallback = method_for(SHIFT_MAX_WAITING + 1, published)  # what the agent sends behind a queue of reviews
     methods = tuple(dict.fromkeys((*METHODS, fallback, published)))
     val = held_out(card, ds.samples)[1]
     chosen = [val[int(i)] for i in np.linspace(0, len(val) - 1, min(args.frames, len(val)))]
